@@ -1,0 +1,126 @@
+"""One registry type for datasets, defenses and attacks.
+
+Built-ins register themselves when their package is imported; third-party adapters arrive
+through a Python entry-point group (``bench.defenses``, ``bench.attacks``, ``bench.datasets``),
+so ``pip install my-defense`` makes ``bench run --defense my-defense`` work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import typing
+from importlib.metadata import entry_points
+from typing import Any, Callable, Generic, TypeVar
+
+from bench.errors import BenchError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, group: str, builtin_package: str):
+        self.kind = kind
+        self.group = group
+        self.builtin_package = builtin_package
+        self._items: dict[str, T] = {}
+        self._loaded = False
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator: ``@DEFENSES.register("baseline")``."""
+
+        def decorate(obj: T) -> T:
+            if name in self._items and self._items[name] is not obj:
+                raise BenchError(f"{self.kind} {name!r} is registered twice")
+            self._items[name] = obj
+            return obj
+
+        return decorate
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        importlib.import_module(self.builtin_package)
+        for entry in entry_points(group=self.group):
+            if entry.name in self._items:
+                continue  # a built-in name wins over a plug-in of the same name
+            try:
+                self._items[entry.name] = entry.load()
+            except Exception as error:  # a broken plug-in must not take the harness down
+                raise BenchError(
+                    f"{self.kind} plug-in {entry.name!r} ({entry.value}) failed to load: {error}"
+                ) from error
+
+    def get(self, name: str) -> T:
+        self._load()
+        if name not in self._items:
+            raise BenchError(
+                f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}"
+            )
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._items)
+
+    def items(self) -> list[tuple[str, T]]:
+        return [(name, self.get(name)) for name in self.names()]
+
+
+DATASETS: Registry[Any] = Registry("dataset", "bench.datasets", "bench.datasets")
+DEFENSES: Registry[Any] = Registry("defense", "bench.defenses", "defenses")
+ATTACKS: Registry[Any] = Registry("attack", "bench.attacks", "attacks")
+
+
+def _coerce(value: Any, annotation: Any, key: str, owner: str) -> Any:
+    """Turn a command-line string (or a TOML value) into the field's declared type."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise BenchError(
+                f"{owner} parameter {key}={value!r} is not accepted; choose one of {', '.join(map(str, choices))}"
+            )
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise BenchError(f"{owner} parameter {key}={value!r} is not a boolean; use true or false")
+    if annotation in (int, float, str):
+        try:
+            if annotation is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return annotation(value)
+        except (TypeError, ValueError):
+            raise BenchError(
+                f"{owner} parameter {key}={value!r} is not a valid {annotation.__name__}"
+            ) from None
+    if annotation in (float | None, int | None, str | None):
+        if value in (None, "", "none", "None"):
+            return None
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)][0]
+        return _coerce(value, inner, key, owner)
+    return value
+
+
+def build_params(params_class: type, values: dict[str, Any], owner: str) -> Any:
+    """Build a parameter dataclass from user values, with one-line errors for bad keys/values."""
+    if not dataclasses.is_dataclass(params_class):
+        raise TypeError(f"{owner}: Params must be a dataclass")
+    hints = typing.get_type_hints(params_class)
+    fields = {f.name for f in dataclasses.fields(params_class)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        accepted = ", ".join(sorted(fields)) or "none"
+        raise BenchError(f"{owner} has no parameter {unknown[0]!r}; accepted: {accepted}")
+    coerced = {key: _coerce(value, hints[key], key, owner) for key, value in values.items()}
+    instance = params_class(**coerced)
+    check = getattr(instance, "check", None)
+    if check is not None:
+        check()
+    return instance

@@ -1,0 +1,193 @@
+"""fit -> attack -> predict/certify -> per-sample records -> store. Nothing else."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import platform
+import random
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attacks.base import EOT, perturbation_norm
+from bench.datasets.base import Dataset, balanced_subset
+from bench.errors import BenchError
+from bench.metrics import sanity_warnings
+from bench.models import build_model, default_model
+from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
+from bench.spec import DEFAULT_EPOCHS, RunSpec, scoped
+from bench.store import Run, Store
+from bench.training import TrainConfig
+from defenses.base import Certificate, Defense
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("robustness-bench", "torch", "numpy", "foolbox", "adversarial-robustness-toolbox"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def load_dataset(spec: RunSpec, data_dir: Path | None, download: bool) -> Dataset:
+    loader = DATASETS.get(spec.dataset)
+    if data_dir is None and spec.dataset != "digits":
+        data_dir = Path("data")
+    return loader(data_dir=data_dir, download=download, image_size=spec.image_size)
+
+
+def build_defense(spec: RunSpec, dataset: Dataset, device: str) -> Defense:
+    defense_class = DEFENSES.get(spec.defense)
+    fields = {f.name for f in dataclasses.fields(defense_class.Params)}
+    params = build_params(defense_class.Params, scoped(spec.params, spec.defense, fields), f"defense {spec.defense}")
+    model_name = spec.model or default_model(dataset.name, dataset.shape)
+    seed_everything(spec.seed)
+    model = build_model(model_name, dataset.shape, dataset.num_classes, dataset.mean, dataset.std)
+    return defense_class(model, params, device=device)
+
+
+def describe(defense: Defense, model_name: str) -> tuple[str, dict[str, Any]]:
+    """A short label for tables (``pixeldp(L=0.3)``) and the full parameter dict."""
+    params = dataclasses.asdict(defense.params)
+    defaults = dataclasses.asdict(type(defense).Params())
+    changed = [f"{k}={v}" for k, v in params.items() if defaults.get(k) != v]
+    label = defense.name + (f"({', '.join(changed)})" if changed else "")
+    params["model"] = model_name
+    return label, params
+
+
+def records_for(
+    indices: torch.Tensor,
+    labels: torch.Tensor,
+    predictions: torch.Tensor,
+    certificate: Certificate | None,
+    attack: str,
+    norm: str | None,
+    epsilon: float,
+    distance: torch.Tensor | None,
+) -> list[tuple]:
+    rows = []
+    for i in range(len(labels)):
+        rows.append((
+            int(indices[i]), attack, norm, float(epsilon), int(predictions[i]), int(labels[i]),
+            int(predictions[i] == labels[i]),
+            None if distance is None else float(distance[i]),
+            None if certificate is None else int(certificate.label[i]),
+            None if certificate is None else float(certificate.radius[i]),
+            None if certificate is None else certificate.norm,
+        ))
+    return rows
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    label: str
+    clean_accuracy: float
+    records: list[tuple]
+    info: dict[str, Any]
+    warnings: list[str]
+
+
+def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", log=print) -> RunResult:
+    """Train (or reuse the checkpoint), evaluate clean and under every attack, store the records."""
+    defense = build_defense(spec, dataset, device)
+    model_name = spec.model or default_model(dataset.name, dataset.shape)
+    label, params = describe(defense, model_name)
+    spec = dataclasses.replace(spec, model=model_name, epochs=spec.epochs or DEFAULT_EPOCHS.get(spec.dataset, 30))
+    attacks = []
+    for name in spec.attacks:
+        attack_class = ATTACKS.get(name)
+        fields = {f.name for f in dataclasses.fields(attack_class.Params)}
+        attack_params = build_params(attack_class.Params, scoped(spec.attack_params, name, fields), f"attack {name}")
+        attacks.append((name, attack_class(attack_params, backend=spec.attack_backend)))
+
+    train_index = balanced_subset(dataset.y_train, spec.train_size, spec.seed)
+    test_index = balanced_subset(dataset.y_test, spec.test_size, spec.seed)
+    x_test, y_test = dataset.x_test[test_index], dataset.y_test[test_index]
+
+    started = time.perf_counter()
+    training_hash = spec.training_hash()
+    state = store.load_checkpoint(training_hash)
+    if state is not None:
+        defense.load_state_dict(state)
+        log(f"[{label}] reusing checkpoint {store.checkpoint_path(training_hash)}")
+    else:
+        if len(train_index) == 0:
+            raise BenchError(f"dataset {dataset.name} has no training split here; train elsewhere or pass a checkpoint")
+        config = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed, device=device)
+        seed_everything(spec.seed)
+        defense.fit(dataset.x_train[train_index], dataset.y_train[train_index], config)
+        store.save_checkpoint(training_hash, defense.state_dict())
+    train_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    seed_everything(spec.seed)
+    predictions, certificate = defense.evaluate(x_test)
+    records = records_for(test_index, y_test, predictions, certificate, "clean", None, 0.0, None)
+    clean_accuracy = float((predictions == y_test).float().mean())
+    log(f"[{label}] clean accuracy {clean_accuracy:.4f} on {len(y_test)} test images")
+
+    for name, attack in attacks:
+        target = defense.attack_model()
+        if defense.randomized:
+            target = EOT(target, spec.eot_draws)
+        epsilons = spec.epsilons if spec.epsilons is not None else list(attack.default_epsilons)
+        seed_everything(spec.seed)
+        adversarials = attack.run(target, x_test, y_test, epsilons)
+        for epsilon, x_adv in zip(epsilons, adversarials):
+            distance = perturbation_norm(x_adv - x_test, attack.norm)
+            predictions, certificate = defense.evaluate(x_adv)
+            records += records_for(test_index, y_test, predictions, certificate, name, attack.norm, epsilon, distance)
+            log(f"[{label}] {name} eps={epsilon:g}: accuracy {float((predictions == y_test).float().mean()):.4f}")
+    eval_seconds = time.perf_counter() - started
+
+    warnings = sanity_warnings(records, defense.randomized, spec.eot_draws if spec.attacks else None)
+    for warning in warnings:
+        log(f"[{label}] warning: {warning}")
+    info = {
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "reused_checkpoint": state is not None,
+        "num_train": len(train_index),
+        "num_test": len(test_index),
+        "device": device,
+        "data_official": dataset.provenance,
+        "randomized": defense.randomized,
+        "certifies": defense.certifies,
+        "argv": sys.argv,
+    }
+    run = Run(
+        run_id=uuid.uuid4().hex[:12],
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        dataset=dataset.name,
+        defense=spec.defense,
+        label=label,
+        params=params,
+        spec=dataclasses.asdict(spec),
+        spec_hash=spec.hash(),
+        training_hash=training_hash,
+        seed=spec.seed,
+        versions=library_versions(),
+        host=socket.gethostname(),
+        info=info,
+        warnings=warnings,
+    )
+    store.save_run(run, records)
+    return RunResult(run.run_id, label, clean_accuracy, records, info, warnings)

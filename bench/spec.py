@@ -1,0 +1,94 @@
+"""The experiment spec: what a run trains and evaluates, from CLI flags and/or a TOML file."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.errors import BenchError
+
+DEFAULT_EPOCHS = {"digits": 30, "mnist": 8, "fashion-mnist": 8}
+
+
+@dataclass
+class RunSpec:
+    """One defense on one dataset, with its training settings and the attacks it faces."""
+
+    defense: str
+    dataset: str = "digits"
+    model: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    attacks: list[str] = field(default_factory=list)
+    attack_params: dict[str, Any] = field(default_factory=dict)
+    epsilons: list[float] | None = None
+    attack_backend: str = "foolbox"
+    eot_draws: int = 20
+    epochs: int | None = None
+    batch_size: int = 64
+    lr: float = 0.05
+    seed: int = 0
+    train_size: int | None = None
+    test_size: int | None = None
+    image_size: int = 224
+
+    def training_key(self) -> dict[str, Any]:
+        """The fields a trained model depends on: equal keys mean a checkpoint can be reused."""
+        keys = ("defense", "dataset", "model", "params", "epochs", "batch_size", "lr", "seed", "train_size", "image_size")
+        return {k: getattr(self, k) for k in keys}
+
+    def training_hash(self) -> str:
+        return stable_hash(self.training_key())
+
+    def hash(self) -> str:
+        return stable_hash(dataclasses.asdict(self))
+
+
+def stable_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def parse_assignments(items: list[str], flag: str) -> dict[str, str]:
+    """``["L=0.1", "pixeldp.draws=300"]`` -> dict; a one-line error for anything else."""
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BenchError(f"{flag} {item!r} is malformed; expected KEY=VALUE, e.g. {flag} L=0.1")
+        values[key.strip()] = value.strip()
+    return values
+
+
+def scoped(values: dict[str, Any], owner: str, accepted: set[str]) -> dict[str, Any]:
+    """Values for one defense or attack: ``owner.key`` always, a bare ``key`` when ``owner`` accepts it."""
+    chosen = {k: v for k, v in values.items() if "." not in k and k in accepted}
+    chosen.update({k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(owner + ".")})
+    return chosen
+
+
+def unclaimed(values: dict[str, Any], owners: dict[str, set[str]], what: str) -> None:
+    """Fail on a parameter that none of the selected defenses/attacks accepts."""
+    for key in values:
+        owner, dot, name = key.partition(".")
+        if dot:
+            if owner not in owners:
+                raise BenchError(f"{what} {key!r} names {owner!r}, which is not selected; selected: {', '.join(owners)}")
+            if name not in owners[owner]:
+                raise BenchError(f"{owner} has no parameter {name!r}; accepted: {', '.join(sorted(owners[owner])) or 'none'}")
+        elif not any(key in accepted for accepted in owners.values()):
+            accepted = sorted({f"{o}.{k}" for o, keys in owners.items() for k in keys})
+            raise BenchError(f"no selected {what.split()[0]} has parameter {key!r}; accepted: {', '.join(accepted) or 'none'}")
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """Read a TOML config; its keys are the long CLI options with ``_`` for ``-``."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise BenchError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise BenchError(f"config file {path} is not valid TOML: {error}") from None

@@ -1,0 +1,172 @@
+"""The results store: one SQLite database of runs and per-sample records, plus checkpoints.
+
+Each run is written in a single transaction, so a crash or ``kill -9`` leaves either the whole
+run or none of it; WAL journaling keeps earlier runs readable throughout. Checkpoints are
+written to a temporary file and renamed into place, so a half-written one never exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import torch
+
+from bench.errors import BenchError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    created TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    defense TEXT NOT NULL,
+    label TEXT NOT NULL,
+    params TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    spec_hash TEXT NOT NULL,
+    training_hash TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    versions TEXT NOT NULL,
+    host TEXT NOT NULL,
+    info TEXT NOT NULL,
+    warnings TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    sample_index INTEGER NOT NULL,
+    attack TEXT NOT NULL,
+    norm TEXT,
+    epsilon REAL NOT NULL,
+    prediction INTEGER NOT NULL,
+    label INTEGER NOT NULL,
+    correct INTEGER NOT NULL,
+    distance REAL,
+    certified_label INTEGER,
+    certified_radius REAL,
+    certified_norm TEXT
+);
+CREATE INDEX IF NOT EXISTS records_by_run ON records(run_id);
+"""
+
+RECORD_COLUMNS = (
+    "run_id", "sample_index", "attack", "norm", "epsilon", "prediction", "label", "correct",
+    "distance", "certified_label", "certified_radius", "certified_norm",
+)
+
+
+@dataclass
+class Run:
+    run_id: str
+    created: str
+    dataset: str
+    defense: str
+    label: str
+    params: dict[str, Any]
+    spec: dict[str, Any]
+    spec_hash: str
+    training_hash: str
+    seed: int
+    versions: dict[str, str]
+    host: str
+    info: dict[str, Any]
+    warnings: list[str]
+
+
+class Store:
+    def __init__(self, directory: Path | str):
+        self.directory = Path(directory)
+        self.path = self.directory / "results.sqlite"
+
+    def _connect(self, create: bool) -> sqlite3.Connection:
+        if not create and not self.path.is_file():
+            raise BenchError(f"no results store at {self.path}; run 'bench run --out {self.directory}' first")
+        if create:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            connection = sqlite3.connect(self.path, timeout=30)
+            connection.execute("PRAGMA journal_mode=WAL")
+            if create:
+                connection.executescript(SCHEMA)
+        except sqlite3.DatabaseError as error:
+            raise BenchError(f"results store {self.path} is not readable: {error}") from None
+        return connection
+
+    def save_run(self, run: Run, records: Iterable[tuple]) -> None:
+        """Write the run and all its records atomically."""
+        connection = self._connect(create=True)
+        try:
+            with connection:
+                connection.execute(
+                    "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        run.run_id, run.created, run.dataset, run.defense, run.label,
+                        json.dumps(run.params, sort_keys=True), json.dumps(run.spec, sort_keys=True),
+                        run.spec_hash, run.training_hash, run.seed, json.dumps(run.versions),
+                        run.host, json.dumps(run.info), json.dumps(run.warnings),
+                    ),
+                )
+                connection.executemany(
+                    f"INSERT INTO records VALUES ({','.join('?' * len(RECORD_COLUMNS))})",
+                    ((run.run_id,) + tuple(r) for r in records),
+                )
+        finally:
+            connection.close()
+
+    def runs(self) -> list[Run]:
+        connection = self._connect(create=False)
+        try:
+            rows = connection.execute("SELECT * FROM runs ORDER BY created, run_id").fetchall()
+        except sqlite3.DatabaseError as error:
+            raise BenchError(f"results store {self.path} is not readable: {error}") from None
+        finally:
+            connection.close()
+        runs = []
+        for row in rows:
+            values = list(row)
+            for i in (5, 6, 10, 12, 13):
+                values[i] = json.loads(values[i])
+            runs.append(Run(*values))
+        return runs
+
+    def records(self, run_ids: list[str] | None = None) -> pd.DataFrame:
+        connection = self._connect(create=False)
+        try:
+            query = "SELECT * FROM records"
+            args: tuple = ()
+            if run_ids is not None:
+                query += f" WHERE run_id IN ({','.join('?' * len(run_ids))})"
+                args = tuple(run_ids)
+            return pd.read_sql_query(query, connection, params=args)
+        finally:
+            connection.close()
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoint_path(self, training_hash: str) -> Path:
+        return self.directory / "checkpoints" / f"{training_hash}.pt"
+
+    def load_checkpoint(self, training_hash: str) -> dict[str, Any] | None:
+        path = self.checkpoint_path(training_hash)
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise BenchError(f"checkpoint {path} is not loadable ({error}); delete it to retrain") from None
+
+    def save_checkpoint(self, training_hash: str, state: dict[str, Any]) -> Path:
+        path = self.checkpoint_path(training_hash)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(handle)
+        try:
+            torch.save(state, temporary)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        return path

@@ -1,0 +1,5 @@
+"""Defense adapters; each module registers itself in ``bench.registry.DEFENSES``."""
+from defenses import baseline  # noqa: F401  (registration)
+from defenses.base import ABSTAIN, Certificate, Defense
+
+__all__ = ["ABSTAIN", "Certificate", "Defense"]

@@ -1,0 +1,94 @@
+"""The Defense interface every adapter implements, and the Certificate that certifying ones return."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.models import ZooModel
+from bench.training import TrainConfig, batches, train_classifier
+
+ABSTAIN = -1
+
+
+@dataclass
+class Certificate:
+    """Per input: a label (``ABSTAIN`` = -1 when the defense declines), the certified radius
+    (0 where nothing is certified) and the norm the radius is measured in (``l1``, ``l2``, ``linf``)."""
+
+    label: torch.Tensor
+    radius: torch.Tensor
+    norm: str
+
+
+class Defense:
+    """Base of every defense adapter.
+
+    A subclass sets ``name``, declares its parameters as a ``Params`` dataclass (the keys of
+    ``--param KEY=VALUE``), and overrides what differs from standard training:
+
+    - ``attack_model()``: the differentiable ``nn.Module`` (images in [0,1] -> logits) that
+      attacks target; a randomized defense draws fresh noise on every call (``randomized = True``);
+    - ``training_loss(x, y)`` and ``after_step()``: hooks of the shared training loop;
+    - ``predict(x)``: labels by the defense's own prediction rule;
+    - ``certify(x)`` -> ``Certificate`` when ``certifies = True``;
+    - ``state_dict()`` / ``load_state_dict()`` when the defense keeps state beside the model.
+    """
+
+    name: ClassVar[str] = ""
+    randomized: ClassVar[bool] = False
+    certifies: ClassVar[bool] = False
+    eval_batch_size: ClassVar[int] = 128  # larger batches are slower per image on 2 CPU cores
+
+    @dataclass
+    class Params:
+        pass
+
+    def __init__(self, model: ZooModel, params: Any = None, device: str = "cpu"):
+        self.model = model.to(device)
+        self.params = params if params is not None else self.Params()
+        self.device = device
+
+    # -- training ---------------------------------------------------------------------------
+    def fit(self, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> None:
+        """Train on a training split (images in [0,1], NCHW)."""
+        train_classifier(
+            self.model.parameters(), [self.model], x, y, config, self.training_loss, self.after_step, desc=self.name
+        )
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.attack_model()(x), y)
+
+    def after_step(self) -> None:
+        pass
+
+    # -- inference ----------------------------------------------------------------------------
+    def attack_model(self) -> nn.Module:
+        return self.model
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        module = self.attack_model()
+        return torch.cat(
+            [module(x[i].to(self.device)).argmax(1).cpu() for i in batches(len(x), self.eval_batch_size)]
+        )
+
+    def certify(self, x: torch.Tensor) -> Certificate:
+        raise NotImplementedError(f"defense {self.name} does not certify")
+
+    def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, Certificate | None]:
+        """Predictions and, for certifying defenses, certificates; override to share the work."""
+        return self.predict(x), (self.certify(x) if self.certifies else None)
+
+    # -- persistence --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only: checkpoints are loaded with ``weights_only=True``."""
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.model.eval()

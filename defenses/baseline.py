@@ -1,0 +1,10 @@
+"""The undefended model, trained with the shared loop and plain cross-entropy."""
+from defenses.base import Defense
+from bench.registry import DEFENSES
+
+
+@DEFENSES.register("baseline")
+class Baseline(Defense):
+    """No defense: the reference every other defense is compared with."""
+
+    name = "baseline"
