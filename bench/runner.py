@@ -62,12 +62,12 @@ def build_defense(spec: RunSpec, dataset: Dataset, device: str) -> Defense:
     return defense_class(model, params, device=device)
 
 
-def describe(defense: Defense, model_name: str) -> tuple[str, dict[str, Any]]:
+def describe(defense: Defense, name: str, model_name: str) -> tuple[str, dict[str, Any]]:
     """A short label for tables (``pixeldp(L=0.3)``) and the full parameter dict."""
     params = dataclasses.asdict(defense.params)
     defaults = dataclasses.asdict(type(defense).Params())
     changed = [f"{k}={v}" for k, v in params.items() if defaults.get(k) != v]
-    label = defense.name + (f"({', '.join(changed)})" if changed else "")
+    label = name + (f"({', '.join(changed)})" if changed else "")
     params["model"] = model_name
     return label, params
 
@@ -109,7 +109,7 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
     """Train (or reuse the checkpoint), evaluate clean and under every attack, store the records."""
     defense = build_defense(spec, dataset, device)
     model_name = spec.model or default_model(dataset.name, dataset.shape)
-    label, params = describe(defense, model_name)
+    label, params = describe(defense, spec.defense, model_name)
     spec = dataclasses.replace(spec, model=model_name, epochs=spec.epochs or DEFAULT_EPOCHS.get(spec.dataset, 30))
     attacks = []
     for name in spec.attacks:

@@ -120,7 +120,7 @@ class Store:
     def runs(self) -> list[Run]:
         connection = self._connect(create=False)
         try:
-            rows = connection.execute("SELECT * FROM runs ORDER BY created, run_id").fetchall()
+            rows = connection.execute("SELECT * FROM runs ORDER BY rowid").fetchall()
         except sqlite3.DatabaseError as error:
             raise BenchError(f"results store {self.path} is not readable: {error}") from None
         finally:

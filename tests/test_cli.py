@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.store import Store
+from conftest import FAST
+
+
+def report(bench, out: Path) -> dict:
+    code, stdout, _ = bench("report", "--results", str(out), "--format", "json")
+    assert code == 0
+    return json.loads(stdout)
+
+
+def test_run_stores_per_sample_records_and_reports_clean_accuracy(bench, tmp_path):
+    code, stdout, _ = bench("run", *FAST, "--out", str(tmp_path))
+    assert code == 0 and "clean" in stdout
+    (run,) = Store(tmp_path).runs()
+    records = Store(tmp_path).records()
+    assert len(records) == 60 and set(records.attack) == {"clean"}
+    assert (records.correct == (records.prediction == records.label)).all()
+    assert run.seed == 0 and "torch" in run.versions and "foolbox" in run.versions and run.host
+    (row,) = report(bench, tmp_path)["clean"]
+    assert row["accuracy"] == pytest.approx(records.correct.mean())
+    assert row["n"] == 60 and row["defense"] == "baseline" and row["dataset"] == "digits"
+    assert set(row) >= {"dataset", "defense", "label", "params", "accuracy", "n"}
+
+
+def test_same_spec_and_seed_give_identical_predictions(bench, tmp_path):
+    for out in ("a", "b"):
+        assert bench("run", *FAST, "--seed", "5", "--out", str(tmp_path / out))[0] == 0
+    first, second = (Store(tmp_path / out).records() for out in ("a", "b"))
+    assert first.prediction.tolist() == second.prediction.tolist()
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "run_id"} for r in rows["clean"]]
+    assert strip(report(bench, tmp_path / "a")) == strip(report(bench, tmp_path / "b"))
+
+
+def test_checkpoint_is_reused_for_the_same_training_spec(bench, tmp_path):
+    bench("run", *FAST, "--out", str(tmp_path))
+    code, stdout, _ = bench("run", *FAST, "--out", str(tmp_path))
+    first, second = Store(tmp_path).runs()
+    assert code == 0 and "reusing checkpoint" in stdout
+    assert not first.info["reused_checkpoint"] and second.info["reused_checkpoint"]
+    records = Store(tmp_path).records()
+    by_run = [group.prediction.tolist() for _, group in records.groupby("run_id", sort=False)]
+    assert by_run[0] == by_run[1]
+
+
+def test_config_file_and_command_line_precedence(bench, tmp_path):
+    config = tmp_path / "exp.toml"
+    config.write_text('dataset = "digits"\nepochs = 1\nseed = 3\ntrain_size = 200\ntest_size = 20\n[param]\n')
+    assert bench("run", "--config", str(config), "--seed", "4", "--quiet", "--out", str(tmp_path))[0] == 0
+    (run,) = Store(tmp_path).runs()
+    assert run.spec["seed"] == 4 and run.spec["epochs"] == 1 and run.spec["test_size"] == 20
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--dataset", "nosuch"], "unknown dataset 'nosuch'; available:"),
+        (["--defense", "nosuch"], "unknown defense 'nosuch'; available:"),
+        (["--param", "no-equals-sign"], "--param 'no-equals-sign' is malformed"),
+        (["--param", "nokey=1"], "parameter 'nokey'"),
+        (["--attack", "nosuch"], "unknown attack 'nosuch'"),
+        (["--dataset", "mnist", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
+    ],
+)
+def test_bad_input_is_a_one_line_error_with_exit_2(bench, tmp_path, args, fragment):
+    code, stdout, stderr = bench("run", *args, "--out", str(tmp_path), "--quiet")
+    assert code == 2
+    assert stderr.startswith("bench: error:") and fragment in stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert not (tmp_path / "results.sqlite").exists()
+
+
+def test_truncated_mnist_through_the_cli(bench, tmp_path):
+    from test_datasets import write_mnist
+
+    write_mnist(tmp_path / "data")
+    path = tmp_path / "data" / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:100])
+    code, _, stderr = bench("run", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path))
+    assert code == 2 and "t10k-images-idx3-ubyte.gz is corrupt" in stderr and stderr.count("\n") == 1
+
+
+def test_list_shows_every_registry(bench):
+    code, stdout, _ = bench("list")
+    assert code == 0
+    for expected in ("defenses:", "attacks:", "datasets:", "baseline", "digits", "mnist", "svhn", "cifar10", "imagenet"):
+        assert expected in stdout
+
+
+def test_report_on_missing_store_is_an_error(bench, tmp_path):
+    code, _, stderr = bench("report", "--results", str(tmp_path / "none"))
+    assert code == 2 and "no results store" in stderr
+
+
+def test_kill_during_a_run_keeps_earlier_runs_intact(bench, tmp_path):
+    assert bench("run", *FAST, "--out", str(tmp_path))[0] == 0
+    before = Store(tmp_path).records()
+    # A long second run, killed with SIGKILL while it trains.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "run", "--dataset", "digits", "--epochs", "500", "--seed", "9",
+         "--quiet", "--out", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    time.sleep(6)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    runs = Store(tmp_path).runs()
+    assert len(runs) == 1
+    after = Store(tmp_path).records()
+    assert after.equals(before)
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
