@@ -180,3 +180,20 @@ def test_download_fills_an_empty_directory(tmp_path, monkeypatch):
         DATASETS.get("mnist")(data_dir=target)
     data = DATASETS.get("mnist")(data_dir=target, download=True)
     assert len(data.x_test) == 20 and all(data.provenance.values())
+
+
+def test_cifar_download_extracts_the_verified_archive(tmp_path, monkeypatch):
+    import tarfile
+
+    from bench.datasets import cifar
+    from bench.datasets.base import md5
+
+    staging = tmp_path / "staging"
+    write_cifar(staging / "cifar-10-batches-py", {f"data_batch_{i}": 2 for i in range(1, 6)} | {"test_batch": 3},
+                b"labels", ("batches.meta", b"label_names"), 10)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(staging / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setitem(cifar.CIFAR10, "archive", (archive.as_uri(), md5(archive)))
+    data = DATASETS.get("cifar10")(data_dir=tmp_path / "data", download=True)
+    assert len(data.x_train) == 10 and len(data.x_test) == 3
