@@ -1,0 +1,71 @@
+"""Confidence bounds: known values and coverage (failure rate <= alpha over many repetitions)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from defenses.confidence import bernstein_bounds, clopper_pearson, hoeffding_bounds
+
+REPEATS = 4000
+ALPHA = 0.05
+
+
+def test_hoeffding_width_is_the_textbook_value():
+    lower, upper = hoeffding_bounds(0.5, 100, 0.05)
+    width = math.sqrt(math.log(20.0) / 200)  # 0.12239
+    assert lower == pytest.approx(0.5 - width) and upper == pytest.approx(0.5 + width)
+    assert width == pytest.approx(0.12239, abs=1e-5)
+    # Bonferroni over 10 hypotheses is the same as alpha / 10.
+    assert hoeffding_bounds(0.5, 100, 0.05, 10)[0] == pytest.approx(hoeffding_bounds(0.5, 100, 0.005)[0])
+
+
+def test_clopper_pearson_known_values():
+    # k = 0: upper = 1 - alpha^(1/n); k = n: lower = alpha^(1/n).
+    lower, upper = clopper_pearson(0, 10, 0.05)
+    assert lower == 0.0 and upper == pytest.approx(1 - 0.05 ** 0.1)
+    lower, upper = clopper_pearson(10, 10, 0.05)
+    assert upper == 1.0 and lower == pytest.approx(0.05 ** 0.1)
+    lower, upper = clopper_pearson(np.array([3, 50]), np.array([10, 100]), 0.05)
+    assert np.all(lower < np.array([0.3, 0.5])) and np.all(upper > np.array([0.3, 0.5]))
+
+
+def _failure_rates(lower, upper, mean):
+    return float((lower > mean).mean()), float((upper < mean).mean())
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_bounds_cover_a_bernoulli_mean(p):
+    rng = np.random.default_rng(1)
+    n = 60
+    draws = rng.random((REPEATS, n)) < p
+    mean = draws.mean(1)
+    for lower, upper in (
+        hoeffding_bounds(mean, n, ALPHA),
+        bernstein_bounds(mean, mean, n, ALPHA),  # x^2 = x for 0/1 draws
+        clopper_pearson(draws.sum(1), n, ALPHA),
+    ):
+        low_fail, up_fail = _failure_rates(lower, upper, p)
+        # The empirical rate estimates a probability <= alpha; allow 3 standard errors.
+        slack = 3 * math.sqrt(ALPHA * (1 - ALPHA) / REPEATS)
+        assert low_fail <= ALPHA + slack and up_fail <= ALPHA + slack
+
+
+def test_bounds_cover_a_uniform_mean_and_tighten_with_small_variance():
+    rng = np.random.default_rng(2)
+    n = 200
+    for low, high in ((0.0, 1.0), (0.7, 0.8)):
+        draws = rng.uniform(low, high, (REPEATS, n))
+        mean, mean_sq = draws.mean(1), (draws**2).mean(1)
+        truth = (low + high) / 2
+        for lower, upper in (hoeffding_bounds(mean, n, ALPHA), bernstein_bounds(mean, mean_sq, n, ALPHA)):
+            low_fail, up_fail = _failure_rates(lower, upper, truth)
+            assert low_fail <= ALPHA and up_fail <= ALPHA
+    # A low-variance variable: Bernstein is tighter than Hoeffding.
+    assert (bernstein_bounds(mean, mean_sq, n, ALPHA)[0] > hoeffding_bounds(mean, n, ALPHA)[0]).all()
+
+
+def test_bernstein_needs_two_draws():
+    with pytest.raises(ValueError):
+        bernstein_bounds(0.5, 0.25, 1, 0.05)
