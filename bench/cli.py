@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="train/evaluate defenses and store per-sample records")
     run.add_argument("--config", type=Path, help="TOML file with the same keys as these options; options win")
+    run.add_argument("--profile", help="profile of the config to use, e.g. cpu or paper ([profiles.NAME] tables)")
     run.add_argument("--defense", action="append", help="defense name (repeatable); default baseline")
     run.add_argument("--dataset", help="dataset name; default digits (ships with scikit-learn)")
     run.add_argument("--model", help="model zoo name (digits-cnn, mnist-cnn, wrn-DEPTH-WIDTH, resnet18); default per dataset")
@@ -72,22 +73,92 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("list", help="registered defenses, attacks and datasets")
 
-    report = commands.add_parser("report", help="tables from a results directory")
-    report.add_argument("--results", type=Path, default=Path("results"))
-    report.add_argument("--format", choices=["md", "csv", "json"], default="md")
-    report.add_argument("--thresholds", type=_epsilons, help="certified thresholds T (default 0 to 1 by 0.05)")
+    report = commands.add_parser(
+        "report", help="tables, plots and an HTML report from results directories",
+        description="Without --out: print the tables in --format. With --out DIR: write DIR/report.html "
+                    "(self-contained), tables.md/.tex/.csv/.json and figures/*.png|svg.")
+    report.add_argument("--results", type=Path, action="append", metavar="DIR",
+                        help="results directory (repeatable; default ./results); a directory whose "
+                             "subdirectories hold results.sqlite stands for all of them")
+    report.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                        help="keep runs with this dataset, defense, label, run_id, seed, spec field or defense "
+                             "parameter (repeatable; one key given twice matches either value)")
+    report.add_argument("--out", type=Path, metavar="DIR", help="write the full report into DIR")
+    report.add_argument("--format", choices=["md", "csv", "latex", "html", "json"], default="md",
+                        help="what to print when --out is not given (default md)")
+    report.add_argument("--thresholds", type=_epsilons,
+                        help="certified thresholds T shown in tables and JSON (default: JSON 0 to 1 by 0.05; "
+                             "tables 0,0.05,0.1,0.2,0.3,0.5,1; robust precision/recall 0.05,0.1)")
+    report.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                        help="what changed from run A to run B, metric by metric (run ids or unique prefixes)")
+    report.add_argument("--title", default="Robustness benchmark report", help="title of the HTML report")
     return parser
 
 
 def merged_options(args: argparse.Namespace) -> dict[str, Any]:
-    """TOML config values, overridden by every option given on the command line."""
-    options: dict[str, Any] = {}
+    """TOML config values, overridden by every option given on the command line.
+
+    ``--profile NAME`` merges the config's ``[profiles.NAME]`` table over its top-level keys
+    (tables such as ``param`` key by key). A config with ``[[runs]]`` entries yields
+    ``options["runs"]``: one option dict per entry, the entry merged over the common keys and
+    the command line over both; ``specs_from`` then builds the specs of every entry.
+    """
+    config: dict[str, Any] = {}
+    profile = getattr(args, "profile", None)
     if args.config is not None:
-        config = load_config(args.config)
-        unknown = sorted(set(config) - CONFIG_KEYS)
-        if unknown:
-            raise BenchError(f"config {args.config}: unknown key {unknown[0]!r}; accepted: {', '.join(sorted(CONFIG_KEYS))}")
-        options.update(config)
+        config = _with_profile(load_config(args.config), args.config, profile)
+    elif profile is not None:
+        raise BenchError("--profile selects a profile of a config file; give --config FILE too")
+    runs = config.pop("runs", None)
+    _check_keys(config, f"config {args.config}")
+    options = _with_command_line(config, args)
+    if runs is not None:
+        if not isinstance(runs, list) or not runs or not all(isinstance(entry, dict) for entry in runs):
+            raise BenchError(f"config {args.config}: 'runs' must be a non-empty array of tables ([[runs]])")
+        entries = []
+        for number, entry in enumerate(runs, 1):
+            where = f"config {args.config}, [[runs]] entry {number}"
+            _check_keys(entry, where)
+            shared = sorted(set(entry) & {"out", "data_dir", "download", "device"})
+            if shared:
+                raise BenchError(f"{where}: {shared[0]!r} applies to all runs; set it at the top level")
+            entries.append(_with_command_line(_deep_merge(config, entry), args))
+        options["runs"] = entries
+    return options
+
+
+def _check_keys(config: dict[str, Any], where: str) -> None:
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:
+        raise BenchError(f"{where}: unknown key {unknown[0]!r}; accepted: {', '.join(sorted(CONFIG_KEYS | {'profiles', 'runs'}))}")
+
+
+def _with_profile(config: dict[str, Any], path: Path, profile: str | None) -> dict[str, Any]:
+    profiles = config.pop("profiles", None)
+    if profiles is None:
+        if profile is not None:
+            raise BenchError(f"config {path} has no [profiles.*] tables; drop --profile {profile}")
+        return config
+    if not isinstance(profiles, dict) or not all(isinstance(table, dict) for table in profiles.values()):
+        raise BenchError(f"config {path}: 'profiles' must hold tables, e.g. [profiles.cpu]")
+    if profile is None:
+        raise BenchError(f"config {path} has profiles {', '.join(profiles)}; choose one with --profile NAME")
+    if profile not in profiles:
+        raise BenchError(f"config {path} has no profile {profile!r}; available: {', '.join(profiles)}")
+    return _deep_merge(config, profiles[profile])
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``; tables merge key by key, everything else is replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        both_tables = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _deep_merge(merged[key], value) if both_tables else value
+    return merged
+
+
+def _with_command_line(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    options = dict(config)
     for key in ("param", "attack_param"):
         table = _flatten(options.get(key, {}), key)
         table.update(parse_assignments(getattr(args, key) or [], "--" + key.replace("_", "-")))
@@ -115,6 +186,23 @@ def _flatten(table: Any, key: str) -> dict[str, Any]:
 
 
 def specs_from(options: dict[str, Any]) -> list[RunSpec]:
+    if options.get("runs"):
+        # A parameter scoped to a defense/attack of another entry (e.g. a profile's pixeldp.draws
+        # seen by the baseline entry) is not an error for this entry.
+        selected = [{"defense": set(entry.get("defense") or ["baseline"]), "attack": set(entry.get("attack") or [])}
+                    for entry in options["runs"]]
+        everywhere = {key: set().union(*(names[key] for names in selected)) for key in ("defense", "attack")}
+        specs = []
+        for entry, names in zip(options["runs"], selected):
+            entry = dict(entry)
+            for key, owner in (("param", "defense"), ("attack_param", "attack")):
+                others = everywhere[owner] - names[owner]
+                entry[key] = {k: v for k, v in entry[key].items() if "." not in k or k.partition(".")[0] not in others}
+            specs.extend(specs_from(entry))
+        if len({(spec.dataset, spec.image_size) for spec in specs}) > 1:
+            raise BenchError("the [[runs]] of one config must share one dataset (it is loaded once); "
+                             "write one config file per dataset")
+        return specs
     defenses = options.get("defense") or ["baseline"]
     attacks = options.get("attack") or []
     for name in defenses:
@@ -175,13 +263,62 @@ def command_list(_: argparse.Namespace) -> int:
     return 0
 
 
+def result_stores(directories: Sequence[Path] | None) -> list["Store"]:
+    """Stores of ``--results``: a directory with ``results.sqlite``, or else every immediate
+    subdirectory that has one (e.g. ``runs/`` holding ``runs/mnist-pixeldp/results.sqlite``)."""
+    from bench.store import Store
+
+    stores = []
+    for directory in directories or [Path("results")]:
+        nested = sorted(p.parent for p in directory.glob("*/results.sqlite")) if directory.is_dir() else []
+        if (directory / "results.sqlite").is_file() or not nested:
+            stores.append(Store(directory))
+        else:
+            stores.extend(Store(p) for p in nested)
+    return stores
+
+
 def command_report(args: argparse.Namespace) -> int:
     from bench.metrics import DEFAULT_THRESHOLDS
-    from bench.store import Store
-    from reports.tables import build_tables, render
+    from reports.tables import TABLE_THRESHOLDS, compare, load_results, parse_where, render, render_comparison, tables_from
 
-    tables = build_tables(Store(args.results), tuple(args.thresholds or DEFAULT_THRESHOLDS))
-    sys.stdout.write(render(tables, args.format) + "\n")
+    stores = result_stores(args.results)
+    shown = tuple(args.thresholds) if args.thresholds else None
+    if args.compare:
+        comparison = compare(stores, *args.compare, thresholds=shown or TABLE_THRESHOLDS)
+        fmt = "md" if args.format == "html" else args.format
+        text = render_comparison(comparison, fmt)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            path = args.out / f"comparison.{ {'md': 'md', 'latex': 'tex', 'csv': 'csv', 'json': 'json'}[fmt] }"
+            path.write_text(text + "\n", encoding="utf-8")
+            print(path)
+        else:
+            sys.stdout.write(text + "\n")
+        return 0
+    where = parse_where(args.where)
+    results = load_results(stores, where)
+    # plots draw certified accuracy over the full default grid, whatever the tables show
+    grid = sorted({round(float(t), 6) for t in (*DEFAULT_THRESHOLDS, *(shown or ()))})
+    tables = tables_from(results, grid)
+    sources = [str(store.directory) for store in stores]
+    if args.out or args.format == "html":
+        import tempfile
+
+        from reports.html import write_report
+
+        with tempfile.TemporaryDirectory() as scratch:
+            out = args.out or Path(scratch)
+            written = write_report(tables, results.runs, out, shown, shown, sources, where, args.title)
+            if args.out:
+                print("\n".join(str(p) for p in written))
+            else:
+                sys.stdout.write(written[0].read_text(encoding="utf-8"))
+        return 0
+    if shown and not tables["certified"].empty:
+        certified = tables["certified"]
+        tables["certified"] = certified[certified.threshold.isin([round(t, 6) for t in shown])]
+    sys.stdout.write(render(tables, args.format, shown, shown) + "\n")
     return 0
 
 
@@ -197,8 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("bench: interrupted; completed runs are in the store", file=sys.stderr)
+        print("bench: interrupted; completed steps are stored and the same command resumes", file=sys.stderr)
         return 130
+    except Exception:
+        print("bench: unexpected error (a bug: please report it); completed steps are stored and "
+              "the same command resumes", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

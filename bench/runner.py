@@ -122,6 +122,19 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
     test_index = balanced_subset(dataset.y_test, spec.test_size, spec.seed)
     x_test, y_test = dataset.x_test[test_index], dataset.y_test[test_index]
 
+    run_id, created, done = uuid.uuid4().hex[:12], now(), set()
+    previous = store.resumable(spec.hash())
+    if previous is not None:
+        (stored, done), run_id, created = previous, previous[0].run_id, previous[0].created
+        log(f"[{label}] resuming unfinished run {run_id}: {', '.join(sorted(done)) or 'nothing'} already stored")
+    else:
+        store.begin_run(Run(
+            run_id=run_id, created=created, dataset=dataset.name, defense=spec.defense, label=label,
+            params=params, spec=dataclasses.asdict(spec), spec_hash=spec.hash(),
+            training_hash=spec.training_hash(), seed=spec.seed, versions=library_versions(),
+            host=socket.gethostname(), info={}, warnings=[],
+        ))
+
     started = time.perf_counter()
     training_hash = spec.training_hash()
     state = store.load_checkpoint(training_hash)
@@ -137,34 +150,44 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
         store.save_checkpoint(training_hash, defense.state_dict())
     train_seconds = time.perf_counter() - started
 
+    # Each step is seeded on its own and committed on its own, so a resumed run reproduces
+    # exactly the records an uninterrupted one would have written.
     started = time.perf_counter()
-    seed_everything(spec.seed)
-    predictions, certificate = defense.evaluate(x_test)
-    records = records_for(test_index, y_test, predictions, certificate, "clean", None, 0.0, None)
-    clean_accuracy = float((predictions == y_test).float().mean())
-    log(f"[{label}] clean accuracy {clean_accuracy:.4f} on {len(y_test)} test images")
-
+    if "clean" not in done:
+        seed_everything(spec.seed)
+        predictions, certificate = defense.evaluate(x_test)
+        store.add_records(run_id, records_for(test_index, y_test, predictions, certificate, "clean", None, 0.0, None))
     for name, attack in attacks:
+        if name in done:
+            continue
         target = defense.attack_model()
         if defense.randomized:
             target = EOT(target, spec.eot_draws)
         epsilons = spec.epsilons if spec.epsilons is not None else list(attack.default_epsilons)
         seed_everything(spec.seed)
         adversarials = attack.run(target, x_test, y_test, epsilons)
+        step = []
         for epsilon, x_adv in zip(epsilons, adversarials):
             distance = perturbation_norm(x_adv - x_test, attack.norm)
             predictions, certificate = defense.evaluate(x_adv)
-            records += records_for(test_index, y_test, predictions, certificate, name, attack.norm, epsilon, distance)
+            step += records_for(test_index, y_test, predictions, certificate, name, attack.norm, epsilon, distance)
             log(f"[{label}] {name} eps={epsilon:g}: accuracy {float((predictions == y_test).float().mean()):.4f}")
+        store.add_records(run_id, step)
     eval_seconds = time.perf_counter() - started
 
-    warnings = sanity_warnings(records, defense.randomized, spec.eot_draws if spec.attacks else None)
+    records = store.records([run_id])
+    stored = [tuple(row)[1:] for row in records.itertuples(index=False)]
+    clean = records[records.attack == "clean"]
+    clean_accuracy = float(clean.correct.mean())
+    log(f"[{label}] clean accuracy {clean_accuracy:.4f} on {len(clean)} test images")
+    warnings = sanity_warnings(stored, defense.randomized, spec.eot_draws if spec.attacks else None)
     for warning in warnings:
         log(f"[{label}] warning: {warning}")
     info = {
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
         "reused_checkpoint": state is not None,
+        "resumed": previous is not None,
         "num_train": len(train_index),
         "num_test": len(test_index),
         "device": device,
@@ -173,21 +196,9 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
         "certifies": defense.certifies,
         "argv": sys.argv,
     }
-    run = Run(
-        run_id=uuid.uuid4().hex[:12],
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        dataset=dataset.name,
-        defense=spec.defense,
-        label=label,
-        params=params,
-        spec=dataclasses.asdict(spec),
-        spec_hash=spec.hash(),
-        training_hash=training_hash,
-        seed=spec.seed,
-        versions=library_versions(),
-        host=socket.gethostname(),
-        info=info,
-        warnings=warnings,
-    )
-    store.save_run(run, records)
-    return RunResult(run.run_id, label, clean_accuracy, records, info, warnings)
+    store.finish_run(run_id, info, warnings)
+    return RunResult(run_id, label, clean_accuracy, stored, info, warnings)
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,15 +1,20 @@
 """The results store: one SQLite database of runs and per-sample records, plus checkpoints.
 
-Each run is written in a single transaction, so a crash or ``kill -9`` leaves either the whole
-run or none of it; WAL journaling keeps earlier runs readable throughout. Checkpoints are
+A run is registered as ``running`` when it starts; each evaluation step (clean, then one per
+attack) commits its records in one transaction, and the run turns ``complete`` at the end. A
+crash or ``kill -9`` therefore leaves whole steps only, tables read complete runs only, and the
+next run of the same spec resumes from the stored steps. WAL journaling keeps earlier runs
+readable throughout. Checkpoints are
 written to a temporary file and renamed into place, so a half-written one never exists.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
 import tempfile
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -34,7 +39,8 @@ CREATE TABLE IF NOT EXISTS runs (
     versions TEXT NOT NULL,
     host TEXT NOT NULL,
     info TEXT NOT NULL,
-    warnings TEXT NOT NULL
+    warnings TEXT NOT NULL,
+    status TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS records (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -75,6 +81,7 @@ class Run:
     host: str
     info: dict[str, Any]
     warnings: list[str]
+    status: str = "running"
 
 
 class Store:
@@ -96,54 +103,63 @@ class Store:
             raise BenchError(f"results store {self.path} is not readable: {error}") from None
         return connection
 
-    def save_run(self, run: Run, records: Iterable[tuple]) -> None:
-        """Write the run and all its records atomically."""
-        connection = self._connect(create=True)
-        try:
-            with connection:
-                connection.execute(
-                    "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        run.run_id, run.created, run.dataset, run.defense, run.label,
-                        json.dumps(run.params, sort_keys=True), json.dumps(run.spec, sort_keys=True),
-                        run.spec_hash, run.training_hash, run.seed, json.dumps(run.versions),
-                        run.host, json.dumps(run.info), json.dumps(run.warnings),
-                    ),
-                )
-                connection.executemany(
-                    f"INSERT INTO records VALUES ({','.join('?' * len(RECORD_COLUMNS))})",
-                    ((run.run_id,) + tuple(r) for r in records),
-                )
-        finally:
-            connection.close()
+    def begin_run(self, run: Run) -> None:
+        with closing(self._connect(create=True)) as connection, connection:
+            _insert_run(connection, run)
 
-    def runs(self) -> list[Run]:
-        connection = self._connect(create=False)
-        try:
-            rows = connection.execute("SELECT * FROM runs ORDER BY rowid").fetchall()
-        except sqlite3.DatabaseError as error:
-            raise BenchError(f"results store {self.path} is not readable: {error}") from None
-        finally:
-            connection.close()
+    def add_records(self, run_id: str, records: Iterable[tuple]) -> None:
+        """Append one evaluation step's records atomically."""
+        with closing(self._connect(create=True)) as connection, connection:
+            _insert_records(connection, run_id, records)
+
+    def save_run(self, run: Run, records: Iterable[tuple]) -> None:
+        """Write a finished run and all its records in one transaction (imports, tests)."""
+        with closing(self._connect(create=True)) as connection, connection:
+            _insert_run(connection, dataclasses.replace(run, status="complete"))
+            _insert_records(connection, run.run_id, records)
+
+    def finish_run(self, run_id: str, info: dict[str, Any], warnings: list[str], status: str = "complete") -> None:
+        with closing(self._connect(create=True)) as connection, connection:
+            connection.execute(
+                "UPDATE runs SET info = ?, warnings = ?, status = ? WHERE run_id = ?",
+                (json.dumps(info), json.dumps(warnings), status, run_id),
+            )
+
+    def resumable(self, spec_hash: str) -> tuple[Run, set[str]] | None:
+        """The latest unfinished run of this spec and the evaluation steps it already stored."""
+        if not self.path.is_file():
+            return None
+        unfinished = [r for r in self.runs(complete_only=False) if r.spec_hash == spec_hash and r.status != "complete"]
+        if not unfinished:
+            return None
+        run = unfinished[-1]
+        with closing(self._connect(create=False)) as connection:
+            steps = {row[0] for row in connection.execute("SELECT DISTINCT attack FROM records WHERE run_id = ?", (run.run_id,))}
+        return run, steps
+
+    def runs(self, complete_only: bool = True) -> list[Run]:
+        """Stored runs in the order they started; unfinished ones only when asked."""
+        with closing(self._connect(create=False)) as connection:
+            try:
+                rows = connection.execute("SELECT * FROM runs ORDER BY rowid").fetchall()
+            except sqlite3.DatabaseError as error:
+                raise BenchError(f"results store {self.path} is not readable: {error}") from None
         runs = []
         for row in rows:
             values = list(row)
             for i in (5, 6, 10, 12, 13):
                 values[i] = json.loads(values[i])
             runs.append(Run(*values))
-        return runs
+        return [run for run in runs if run.status == "complete" or not complete_only]
 
     def records(self, run_ids: list[str] | None = None) -> pd.DataFrame:
-        connection = self._connect(create=False)
-        try:
+        with closing(self._connect(create=False)) as connection:
             query = "SELECT * FROM records"
             args: tuple = ()
             if run_ids is not None:
                 query += f" WHERE run_id IN ({','.join('?' * len(run_ids))})"
                 args = tuple(run_ids)
             return pd.read_sql_query(query, connection, params=args)
-        finally:
-            connection.close()
 
     # -- checkpoints ------------------------------------------------------------------------
     def checkpoint_path(self, training_hash: str) -> Path:
@@ -170,3 +186,22 @@ class Store:
             if os.path.exists(temporary):
                 os.unlink(temporary)
         return path
+
+
+def _insert_run(connection: sqlite3.Connection, run: Run) -> None:
+    connection.execute(
+        "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            run.run_id, run.created, run.dataset, run.defense, run.label,
+            json.dumps(run.params, sort_keys=True), json.dumps(run.spec, sort_keys=True),
+            run.spec_hash, run.training_hash, run.seed, json.dumps(run.versions),
+            run.host, json.dumps(run.info), json.dumps(run.warnings), run.status,
+        ),
+    )
+
+
+def _insert_records(connection: sqlite3.Connection, run_id: str, records: Iterable[tuple]) -> None:
+    connection.executemany(
+        f"INSERT INTO records VALUES ({','.join('?' * len(RECORD_COLUMNS))})",
+        ((run_id,) + tuple(r) for r in records),
+    )

@@ -112,12 +112,52 @@ def test_kill_during_a_run_keeps_earlier_runs_intact(bench, tmp_path):
          "--quiet", "--out", str(tmp_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    time.sleep(6)
+    deadline = time.monotonic() + 120
+    while len(Store(tmp_path).runs(complete_only=False)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)  # wait until the second run is registered and training
+    time.sleep(1)
     assert process.poll() is None, "the run ended before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     runs = Store(tmp_path).runs()
     assert len(runs) == 1
+    assert [r.status for r in Store(tmp_path).runs(complete_only=False)] == ["complete", "running"]
     after = Store(tmp_path).records()
-    assert after.equals(before)
+    assert after[after.run_id == runs[0].run_id].equals(before)
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    assert bench("report", "--results", str(tmp_path))[0] == 0
+
+
+def test_a_failed_run_resumes_from_its_stored_steps(bench, tmp_path, monkeypatch):
+    from attacks.base import Attack
+    from bench.registry import ATTACKS
+
+    class Flaky(Attack):
+        """Fails on its first call, then returns the clean inputs."""
+
+        norm = "linf"
+        default_epsilons = (0.1,)
+        calls = 0
+
+        def run(self, model, x, y, epsilons):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("simulated crash in the middle of a run")
+            return [x.clone() for _ in epsilons]
+
+    ATTACKS.names()
+    monkeypatch.setitem(ATTACKS._items, "flaky", Flaky)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        bench("run", *FAST, "--attack", "flaky", "--out", str(tmp_path))
+    assert Store(tmp_path).runs() == []
+    (unfinished,) = Store(tmp_path).runs(complete_only=False)
+    assert set(Store(tmp_path).records().attack) == {"clean"}
+
+    code, stdout, _ = bench("run", *FAST, "--attack", "flaky", "--out", str(tmp_path))
+    assert code == 0 and "resuming unfinished run" in stdout
+    (run,) = Store(tmp_path).runs()
+    assert run.run_id == unfinished.run_id and run.info["resumed"]
+    records = Store(tmp_path).records()
+    assert sorted(records.attack.value_counts().items()) == [("clean", 60), ("flaky", 60)]
+    bench("run", *FAST, "--out", str(tmp_path / "fresh"))
+    assert Store(tmp_path / "fresh").records().prediction.tolist() == records[records.attack == "clean"].prediction.tolist()
