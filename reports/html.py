@@ -1,0 +1,132 @@
+"""The HTML report: one self-contained file (CSS inline, plots as base64 PNG, no script, no
+network) with the tables, the plots, each run's spec, seed, library versions and info, and the
+sanity warnings of the attacks."""
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from reports.plots import Plot
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 2rem auto;
+       max-width: 1200px; padding: 0 1rem; color: #1a1a1a; line-height: 1.45; }
+h1 { font-size: 1.6rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #ccc; } h3 { font-size: 1.05rem; }
+table { border-collapse: collapse; margin: 0.6rem 0 1.2rem; font-size: 0.85rem; }
+th, td { border: 1px solid #d0d0d0; padding: 0.25rem 0.5rem; text-align: left; vertical-align: top; white-space: nowrap; }
+th { background: #f2f2f2; } tr:nth-child(even) td { background: #fafafa; }
+.scroll { overflow-x: auto; }
+figure { margin: 1rem 0 2rem; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: 0.85rem; color: #444; }
+.warning { background: #fff4e5; border-left: 4px solid #e69500; padding: 0.4rem 0.8rem; margin: 0.3rem 0; }
+.ok { color: #2b6e2b; } pre { background: #f6f6f6; padding: 0.6rem; overflow-x: auto; font-size: 0.8rem; }
+details { margin: 0.4rem 0; } summary { cursor: pointer; font-weight: 600; }
+.meta { color: #555; font-size: 0.9rem; }
+@media print { details { display: block; } figure { break-inside: avoid; } }
+"""
+
+
+def _table(frame: pd.DataFrame, table_id: str) -> str:
+    return f'<div class="scroll">{frame.to_html(index=False, escape=True, border=0, table_id=table_id, na_rep="–")}</div>'
+
+
+def _image(plot: Plot) -> str:
+    data = base64.b64encode(plot.png.read_bytes()).decode("ascii")
+    return (f'<figure id="plot-{plot.name}"><img src="data:image/png;base64,{data}" alt="{html.escape(plot.title)}" '
+            f'data-plot="{plot.name}"><figcaption>{html.escape(plot.caption)} Files: {html.escape(plot.png.name)}, '
+            f'{html.escape(plot.svg.name)}.</figcaption></figure>')
+
+
+def _json(value: Any) -> str:
+    return html.escape(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _run_section(run: pd.Series) -> str:
+    versions = pd.DataFrame(sorted(run["versions"].items()), columns=["library", "version"])
+    warnings = "".join(f'<div class="warning">{html.escape(w)}</div>' for w in run["warnings"]) or '<p class="ok">no warnings</p>'
+    return (
+        f'<details class="run" id="run-{html.escape(run.run_id)}"><summary>{html.escape(run.dataset)} · '
+        f'{html.escape(run.config)} · run {html.escape(run.run_id)}</summary>'
+        f'<p class="meta">created {html.escape(str(run.created))} on {html.escape(str(run.host))}; seed {run.seed}; '
+        f'spec hash {html.escape(run.spec_hash)}; store {html.escape(str(run.store))}</p>'
+        f"<h3>Sanity warnings</h3>{warnings}"
+        f"<h3>Library versions</h3>{_table(versions, 'versions-' + run.run_id)}"
+        f"<h3>Spec</h3><pre>{_json(run['spec'])}</pre>"
+        f"<h3>Info</h3><pre>{_json(run['info'])}</pre></details>"
+    )
+
+
+def build_html(
+    shown: dict[str, pd.DataFrame],
+    plots: Sequence[Plot],
+    runs: pd.DataFrame,
+    title: str = "Robustness benchmark report",
+    sources: Sequence[str] = (),
+    where: Sequence[tuple[str, str]] = (),
+) -> str:
+    """The report as one HTML string; ``shown`` are the tables of ``reports.tables.display_tables``."""
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    selection = ", ".join(f"{k}={v}" for k, v in where) or "all runs (latest of each spec)"
+    warned = runs[runs.warnings.map(len) > 0] if not runs.empty else runs
+    warning_items = "".join(
+        f'<div class="warning"><b>{html.escape(run.dataset)} · {html.escape(run.config)}</b>: {html.escape(w)}</div>'
+        for _, run in warned.iterrows() for w in run.warnings
+    ) or '<p class="ok">No run reported a sanity warning.</p>'
+    tables = "".join(
+        f'<h3>{html.escape(name)}</h3>{_table(frame, "table-" + name.lower().replace(" ", "-"))}'
+        for name, frame in shown.items()
+    ) or "<p>No runs.</p>"
+    figures = "".join(_image(plot) for plot in plots) or "<p>No data to plot.</p>"
+    run_list = "".join(_run_section(run) for _, run in runs.iterrows())
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title><style>{STYLE}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class="meta">Generated {now} from {html.escape(', '.join(sources) or 'the results store')}; selection: {html.escape(selection)};
+{len(runs)} run(s). Every number is computed from the stored per-sample records. Proportions show their 95%
+Clopper-Pearson (exact binomial) interval in brackets; n is the number of samples behind each value.</p>
+<h2 id="warnings">Sanity warnings</h2>
+{warning_items}
+<h2 id="tables">Tables</h2>
+{tables}
+<h2 id="plots">Plots</h2>
+{figures}
+<h2 id="runs">Runs: spec, seed, library versions</h2>
+{run_list}
+</body></html>
+"""
+
+
+def write_report(
+    tables: dict[str, pd.DataFrame],
+    runs: pd.DataFrame,
+    out: Path,
+    thresholds: Sequence[float] | None = None,
+    precision_thresholds: Sequence[float] | None = None,
+    sources: Sequence[str] = (),
+    where: Sequence[tuple[str, str]] = (),
+    title: str = "Robustness benchmark report",
+) -> list[Path]:
+    """Write the whole report into ``out``: ``report.html`` (self-contained), ``tables.md``,
+    ``tables.tex``, ``tables.csv``, ``tables.json`` and ``figures/NAME.png|svg``; returns the paths."""
+    from reports.plots import make_plots
+    from reports.tables import display_tables, render
+
+    out.mkdir(parents=True, exist_ok=True)
+    plots = make_plots(tables, out / "figures")
+    shown = display_tables(tables, thresholds, precision_thresholds)
+    written = []
+    for name, fmt in (("tables.md", "md"), ("tables.tex", "latex"), ("tables.csv", "csv"), ("tables.json", "json")):
+        path = out / name
+        path.write_text(render(tables, fmt, thresholds, precision_thresholds), encoding="utf-8")
+        written.append(path)
+    report = out / "report.html"
+    report.write_text(build_html(shown, plots, runs, title, sources, where), encoding="utf-8")
+    return [report] + written + [p for plot in plots for p in (plot.png, plot.svg)]

@@ -1,0 +1,321 @@
+"""Reports from fabricated per-sample records with answers computed by hand, the CLI around them,
+config profiles and [[runs]] sweeps, and the experiments/*.toml files."""
+from __future__ import annotations
+
+import argparse
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.cli import build_parser, merged_options, specs_from
+from bench.errors import BenchError
+from bench.store import Run, Store
+from conftest import FAST
+from reports.tables import build_tables, clopper_pearson, compare, display_tables, render
+
+ROOT = Path(__file__).resolve().parents[1]
+VERSIONS = {"python": "3.11", "torch": "2.13.0", "numpy": "2.4.0", "foolbox": "3.3.4"}
+
+
+def record(i, attack, norm, eps, correct, certified_label=None, radius=None, label=3):
+    """(sample_index, attack, norm, epsilon, prediction, label, correct, distance, cert label, radius, cert norm)."""
+    prediction = label if correct else (label + 1) % 10
+    return (i, attack, norm, eps, prediction, label, int(correct), None if attack == "clean" else eps,
+            certified_label, radius, None if radius is None else "l2")
+
+
+def correct_set(attack, norm, eps, indices, n=10):
+    return [record(i, attack, norm, eps, i in indices) for i in range(n)]
+
+
+def make_run(run_id, dataset, defense, label, params, info, warnings=(), created="2026-01-01T00:00:00+00:00", seed=0):
+    spec = {"defense": defense, "dataset": dataset, "params": params, "seed": seed, "epochs": 2}
+    return Run(run_id=run_id, created=created, dataset=dataset, defense=defense, label=label, params=params,
+               spec=spec, spec_hash=run_id + "-spec", training_hash=run_id + "-train", seed=seed,
+               versions=VERSIONS, host="testhost", info=info, warnings=list(warnings))
+
+
+# Clean radii and certified labels of the fabricated PixelDP run (true label 3 everywhere; sample 9
+# is certified with the wrong label). Under pgd-l2 at 0.5 the certificates shrink.
+CLEAN_RADII = [0.0, 0.02, 0.05, 0.08, 0.1, 0.12, 0.2, 0.3, 0.5, 1.0]
+CLEAN_CERT_LABELS = [3] * 9 + [4]
+ATTACK_RADII = [0.0, 0.0, 0.06, 0.06, 0.11, 0.11, 0.2, 0.0, 0.3, 0.5]
+ATTACK_CERT_LABELS = [3] * 7 + [4, 4, 4]
+
+
+def fabricate(directory: Path) -> Store:
+    """Three runs: mnist baseline (two attack norms, two L2 attacks), mnist PixelDP (certifies),
+    svhn baseline (one attack, a sanity warning)."""
+    store = Store(directory)
+    info = {"train_seconds": 12.0, "eval_seconds": 3.0, "num_train": 100, "num_test": 10, "reused_checkpoint": False,
+            "device": "cpu"}
+    records = correct_set("clean", None, 0.0, set(range(9)))
+    records += correct_set("pgd-linf", "linf", 0.1, set(range(6))) + correct_set("pgd-linf", "linf", 0.3, set(range(3)))
+    records += correct_set("pgd-l2", "l2", 0.5, set(range(8))) + correct_set("pgd-l2", "l2", 1.0, set(range(4)))
+    records += correct_set("cw-l2", "l2", 0.5, set(range(6)) | {8, 9}) + correct_set("cw-l2", "l2", 1.0, {0, 1, 2, 3, 9})
+    store.save_run(make_run("aaaa00000001", "mnist", "baseline", "baseline", {"model": "mnist-cnn"}, info), records)
+
+    pixeldp = [record(i, "clean", None, 0.0, i != 9, CLEAN_CERT_LABELS[i], CLEAN_RADII[i]) for i in range(10)]
+    pixeldp += [record(i, "pgd-l2", "l2", 0.5, i < 7, ATTACK_CERT_LABELS[i], ATTACK_RADII[i]) for i in range(10)]
+    params = {"L": 0.1, "model": "mnist-cnn"}
+    store.save_run(make_run("bbbb00000002", "mnist", "pixeldp", "pixeldp(L=0.1)", params,
+                            {**info, "train_seconds": 120.0, "eval_seconds": 30.0}), pixeldp)
+
+    svhn = correct_set("clean", None, 0.0, set(range(7))) + correct_set("pgd-linf", "linf", 0.03, {0, 1})
+    svhn += correct_set("pgd-linf", "linf", 0.1, {0, 1, 2, 3})
+    store.save_run(make_run("cccc00000003", "svhn", "baseline", "baseline", {"model": "wrn"}, info,
+                            ["pgd-linf: accuracy rises with epsilon (0.700, 0.200, 0.400); the attack may be too weak"]),
+                   svhn)
+    return store
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return fabricate(tmp_path / "results")
+
+
+def rows(table, **where):
+    selected = table
+    for key, value in where.items():
+        selected = selected[np.isclose(selected[key], value)] if isinstance(value, float) else selected[selected[key] == value]
+    return selected
+
+
+# -- numbers -----------------------------------------------------------------------------------
+def test_clopper_pearson_matches_known_values():
+    low, high = clopper_pearson([0, 5, 10], [10, 10, 10])
+    # exact 95% limits: 0/10 -> [0, 0.3085]; 5/10 -> [0.1871, 0.8129]; 10/10 -> [0.6915, 1]
+    assert np.allclose(low, [0.0, 0.18709, 0.69150], atol=1e-4)
+    assert np.allclose(high, [0.30850, 0.81291, 1.0], atol=1e-4)
+    assert np.isnan(clopper_pearson(0, 0)[0]).all()
+
+
+def test_clean_and_attacked_accuracy_with_worst_case_and_intervals(store):
+    tables = build_tables(store)
+    clean = tables["clean"]
+    assert rows(clean, run_id="aaaa00000001").accuracy.item() == pytest.approx(0.9)
+    assert rows(clean, run_id="cccc00000003").n.item() == 10
+    attacked = tables["accuracy_under_attack"]
+    base = rows(attacked, run_id="aaaa00000001")
+    assert rows(base, attack="pgd-linf", epsilon=0.3).accuracy.item() == pytest.approx(0.3)
+    # worst case over pgd-l2 and cw-l2 per sample: {0..7} & {0..5, 8, 9} = {0..5}; {0..3} & {0..3, 9} = {0..3}
+    assert rows(base, attack="worst-case", norm="l2", epsilon=0.5).accuracy.item() == pytest.approx(0.6)
+    assert rows(base, attack="worst-case", norm="l2", epsilon=1.0).accuracy.item() == pytest.approx(0.4)
+    assert rows(base, attack="worst-case", norm="linf").empty  # one linf attack: no worst-case row
+    row = rows(base, attack="pgd-l2", epsilon=0.5)
+    low, high = clopper_pearson(8, 10)
+    assert row.ci_low.item() == pytest.approx(low[0]) and row.ci_high.item() == pytest.approx(high[0])
+
+
+def test_certified_accuracy_and_robust_precision_recall_by_hand(store):
+    certified = build_tables(store)["certified"]
+    assert set(certified.run_id) == {"bbbb00000002"}
+    clean = rows(certified, attack="clean")
+    # radius >= T and certified label right: T=0.05 -> samples 2..8; T=0.1 -> 4..8; T=0.5 -> 8
+    assert rows(clean, threshold=0.05).certified_accuracy.item() == pytest.approx(0.7)
+    assert rows(clean, threshold=0.1).certified_accuracy.item() == pytest.approx(0.5)
+    assert rows(clean, threshold=0.5).certified_accuracy.item() == pytest.approx(0.1)
+    attacked = rows(certified, attack="pgd-l2", epsilon=0.5)
+    # T=0.1: robust {4,5,6,8,9}, of which right {4,5,6} -> precision 3/5, recall 5/10
+    at_01 = rows(attacked, threshold=0.1)
+    assert at_01.robust_precision.item() == pytest.approx(0.6) and at_01.robust_recall.item() == pytest.approx(0.5)
+    assert at_01.robust_n.item() == 5
+    low, high = clopper_pearson(3, 5)
+    assert at_01.robust_precision_ci_low.item() == pytest.approx(low[0])
+    assert at_01.robust_precision_ci_high.item() == pytest.approx(high[0])
+    # T=0.05: robust {2,3,4,5,6,8,9}, right {2..6} -> 5/7
+    assert rows(attacked, threshold=0.05).robust_precision.item() == pytest.approx(5 / 7)
+    # nothing certified at T=0.6 under attack: precision undefined, recall 0
+    at_06 = rows(attacked, threshold=0.6)
+    assert np.isnan(at_06.robust_precision.item()) and at_06.robust_recall.item() == 0.0
+
+
+def test_cost_table_comes_from_run_info(store):
+    cost = build_tables(store)["cost"].set_index("run_id")
+    assert cost.loc["bbbb00000002", "train_seconds"] == 120.0
+    assert cost.loc["bbbb00000002", "eval_ms_per_image"] == pytest.approx(3000.0)
+    assert cost.loc["aaaa00000001", "num_test"] == 10
+
+
+def test_where_filters_runs_by_column_spec_field_or_parameter(store):
+    assert set(build_tables(store, where=[("dataset", "svhn")])["clean"].run_id) == {"cccc00000003"}
+    assert set(build_tables(store, where=[("L", "0.1")])["clean"].run_id) == {"bbbb00000002"}
+    both = build_tables(store, where=[("defense", "baseline"), ("dataset", "mnist"), ("dataset", "svhn")])
+    assert set(both["clean"].run_id) == {"aaaa00000001", "cccc00000003"}
+    with pytest.raises(BenchError, match="no run has a field 'nosuch'"):
+        build_tables(store, where=[("nosuch", "1")])
+
+
+def test_json_keeps_the_contract_and_adds_intervals(store):
+    data = json.loads(render(build_tables(store), "json"))
+    assert set(data) == {"clean", "accuracy_under_attack", "certified", "cost"}
+    for row in data["clean"]:
+        assert set(row) >= {"run_id", "dataset", "defense", "label", "params", "accuracy", "n", "ci_low", "ci_high"}
+    assert isinstance(data["clean"][0]["params"], dict)
+    assert set(data["certified"][0]) >= {"attack", "epsilon", "norm", "threshold", "certified_accuracy",
+                                         "robust_precision", "robust_recall", "n", "robust_n"}
+
+
+def test_human_tables_pivot_epsilons_and_carry_intervals_and_counts(store):
+    shown = display_tables(build_tables(store))
+    assert list(shown) == ["Clean accuracy", "Accuracy under attack: mnist, L2", "Accuracy under attack: mnist, L∞",
+                           "Accuracy under attack: svhn, L∞", "Certified accuracy", "Robust precision under attack: mnist",
+                           "Robust recall under attack: mnist", "Cost"]
+    attack = shown["Accuracy under attack: mnist, L2"]
+    worst = attack[attack.attack == "worst-case"]
+    assert worst["ε=0.5"].item() == "0.600 [0.262, 0.878]" and worst["n"].item() == "10"
+    assert worst["ε=0"].item().startswith("0.900")
+    baseline = attack[attack.configuration == "baseline"]
+    assert baseline.attack.tolist() == ["cw-l2", "pgd-l2", "worst-case"]
+    assert list(attack.columns) == ["configuration", "attack", "ε=0", "ε=0.5", "ε=1", "n"]
+    certified = shown["Certified accuracy"]
+    assert [c for c in certified.columns if c.startswith("T=")] == ["T=0", "T=0.05", "T=0.1", "T=0.2", "T=0.3", "T=0.5", "T=1"]
+    precision = shown["Robust precision under attack: mnist"]
+    assert precision[precision["T"] == 0.1]["ε=0.5"].item().startswith("0.600") and "n=5" in precision["ε=0.5"].iloc[1]
+    markdown = render(build_tables(store), "md")
+    assert "Clopper-Pearson" in markdown and "| worst-case" in markdown
+    latex = render(build_tables(store), "latex")
+    assert latex.count(r"\begin{tabular}") == 8 and r"\toprule" in latex and "pixeldp(L=0.1)" in latex
+
+
+def test_same_label_twice_in_a_dataset_gets_the_differing_spec_field(tmp_path):
+    store = Store(tmp_path)
+    info = {"train_seconds": 1.0, "eval_seconds": 1.0, "num_train": 1, "num_test": 10}
+    for run_id, seed in (("r1", 1), ("r2", 2)):
+        store.save_run(make_run(run_id, "mnist", "baseline", "baseline", {}, info, seed=seed),
+                       correct_set("clean", None, 0.0, {0}))
+    configs = set(build_tables(store)["clean"].config)
+    assert configs == {"baseline [seed=1]", "baseline [seed=2]"}
+
+
+def test_compare_lists_changed_metrics_and_setup(store):
+    comparison = compare(store, "aaaa", "bbbb")
+    setup = comparison["setup"].set_index("field")
+    assert setup.loc["defense", "B"] == "pixeldp" and "spec.params.L" in setup.index
+    metrics = comparison["metrics"]
+    clean = metrics[(metrics.metric == "accuracy") & (metrics.attack == "clean")]
+    assert clean.change.item() == "+0.000"
+    l2 = metrics[(metrics.metric == "accuracy") & (metrics.attack == "pgd-l2") & (metrics.epsilon == "0.5")]
+    assert l2.value_a.item() == pytest.approx(0.8) and l2.value_b.item() == pytest.approx(0.7)
+    assert l2.change.item() == "-0.100"
+    certified = metrics[metrics.metric == "certified accuracy"]
+    assert certified.A.eq("–").all() and not certified.B.eq("–").any()
+    with pytest.raises(BenchError, match="matches no run"):
+        compare(store, "zzzz", "aaaa")
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def test_report_command_writes_html_tables_and_plots(bench, store, tmp_path):
+    out = tmp_path / "report"
+    code, stdout, _ = bench("report", "--results", str(store.directory), "--out", str(out))
+    assert code == 0
+    for name in ("report.html", "tables.md", "tables.tex", "tables.csv", "tables.json"):
+        assert (out / name).stat().st_size > 0 and str(out / name) in stdout
+    for plot in ("accuracy_under_attack", "certified_accuracy", "robust_precision_recall", "cost"):
+        assert (out / "figures" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "<svg" in (out / "figures" / f"{plot}.svg").read_text()
+    page = (out / "report.html").read_text()
+    assert page.count('<img src="data:image/png;base64,') == 4
+    assert "src=\"http" not in page and "<script" not in page
+    assert "accuracy rises with epsilon" in page and "2.13.0" in page and "&quot;seed&quot;: 0" in page
+
+
+def test_report_formats_on_stdout_and_where(bench, store):
+    code, stdout, _ = bench("report", "--results", str(store.directory), "--where", "dataset=svhn", "--format", "json")
+    assert code == 0 and {r["dataset"] for r in json.loads(stdout)["clean"]} == {"svhn"}
+    code, stdout, _ = bench("report", "--results", str(store.directory), "--format", "latex")
+    assert code == 0 and r"\begin{table}" in stdout
+    code, stdout, _ = bench("report", "--results", str(store.directory), "--format", "html")
+    assert code == 0 and stdout.startswith("<!DOCTYPE html>")
+    code, stdout, _ = bench("report", "--results", str(store.directory), "--thresholds", "0.1", "--format", "json")
+    assert {r["threshold"] for r in json.loads(stdout)["certified"]} == {0.1}
+    code, _, stderr = bench("report", "--results", str(store.directory), "--where", "oops")
+    assert code == 2 and "--where 'oops' is malformed" in stderr
+
+
+def test_report_combines_stores_below_a_directory(bench, tmp_path):
+    fabricate(tmp_path / "runs" / "one")
+    other = Store(tmp_path / "runs" / "two")
+    other.save_run(make_run("dddd00000004", "cifar10", "madry", "madry", {}, {"num_test": 10}),
+                   correct_set("clean", None, 0.0, {0, 1}))
+    code, stdout, _ = bench("report", "--results", str(tmp_path / "runs"), "--format", "json")
+    assert code == 0 and {r["dataset"] for r in json.loads(stdout)["clean"]} == {"mnist", "svhn", "cifar10"}
+
+
+def test_compare_command(bench, store):
+    code, stdout, _ = bench("report", "--results", str(store.directory), "--compare", "aaaa", "bbbb")
+    assert code == 0 and "## Setup" in stdout and "| accuracy" in stdout and "-0.100" in stdout
+    code, _, stderr = bench("report", "--results", str(store.directory), "--compare", "zz", "b")
+    assert code == 2 and "run id 'zz' matches no run" in stderr
+
+
+def test_real_run_then_report(bench, tmp_path):
+    assert bench("run", *FAST, "--out", str(tmp_path / "results"))[0] == 0
+    code, stdout, _ = bench("report", "--results", str(tmp_path / "results"), "--out", str(tmp_path / "report"))
+    assert code == 0
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "digits" in page and "Clean accuracy" in page and (tmp_path / "report" / "figures" / "cost.png").is_file()
+
+
+# -- configs: profiles and [[runs]] ---------------------------------------------------------------
+def options_for(*argv: str) -> dict:
+    return merged_options(build_parser().parse_args(["run", *argv]))
+
+
+def test_profile_merges_over_top_level_and_runs_sweep(tmp_path):
+    config = tmp_path / "sweep.toml"
+    config.write_text(
+        'dataset = "digits"\nepochs = 5\ntest_size = 50\n[param]\nlr_unused = 1\n'
+        '[profiles.cpu]\nepochs = 1\ntrain_size = 100\n[profiles.cpu.param]\nlr_unused = 2\n'
+        '[[runs]]\ndefense = "baseline"\nseed = 1\n[[runs]]\ndefense = "baseline"\nseed = 2\n'
+    )
+    options = options_for("--config", str(config), "--profile", "cpu", "--test-size", "20")
+    assert [entry["seed"] for entry in options["runs"]] == [1, 2]
+    for entry in options["runs"]:
+        assert entry["epochs"] == 1 and entry["train_size"] == 100 and entry["test_size"] == 20
+        assert entry["param"] == {"lr_unused": 2} and entry["defense"] == ["baseline"]
+    with pytest.raises(BenchError, match="choose one with --profile"):
+        options_for("--config", str(config))
+    with pytest.raises(BenchError, match="no profile 'gpu'; available: cpu"):
+        options_for("--config", str(config), "--profile", "gpu")
+
+
+def test_runs_build_one_spec_per_entry_through_the_cli(bench, tmp_path):
+    config = tmp_path / "sweep.toml"
+    config.write_text('dataset = "digits"\nepochs = 1\ntrain_size = 100\ntest_size = 20\n'
+                      '[[runs]]\nseed = 1\n[[runs]]\nseed = 2\n')
+    specs = specs_from(options_for("--config", str(config)))
+    assert [spec.seed for spec in specs] == [1, 2]
+    assert bench("run", "--config", str(config), "--quiet", "--out", str(tmp_path / "r"))[0] == 0
+    assert sorted(run.seed for run in Store(tmp_path / "r").runs()) == [1, 2]
+
+
+def test_runs_must_share_the_dataset(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('[[runs]]\ndataset = "digits"\n[[runs]]\ndataset = "mnist"\n')
+    with pytest.raises(BenchError, match="share one dataset"):
+        specs_from(options_for("--config", str(config)))
+
+
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+@pytest.mark.parametrize("profile", ["cpu", "paper"])
+def test_experiment_configs_parse_for_both_profiles(path, profile):
+    options = options_for("--config", str(path), "--profile", profile)
+    entries = options.get("runs") or [options]
+    assert len({entry.get("dataset") for entry in entries}) == 1
+    for entry in entries:
+        assert entry.get("defense"), f"{path.name}: a run without a defense"
+    with open(path, "rb") as handle:
+        assert set(tomllib.load(handle)["profiles"]) >= {"cpu", "paper"}
+
+
+def test_experiments_exist():
+    names = {p.stem for p in EXPERIMENTS}
+    assert {"certified-mnist", "certified-svhn", "certified-cifar10", "pixeldp-vs-madry-cifar10",
+            "pixeldp-vs-robustopt-svhn", "robust-precision-cifar10"} <= names
