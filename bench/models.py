@@ -68,6 +68,22 @@ def mnist_cnn(in_channels: int, size: int, num_classes: int) -> tuple[nn.Module,
     return stem, body
 
 
+def wk_small(in_channels: int, size: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    """Wong & Kolter's (2018) small MNIST net: conv4x4-16/2 | ReLU, conv4x4-32/2, FC100, FC10."""
+    stem = nn.Conv2d(in_channels, 16, 4, stride=2, padding=1)
+    side = size // 2 // 2
+    body = nn.Sequential(
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * side * side, 100),
+        nn.ReLU(),
+        nn.Linear(100, num_classes),
+    )
+    return stem, body
+
+
 class WideBlock(nn.Module):
     """Pre-activation wide-ResNet block (Zagoruyko & Komodakis)."""
 
@@ -128,7 +144,7 @@ def torchvision_resnet(name: str, num_classes: int) -> tuple[nn.Module, nn.Modul
     return net.conv1, body
 
 
-MODEL_NAMES = ("digits-cnn", "mnist-cnn", "wrn-DEPTH-WIDTH", "resnet18", "resnet50")
+MODEL_NAMES = ("digits-cnn", "mnist-cnn", "wk-small", "wrn-DEPTH-WIDTH", "resnet18", "resnet50")
 
 
 def default_model(dataset: str, shape: tuple[int, int, int]) -> str:
@@ -152,6 +168,8 @@ def build_model(
         stem, body = digits_cnn(channels, height, num_classes)
     elif name == "mnist-cnn":
         stem, body = mnist_cnn(channels, height, num_classes)
+    elif name == "wk-small":
+        stem, body = wk_small(channels, height, num_classes)
     elif wide:
         stem, body = wide_resnet(int(wide.group(1)), int(wide.group(2)), channels, num_classes)
     elif name in ("resnet18", "resnet34", "resnet50"):

@@ -56,7 +56,7 @@ def build_defense(spec: RunSpec, dataset: Dataset, device: str) -> Defense:
     defense_class = DEFENSES.get(spec.defense)
     fields = {f.name for f in dataclasses.fields(defense_class.Params)}
     params = build_params(defense_class.Params, scoped(spec.params, spec.defense, fields), f"defense {spec.defense}")
-    model_name = spec.model or default_model(dataset.name, dataset.shape)
+    model_name = spec.model or defense_class.default_model or default_model(dataset.name, dataset.shape)
     seed_everything(spec.seed)
     model = build_model(model_name, dataset.shape, dataset.num_classes, dataset.mean, dataset.std)
     return defense_class(model, params, device=device)
@@ -108,7 +108,7 @@ class RunResult:
 def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", log=print) -> RunResult:
     """Train (or reuse the checkpoint), evaluate clean and under every attack, store the records."""
     defense = build_defense(spec, dataset, device)
-    model_name = spec.model or default_model(dataset.name, dataset.shape)
+    model_name = spec.model or type(defense).default_model or default_model(dataset.name, dataset.shape)
     label, params = describe(defense, spec.defense, model_name)
     spec = dataclasses.replace(spec, model=model_name, epochs=spec.epochs or DEFAULT_EPOCHS.get(spec.dataset, 30))
     attacks = []

@@ -42,6 +42,8 @@ class Defense:
     randomized: ClassVar[bool] = False
     certifies: ClassVar[bool] = False
     eval_batch_size: ClassVar[int] = 128  # larger batches are slower per image on 2 CPU cores
+    # The zoo model this defense uses when --model is not given (None: the dataset's default).
+    default_model: ClassVar[str | None] = None
 
     @dataclass
     class Params:
