@@ -1,5 +1,6 @@
 """Defense adapters; each module registers itself in ``bench.registry.DEFENSES``."""
 from defenses import baseline  # noqa: F401  (registration)
+from defenses import pixeldp  # noqa: F401  (registration)
 from defenses.base import ABSTAIN, Certificate, Defense
 
 __all__ = ["ABSTAIN", "Certificate", "Defense"]
