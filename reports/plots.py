@@ -143,8 +143,8 @@ def robust_precision_recall(table: pd.DataFrame, styles: dict[str, dict],
         return None
     chosen = [t for t in sorted(set(table.threshold)) if any(math.isclose(t, w, abs_tol=1e-9) for w in thresholds)]
     attacked = table[(table.attack != "clean") & table.threshold.isin(chosen)]
-    zero = table[(table.attack == "clean") & table.threshold.isin(chosen)].drop(columns="attack").merge(
-        attacked[["run_id", "attack"]].drop_duplicates(), on="run_id")
+    zero = table[(table.attack == "clean") & table.threshold.isin(chosen)].drop(columns=["attack", "attack_norm"]).merge(
+        attacked[["run_id", "attack", "attack_norm"]].drop_duplicates(), on="run_id")
     rows = pd.concat([zero, attacked], ignore_index=True)
     if rows.empty:
         return None
@@ -155,12 +155,17 @@ def robust_precision_recall(table: pd.DataFrame, styles: dict[str, dict],
     for (key, metric), ax in axes.items():
         dataset, attack = key.split("\x1f")
         facet = rows[(rows.dataset == dataset) & (rows.attack == attack)]
+        drawn = False
         for (config, threshold), data in facet.groupby(["config", "threshold"], sort=False):
             data = data[data[metric].notna()]
             if not data.empty:
                 _line(ax, data, "epsilon", metric, f"{metric}_ci_low", f"{metric}_ci_high", styles[config],
                       dashes[threshold])
-        norm = facet.norm.iloc[0] if len(facet) else ""
+                drawn = True
+        if not drawn:  # precision is undefined where nothing is certified
+            ax.text(0.5, 0.5, "no input certified at " + ", ".join(f"T={t:g}" for t in chosen), transform=ax.transAxes,
+                    ha="center", va="center", color="0.35")
+        norm = facet.attack_norm.iloc[0] if len(facet) else ""
         ax.set_title(f"{dataset}, {attack}: {metrics[metric]}", fontsize="medium")
         ax.set_xlabel(f"L_attack ({NORM_NAMES.get(norm, norm)}, pixel units)")
         _proportion_axis(ax, metrics[metric])

@@ -14,8 +14,8 @@ Added fields (compatible extensions):
   with the differing spec fields appended when two runs of one dataset share a label);
 - ``clean`` and ``accuracy_under_attack`` rows carry ``ci_low``, ``ci_high``: the 95%
   Clopper-Pearson (exact binomial) interval of ``accuracy`` over ``n`` samples;
-- ``certified`` rows carry ``certified_accuracy_ci_low/high`` and ``robust_recall_ci_low/high``
-  (over ``n``), ``robust_n`` (the inputs certified at T: the denominator of robust precision)
+- ``certified`` rows carry ``attack_norm`` (the norm of the attack; ``norm`` is the certificate's),
+  ``certified_accuracy_ci_low/high`` and ``robust_recall_ci_low/high`` (over ``n``), ``robust_n`` (the inputs certified at T: the denominator of robust precision)
   and ``robust_precision_ci_low/high`` (over ``robust_n``);
 - a ``cost`` list, one row per run: {run_id, dataset, defense, label, params, config, every
   ``*_seconds`` entry of the run's info (``train_seconds``, ``eval_seconds``, ...), num_train,
@@ -124,13 +124,15 @@ def select_runs(runs: pd.DataFrame, where: Sequence[tuple[str, str]]) -> pd.Data
     Keys: run columns (``dataset``, ``defense``, ``label``, ``run_id``, ``seed``, ``host``), spec
     fields (``epochs``, ``model``, ``test_size``, ...) and defense parameters (``L``, ...).
     """
+    if runs.empty:
+        return runs
     wanted: dict[str, list[str]] = {}
     for key, value in where:
         wanted.setdefault(key, []).append(value)
     keep = np.ones(len(runs), dtype=bool)
     for key, values in wanted.items():
         found = [_lookup(run, key) for _, run in runs.iterrows()]
-        if runs.empty or not any(present for present, _ in found):
+        if not any(present for present, _ in found):
             raise BenchError(f"--where {key}: no run has a field {key!r}; try dataset, defense, label, run_id, "
                              "seed, a spec field (epochs, model, ...) or a defense parameter")
         keep &= np.array([present and any(_same(value, v) for v in values) for present, value in found], dtype=bool)
@@ -220,6 +222,8 @@ def tables_from(results: Results, thresholds: Sequence[float] = metrics.DEFAULT_
     precision = certified.robust_precision.astype(float).fillna(0)
     certified = _with_interval(certified.assign(_precision=precision), "_precision", "robust_n", "robust_precision_")
     certified = certified.drop(columns="_precision")
+    attack_norms = records[["run_id", "attack", "norm"]].drop_duplicates(["run_id", "attack"])
+    certified = certified.merge(attack_norms.rename(columns={"norm": "attack_norm"}), on=["run_id", "attack"], how="left")
     tables = {"clean": clean, "accuracy_under_attack": under_attack, "certified": certified,
               "cost": cost_table(results.runs)}
     config = results.runs.set_index("run_id").config
@@ -355,9 +359,9 @@ def _precision_recall(certified: pd.DataFrame, thresholds: Sequence[float] | Non
         return {}
     chosen = _thresholds(certified, thresholds if thresholds is not None else PRECISION_THRESHOLDS)
     clean = certified[certified.attack == "clean"]
-    pairs = attacked[["run_id", "attack"]].drop_duplicates()
+    pairs = attacked[["run_id", "attack", "attack_norm"]].drop_duplicates()
     # epsilon 0 of every attack is the clean input, as in accuracy under attack
-    zero = clean.drop(columns="attack").merge(pairs, on="run_id")
+    zero = clean.drop(columns=["attack", "attack_norm"]).merge(pairs, on="run_id")
     rows = pd.concat([zero, attacked], ignore_index=True)
     rows = rows[rows.threshold.isin(chosen)].sort_values(["dataset", "attack", "config", "threshold", "epsilon"], kind="stable")
     if rows.empty:
@@ -365,7 +369,7 @@ def _precision_recall(certified: pd.DataFrame, thresholds: Sequence[float] | Non
     rows = rows.rename(columns={"config": "configuration", "threshold": "T"}).reset_index(drop=True)
     keys = ["attack", "configuration", "T"]
     shown = {}
-    for dataset, group in rows.groupby("dataset", sort=False):
+    for (dataset, norm), group in rows.groupby(["dataset", "attack_norm"], sort=False):
         precision = pd.Series([
             "–" if pd.isna(p) else f"{_cell(p, lo, hi)} n={m}"
             for p, lo, hi, m in zip(group.robust_precision, group.robust_precision_ci_low,
@@ -373,8 +377,9 @@ def _precision_recall(certified: pd.DataFrame, thresholds: Sequence[float] | Non
         ])
         recall = pd.Series([_cell(*v) for v in zip(group.robust_recall, group.robust_recall_ci_low,
                                                     group.robust_recall_ci_high)])
-        shown[f"Robust precision under attack: {dataset}"] = _pivot(group, keys, "epsilon", precision, group.n, "ε=")
-        shown[f"Robust recall under attack: {dataset}"] = _pivot(group, keys, "epsilon", recall, group.n, "ε=")
+        where = f"{dataset}, {NORM_NAMES.get(norm, norm)} attacks"
+        shown[f"Robust precision under attack: {where}"] = _pivot(group, keys, "epsilon", precision, group.n, "ε=")
+        shown[f"Robust recall under attack: {where}"] = _pivot(group, keys, "epsilon", recall, group.n, "ε=")
     return shown
 
 

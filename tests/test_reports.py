@@ -119,6 +119,7 @@ def test_certified_accuracy_and_robust_precision_recall_by_hand(store):
     assert rows(clean, threshold=0.1).certified_accuracy.item() == pytest.approx(0.5)
     assert rows(clean, threshold=0.5).certified_accuracy.item() == pytest.approx(0.1)
     attacked = rows(certified, attack="pgd-l2", epsilon=0.5)
+    assert set(attacked.attack_norm) == {"l2"} and clean.attack_norm.isna().all()
     # T=0.1: robust {4,5,6,8,9}, of which right {4,5,6} -> precision 3/5, recall 5/10
     at_01 = rows(attacked, threshold=0.1)
     assert at_01.robust_precision.item() == pytest.approx(0.6) and at_01.robust_recall.item() == pytest.approx(0.5)
@@ -162,8 +163,9 @@ def test_json_keeps_the_contract_and_adds_intervals(store):
 def test_human_tables_pivot_epsilons_and_carry_intervals_and_counts(store):
     shown = display_tables(build_tables(store))
     assert list(shown) == ["Clean accuracy", "Accuracy under attack: mnist, L2", "Accuracy under attack: mnist, L∞",
-                           "Accuracy under attack: svhn, L∞", "Certified accuracy", "Robust precision under attack: mnist",
-                           "Robust recall under attack: mnist", "Cost"]
+                           "Accuracy under attack: svhn, L∞", "Certified accuracy",
+                           "Robust precision under attack: mnist, L2 attacks",
+                           "Robust recall under attack: mnist, L2 attacks", "Cost"]
     attack = shown["Accuracy under attack: mnist, L2"]
     worst = attack[attack.attack == "worst-case"]
     assert worst["ε=0.5"].item() == "0.600 [0.262, 0.878]" and worst["n"].item() == "10"
@@ -173,7 +175,7 @@ def test_human_tables_pivot_epsilons_and_carry_intervals_and_counts(store):
     assert list(attack.columns) == ["configuration", "attack", "ε=0", "ε=0.5", "ε=1", "n"]
     certified = shown["Certified accuracy"]
     assert [c for c in certified.columns if c.startswith("T=")] == ["T=0", "T=0.05", "T=0.1", "T=0.2", "T=0.3", "T=0.5", "T=1"]
-    precision = shown["Robust precision under attack: mnist"]
+    precision = shown["Robust precision under attack: mnist, L2 attacks"]
     assert precision[precision["T"] == 0.1]["ε=0.5"].item().startswith("0.600") and "n=5" in precision["ε=0.5"].iloc[1]
     markdown = render(build_tables(store), "md")
     assert "Clopper-Pearson" in markdown and "| worst-case" in markdown
