@@ -491,9 +491,9 @@ def _metric_diff(tables: dict[str, pd.DataFrame], a: str, b: str, thresholds: Se
                          r.certified_accuracy_ci_low, r.certified_accuracy_ci_high, r.n))
         at_t = _thresholds(certified, PRECISION_THRESHOLDS)
         for _, r in certified[certified.attack.ne("clean") & certified.threshold.isin(at_t)].iterrows():
-            long.append((r.run_id, "robust precision", r.attack, r.norm, r.epsilon, r.threshold, r.robust_precision,
+            long.append((r.run_id, "robust precision", r.attack, r.attack_norm, r.epsilon, r.threshold, r.robust_precision,
                          r.robust_precision_ci_low, r.robust_precision_ci_high, r.robust_n))
-            long.append((r.run_id, "robust recall", r.attack, r.norm, r.epsilon, r.threshold, r.robust_recall,
+            long.append((r.run_id, "robust recall", r.attack, r.attack_norm, r.epsilon, r.threshold, r.robust_recall,
                          r.robust_recall_ci_low, r.robust_recall_ci_high, r.n))
     for _, r in tables["cost"].iterrows():
         for column in [c for c in tables["cost"].columns if c.endswith("_seconds")]:
@@ -505,6 +505,9 @@ def _metric_diff(tables: dict[str, pd.DataFrame], a: str, b: str, thresholds: Se
     side_a = frame[frame.run_id == a].drop(columns="run_id")
     side_b = frame[frame.run_id == b].drop(columns="run_id")
     merged = side_a.merge(side_b, on=keys, how="outer", suffixes=("_a", "_b"), sort=False)
+    order = {"accuracy": 0, "certified accuracy": 1, "robust precision": 2, "robust recall": 3}
+    merged = merged.assign(_order=merged.metric.map(order).fillna(4), _clean=merged.attack.ne("clean"))
+    merged = merged.sort_values(["_order", "_clean", "attack", "threshold", "epsilon", "metric"], kind="stable")
     rows = []
     for _, r in merged.iterrows():
         seconds = r.metric.endswith("_seconds")
