@@ -391,7 +391,7 @@ def _rows(table: pd.DataFrame) -> list[dict[str, Any]]:
 def latex_escape(text: Any) -> str:
     replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                    "ε": r"$\epsilon$", "–": "--"}
+                    "ε": r"$\epsilon$", "–": "--", "∞": r"$\infty$"}
     return "".join(replacements.get(ch, ch) for ch in str(text))
 
 
