@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
                         help="what changed from run A to run B, metric by metric (run ids or unique prefixes)")
     report.add_argument("--title", default="Robustness benchmark report", help="title of the HTML report")
+    report.add_argument("--dpi", type=_positive_int, default=150, help="resolution of the PNG plots (default 150)")
     return parser
 
 
@@ -309,7 +310,7 @@ def command_report(args: argparse.Namespace) -> int:
 
         with tempfile.TemporaryDirectory() as scratch:
             out = args.out or Path(scratch)
-            written = write_report(tables, results.runs, out, shown, shown, sources, where, args.title)
+            written = write_report(tables, results.runs, out, shown, shown, sources, where, args.title, args.dpi)
             if args.out:
                 print("\n".join(str(p) for p in written))
             else:

@@ -113,6 +113,7 @@ def write_report(
     sources: Sequence[str] = (),
     where: Sequence[tuple[str, str]] = (),
     title: str = "Robustness benchmark report",
+    dpi: int = 150,
 ) -> list[Path]:
     """Write the whole report into ``out``: ``report.html`` (self-contained), ``tables.md``,
     ``tables.tex``, ``tables.csv``, ``tables.json`` and ``figures/NAME.png|svg``; returns the paths."""
@@ -120,7 +121,7 @@ def write_report(
     from reports.tables import display_tables, render
 
     out.mkdir(parents=True, exist_ok=True)
-    plots = make_plots(tables, out / "figures")
+    plots = make_plots(tables, out / "figures", dpi)
     shown = display_tables(tables, thresholds, precision_thresholds)
     written = []
     for name, fmt in (("tables.md", "md"), ("tables.tex", "latex"), ("tables.csv", "csv"), ("tables.json", "json")):
