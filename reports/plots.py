@@ -30,7 +30,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from reports.tables import NORM_NAMES, PRECISION_THRESHOLDS  # noqa: E402
+from reports.tables import NORM_NAMES, PRECISION_THRESHOLDS, config_order  # noqa: E402
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
 DASHES = ["-", "--", "-.", ":"]
@@ -242,7 +242,7 @@ FIGURES: list[tuple[str, str, str, str, Callable]] = [
 def make_plots(tables: dict[str, pd.DataFrame], directory: Path, dpi: int = 150) -> list[Plot]:
     """Write every figure that has data as ``directory/NAME.png`` and ``.svg``; returns them in order."""
     directory.mkdir(parents=True, exist_ok=True)
-    configs = sorted({c for table in tables.values() if not table.empty and "config" in table for c in table.config})
+    configs = config_order(tables)
     styles = _styles(configs)
     plots = []
     with sns.axes_style("whitegrid"), plt.rc_context():

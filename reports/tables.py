@@ -294,6 +294,23 @@ def _pivot(table: pd.DataFrame, rows: list[str], column: str, cell: pd.Series, n
     return pd.concat([keys, wide, counts.rename("n")], axis=1).reset_index(drop=True)
 
 
+def config_order(tables: dict[str, pd.DataFrame]) -> list[str]:
+    """Configurations in the order their first run started (e.g. the order of a config's [[runs]])."""
+    for name in ("cost", "clean"):
+        table = tables.get(name, pd.DataFrame())
+        if not table.empty and "config" in table:
+            order = list(dict.fromkeys(table.config))
+            break
+    else:
+        order = []
+    others = {c for table in tables.values() if not table.empty and "config" in table for c in table.config}
+    return order + sorted(others - set(order))
+
+
+def _ranked(table: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    return table.assign(_rank=table.config.map({c: i for i, c in enumerate(order)}))
+
+
 def display_tables(
     tables: dict[str, pd.DataFrame],
     thresholds: Sequence[float] | None = None,
@@ -306,9 +323,12 @@ def display_tables(
     precision (its ``n=`` is the number of certified inputs) and recall one column per epsilon.
     """
     shown: dict[str, pd.DataFrame] = {}
+    order = config_order(tables)
+    tables = {name: _ranked(table, order) if not table.empty and "config" in table else table
+              for name, table in tables.items()}
     clean = tables.get("clean", pd.DataFrame())
     if not clean.empty:
-        clean = clean.sort_values(["dataset", "config"], kind="stable")
+        clean = clean.sort_values(["dataset", "_rank"], kind="stable")
         shown["Clean accuracy"] = pd.DataFrame({
             "dataset": clean.dataset, "configuration": clean.config,
             "accuracy [95% CI]": [_cell(*v) for v in zip(clean.accuracy, clean.ci_low, clean.ci_high)],
@@ -316,7 +336,7 @@ def display_tables(
         }).drop_duplicates().reset_index(drop=True)  # one model evaluated by several runs
     attack = tables.get("accuracy_under_attack", pd.DataFrame())
     if not attack.empty:
-        attack = _order(attack, ["dataset", "norm", "config", "attack"]).rename(columns={"config": "configuration"})
+        attack = _order(attack, ["dataset", "norm", "_rank", "attack"]).rename(columns={"config": "configuration"})
         for (dataset, norm), group in attack.groupby(["dataset", "norm"], sort=False):
             cells = pd.Series([_cell(*v) for v in zip(group.accuracy, group.ci_low, group.ci_high)])
             shown[f"Accuracy under attack: {dataset}, {NORM_NAMES.get(norm, norm)}"] = _pivot(
@@ -325,7 +345,7 @@ def display_tables(
     if not certified.empty:
         clean_rows = certified[certified.attack == "clean"]
         chosen = _thresholds(clean_rows, thresholds if thresholds is not None else TABLE_THRESHOLDS)
-        clean_rows = clean_rows[clean_rows.threshold.isin(chosen)].sort_values(["dataset", "norm", "config"], kind="stable")
+        clean_rows = clean_rows[clean_rows.threshold.isin(chosen)].sort_values(["dataset", "norm", "_rank"], kind="stable")
         if not clean_rows.empty:
             cells = pd.Series([_cell(*v) for v in zip(clean_rows.certified_accuracy, clean_rows.certified_accuracy_ci_low,
                                                         clean_rows.certified_accuracy_ci_high)])
@@ -335,7 +355,7 @@ def display_tables(
         shown.update(_precision_recall(certified, precision_thresholds))
     cost = tables.get("cost", pd.DataFrame())
     if not cost.empty:
-        cost = cost.sort_values(["dataset", "config"], kind="stable")
+        cost = cost.sort_values(["dataset", "_rank"], kind="stable")
         frame = pd.DataFrame({"dataset": cost.dataset, "configuration": cost.config})
         for column in [c for c in cost.columns if c.endswith("_seconds")]:
             frame[column.removesuffix("_seconds").replace("_", " ") + " (s)"] = cost[column].map(lambda v: _number(v, 1))
@@ -363,7 +383,7 @@ def _precision_recall(certified: pd.DataFrame, thresholds: Sequence[float] | Non
     # epsilon 0 of every attack is the clean input, as in accuracy under attack
     zero = clean.drop(columns=["attack", "attack_norm"]).merge(pairs, on="run_id")
     rows = pd.concat([zero, attacked], ignore_index=True)
-    rows = rows[rows.threshold.isin(chosen)].sort_values(["dataset", "attack", "config", "threshold", "epsilon"], kind="stable")
+    rows = rows[rows.threshold.isin(chosen)].sort_values(["dataset", "attack", "_rank", "threshold", "epsilon"], kind="stable")
     if rows.empty:
         return {}
     rows = rows.rename(columns={"config": "configuration", "threshold": "T"}).reset_index(drop=True)
