@@ -81,17 +81,58 @@ def certified(records: pd.DataFrame, thresholds: tuple[float, ...] = DEFAULT_THR
     return pd.DataFrame(rows, columns=columns)
 
 
-def sanity_warnings(records: list[tuple], randomized: bool, eot_draws: int | None) -> list[str]:
-    """Signs that an evaluation overstates robustness (Athalye et al. 2018; Carlini et al. 2019)."""
+# An attack size is "very large" when the uniform mid-gray image (every pixel 0.5) lies within it
+# of every input in [0,1]^d: linf 0.5, l2 0.5*sqrt(d), l1 0.5*d. There an attack that moves every
+# input to that one image leaves the classifier right only on the class it gives the gray image,
+# so accuracy well above the largest class share means the attack failed, not that the model is
+# robust (gradient masking, too few steps; Carlini et al. 2019, "On Evaluating Adversarial Robustness").
+VERY_LARGE_MARGIN = 0.1  # accuracy points above the largest class share that trigger the warning
+
+
+def very_large_epsilon(norm: str, input_dim: int | None) -> float | None:
+    """The smallest attack size in ``norm`` that reaches the mid-gray image from any input in
+    [0,1]^input_dim; ``None`` when it needs the input dimension and that is unknown."""
+    if norm == "linf":
+        return 0.5
+    if input_dim is None:
+        return None
+    if norm == "l2":
+        return 0.5 * float(np.sqrt(input_dim))
+    if norm == "l1":
+        return 0.5 * input_dim
+    return None
+
+
+def sanity_warnings(
+    records: list[tuple], randomized: bool, eot_draws: int | None, input_dim: int | None = None
+) -> list[str]:
+    """Signs that an evaluation overstates robustness (Athalye et al. 2018; Carlini et al. 2019).
+
+    - accuracy that rises with epsilon (the attack is too weak or unstable);
+    - accuracy well above chance at a very large epsilon (see ``very_large_epsilon``; for l2/l1
+      it needs ``input_dim``, the number of values per input, C*H*W);
+    - a randomized defense attacked with a single noise draw per step (non-adaptive).
+    """
     warnings = []
     frame = records_frame(records)
     table = accuracy_under_attack(frame)
+    clean = frame[frame.attack == "clean"]
+    chance = float(clean.true_label.value_counts(normalize=True).max()) if not clean.empty else None
     for (attack, norm), group in table[table.attack != "worst-case"].groupby(["attack", "norm"]):
-        accuracy = group.sort_values("epsilon").accuracy.to_numpy()
+        group = group.sort_values("epsilon")
+        accuracy = group.accuracy.to_numpy()
         rises = np.diff(accuracy) > 0.02  # tolerate noise from randomized prediction
         if rises.any():
             warnings.append(
                 f"{attack}: accuracy rises with epsilon ({', '.join(f'{a:.3f}' for a in accuracy)}); the attack may be too weak"
+            )
+        largest = float(group.epsilon.iloc[-1])
+        threshold = very_large_epsilon(norm, input_dim)
+        if chance is not None and threshold is not None and largest >= threshold and accuracy[-1] > chance + VERY_LARGE_MARGIN:
+            warnings.append(
+                f"{attack}: accuracy {accuracy[-1]:.3f} at {norm} epsilon {largest:g}, where every input can reach the "
+                f"uniform gray image (from {norm} {threshold:g}) and a working attack leaves at most about {chance:.3f} "
+                "(the largest class share); a sign of gradient masking or too weak an attack"
             )
     if randomized and eot_draws == 1:
         warnings.append("randomized defense attacked with --eot-draws 1: results are non-adaptive and overstate robustness")

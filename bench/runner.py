@@ -180,7 +180,9 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
     clean = records[records.attack == "clean"]
     clean_accuracy = float(clean.correct.mean())
     log(f"[{label}] clean accuracy {clean_accuracy:.4f} on {len(clean)} test images")
-    warnings = sanity_warnings(stored, defense.randomized, spec.eot_draws if spec.attacks else None)
+    warnings = sanity_warnings(
+        stored, defense.randomized, spec.eot_draws if spec.attacks else None, input_dim=int(np.prod(dataset.shape))
+    )
     for warning in warnings:
         log(f"[{label}] warning: {warning}")
     info = {
