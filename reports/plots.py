@@ -68,7 +68,9 @@ def _grid(rows: list[str], columns: list[str]) -> tuple[Figure, dict[tuple[str, 
 
 
 def _legend(figure: Figure, handles: list[Line2D], title: str) -> None:
-    columns = min(len(handles), 3)
+    longest = max((len(h.get_label()) for h in handles), default=10)
+    per_column = 0.6 + 0.085 * longest  # inches one legend entry needs at this font size
+    columns = max(1, min(len(handles), int(figure.get_figwidth() // per_column)))
     figure.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=columns, title=title, frameon=False)
 
 
@@ -120,6 +122,11 @@ def certified_accuracy(table: pd.DataFrame, styles: dict[str, dict]) -> Figure |
     clean = table[table.attack == "clean"] if not table.empty else table
     if clean.empty:
         return None
+    # stop two grid steps after the last threshold that any configuration certifies
+    grid = sorted(set(clean.threshold))
+    positive = [t for t in grid if (clean[clean.threshold == t].certified_accuracy > 0).any()]
+    last = grid.index(positive[-1]) if positive else 0
+    clean = clean[clean.threshold <= grid[min(last + 2, len(grid) - 1)]]
     facets = sorted(set(zip(clean.dataset, clean.norm)))
     figure, axes = _grid(["all"], [f"{d}\x1f{n}" for d, n in facets])
     for (_, key), ax in axes.items():
