@@ -1,6 +1,7 @@
 """Projected gradient descent (Madry et al. 2018) in L-inf and L2, over foolbox or ART."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -89,7 +90,11 @@ class PGD(Attack):
                 batch_size=len(x),
                 verbose=False,
             )
-            results.append(torch.from_numpy(attack.generate(x_np, y_np)))
+            with warnings.catch_warnings():
+                # ART 1.20 with num_random_init > 1 hands torch tensors to compute_success_array,
+                # which calls np.array(tensor): harmless, but numpy 2 warns (DeprecationWarning).
+                warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword")
+                results.append(torch.from_numpy(attack.generate(x_np, y_np)))
         return results
 
 

@@ -1,0 +1,237 @@
+"""Attacks: budgets, backend agreement, CW thresholding, EOT, sanity warnings, and the CLI end to end.
+
+One small digits CNN is trained once for the module (a few seconds); every attack runs with few
+steps on a few dozen images so the file stays fast on 2 shared CPU cores.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from attacks.base import EOT, perturbation_norm
+from attacks.cw import CarliniWagnerL2, CarliniWagnerLinf, CWL2Params, CWLinfParams
+from attacks.pgd import L2PGD, LinfPGD, PGDParams
+from bench.cli import main
+from bench.datasets.digits import load_digits
+from bench.errors import BenchError
+from bench.metrics import sanity_warnings
+from bench.models import build_model
+from bench.training import TrainConfig
+from defenses.baseline import Baseline
+
+from conftest import FAST
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On a CPU shared with other jobs, two intra-op threads per process spin against each other
+    # (measured: 11 ms vs 370 ms per digits PGD step); one thread keeps this file fast.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+@pytest.fixture(scope="module")
+def model(digits, one_thread):
+    torch.manual_seed(0)
+    net = build_model("digits-cnn", digits.shape, 10, digits.mean, digits.std)
+    defense = Baseline(net)
+    defense.fit(digits.x_train[:800], digits.y_train[:800], TrainConfig(epochs=6, seed=0))
+    return defense.attack_model().eval()
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+FAST_ATTACKS = [
+    (LinfPGD, PGDParams(steps=5), "foolbox"),
+    (LinfPGD, PGDParams(steps=5, restarts=2), "art"),
+    (L2PGD, PGDParams(steps=5, restarts=2), "foolbox"),
+    (L2PGD, PGDParams(steps=5), "art"),
+    (CarliniWagnerL2, CWL2Params(binary_search_steps=2, steps=10, learning_rate=0.05, initial_const=1.0), "foolbox"),
+    (CarliniWagnerL2, CWL2Params(binary_search_steps=2, steps=10, learning_rate=0.05, initial_const=1.0), "art"),
+    (CarliniWagnerLinf, CWLinfParams(steps=5, learning_rate=0.1, initial_const=1.0, decrease_factor=0.5), "art"),
+]
+
+
+@pytest.mark.parametrize("attack_class, params, backend", FAST_ATTACKS, ids=lambda v: getattr(v, "name", None))
+def test_adversarials_stay_in_the_box_and_the_budget(model, digits, attack_class, params, backend):
+    count = 4 if attack_class is CarliniWagnerLinf else 24  # ART's CW-Linf runs one image at a time
+    x, y = digits.x_test[:count], digits.y_test[:count]
+    epsilons = [0.0, 0.05, 0.5] if attack_class.norm == "linf" else [0.0, 0.5, 2.0]
+    attack = attack_class(params, backend=backend)
+    adversarials = attack.run(model, x, y, epsilons)
+    assert len(adversarials) == len(epsilons)
+    for eps, x_adv in zip(epsilons, adversarials):
+        assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        assert perturbation_norm(x_adv - x, attack.norm).max() <= eps + 1e-5
+    assert torch.equal(adversarials[0], x)
+    assert accuracy(model, adversarials[-1], y) < accuracy(model, x, y)
+
+
+def test_foolbox_and_art_pgd_agree(model, digits):
+    x, y = digits.x_test[:128], digits.y_test[:128]
+    epsilons = [0.05, 0.1, 0.2]
+    results = {}
+    for backend in ("foolbox", "art"):
+        torch.manual_seed(0)
+        adversarials = LinfPGD(PGDParams(steps=10), backend=backend).run(model, x, y, epsilons)
+        results[backend] = [accuracy(model, x_adv, y) for x_adv in adversarials]
+    for fb, art in zip(results["foolbox"], results["art"]):
+        assert abs(fb - art) <= 0.06, results
+
+
+def test_cw_minimal_norms_match_thresholded_accuracy(model, digits):
+    x, y = digits.x_test[:48], digits.y_test[:48]
+    attack = CarliniWagnerL2(CWL2Params(binary_search_steps=3, steps=20, learning_rate=0.05))
+    smallest = attack.minimal(model, x, y)
+    norms = perturbation_norm(smallest - x, "l2")
+    with torch.no_grad():
+        clean_correct = model(x).argmax(1) == y
+        broken = (model(smallest).argmax(1) != y) & clean_correct
+    assert broken.any()
+    epsilons = [0.25, 0.5, 1.0, 2.0, 4.0]
+    accuracies = [accuracy(model, x_adv, y) for x_adv in attack.run(model, x, y, epsilons)]
+    for eps, acc in zip(epsilons, accuracies):
+        # PixelDP's definition: correct points whose smallest successful perturbation exceeds eps.
+        expected = float((clean_correct & ~(broken & (norms <= eps))).float().mean())
+        assert acc == pytest.approx(expected)
+    assert accuracies == sorted(accuracies, reverse=True)
+
+
+def test_cw_failures_stay_clean(model, digits):
+    """foolbox returns an all-zero image where CW fails; those points must stay clean (not broken)."""
+    x, y = digits.x_test[:32], digits.y_test[:32]
+    weak = CarliniWagnerL2(CWL2Params(binary_search_steps=1, steps=2, learning_rate=0.001, initial_const=1e-4))
+    smallest = weak.minimal(model, x, y)
+    with torch.no_grad():
+        failed = model(smallest).argmax(1) == y
+    assert failed.sum() > 0
+    assert torch.equal(smallest[failed], x[failed])
+    at_large = weak.run(model, x, y, [100.0])[0]
+    assert accuracy(model, at_large, y) >= float(failed.float().mean())
+
+
+class FlipNoise(nn.Module):
+    """A randomized model whose noise misleads single-draw gradients.
+
+    With probability ``p`` a draw returns ``-alpha * logits``: nearly uniform scores, so the
+    expected prediction (what the defense predicts) is still the clean one, but the gradient of
+    such a draw points the wrong way; with p = 0.7 most single-draw PGD steps walk back. The mean
+    over draws is dominated by the honest draws' scores, so EOT follows the right direction.
+    """
+
+    def __init__(self, model: nn.Module, p: float = 0.7, alpha: float = 0.001):
+        super().__init__()
+        self.model, self.p, self.alpha = model, p, alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        flip = torch.rand(len(x), 1) < self.p
+        return torch.where(flip, -self.alpha * logits, logits)
+
+    @torch.no_grad()
+    def expected_prediction(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        scores = (1 - self.p) * logits.softmax(1) + self.p * (-self.alpha * logits).softmax(1)
+        return scores.argmax(1)
+
+
+def test_eot_breaks_what_single_draw_gradients_miss(model, digits):
+    x, y = digits.x_test[:64], digits.y_test[:64]
+    noisy = FlipNoise(model)
+    attack = LinfPGD(PGDParams(steps=10))
+    results = {}
+    for draws in (1, 10):
+        torch.manual_seed(0)
+        x_adv = attack.run(EOT(noisy, draws), x, y, [0.1])[0]
+        results[draws] = float((noisy.expected_prediction(x_adv) == y).float().mean())
+    clean = float((noisy.expected_prediction(x) == y).float().mean())
+    assert results[10] <= results[1] - 0.2, (clean, results)
+
+
+def test_eot_is_the_log_mean_softmax(model, digits):
+    x = digits.x_test[:5]
+
+    class Alternating(nn.Module):
+        # Deterministic stand-in for noise: the k-th call scales logits by k.
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, inputs):
+            self.calls += 1
+            return model(inputs) * self.calls
+
+    eot = EOT(Alternating(), draws=4, max_batch=10)  # two draws per call
+    with torch.no_grad():
+        out = eot(x)
+        logits = model(x)
+    scales = [1, 1, 2, 2]
+    expected = torch.stack([(logits * s).softmax(1) for s in scales]).mean(0).log()
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert not eot.training  # foolbox warns about models in training mode
+
+
+def test_undefended_model_goes_to_zero_at_large_epsilon(model, digits):
+    x, y = digits.x_test[:64], digits.y_test[:64]
+    x_adv = LinfPGD(PGDParams(steps=10)).run(model, x, y, [0.3])[0]
+    assert accuracy(model, x_adv, y) <= 0.05
+
+
+def test_cw_linf_has_no_foolbox_backend():
+    with pytest.raises(BenchError, match="art"):
+        CarliniWagnerLinf(backend="foolbox")
+
+
+def records(accuracies: dict[float, float], attack: str = "pgd-linf", norm: str = "linf", n: int = 100):
+    rows = []
+    for i in range(n):
+        rows.append((i, "clean", None, 0.0, i % 10, i % 10, 1, None, None, None, None))
+        for eps, acc in accuracies.items():
+            correct = int(i < acc * n)
+            rows.append((i, attack, norm, eps, i % 10, i % 10, correct, eps, None, None, None))
+    return rows
+
+
+def test_sanity_warns_about_gradient_masking_at_very_large_epsilon():
+    masked = records({0.1: 0.8, 0.5: 0.7})
+    assert any("gradient masking" in w for w in sanity_warnings(masked, False, None))
+    working = records({0.1: 0.5, 0.5: 0.1})
+    assert sanity_warnings(working, False, None) == []
+    small = records({0.1: 0.8, 0.3: 0.7})  # 0.3 is not very large in linf: no verdict
+    assert sanity_warnings(small, False, None) == []
+    l2 = records({1.0: 0.9, 4.0: 0.8}, attack="pgd-l2", norm="l2")  # 0.5 * sqrt(64) = 4
+    assert sanity_warnings(l2, False, None) == []  # needs the input dimension
+    assert any("gradient masking" in w for w in sanity_warnings(l2, False, None, input_dim=64))
+    assert sanity_warnings(l2, False, None, input_dim=784) == []
+    assert any("non-adaptive" in w for w in sanity_warnings(working, True, 1))
+
+
+def test_cli_run_and_json_report(bench, tmp_path):
+    code, out, err = bench(
+        "run", "--attack", "pgd-linf", "--attack-param", "steps=5", "--epsilons", "0.05,0.3",
+        *FAST, "--out", str(tmp_path),
+    )
+    assert code == 0, err
+    assert "pgd-linf" in out
+    code, out, err = bench("report", "--results", str(tmp_path), "--format", "json")
+    assert code == 0, err
+    rows = [r for r in json.loads(out)["accuracy_under_attack"] if r["attack"] == "pgd-linf"]
+    by_epsilon = {r["epsilon"]: r for r in rows}
+    assert sorted(by_epsilon) == [0.0, 0.05, 0.3]
+    assert all(r["norm"] == "linf" and r["n"] == 60 for r in rows)
+    assert by_epsilon[0.3]["accuracy"] <= by_epsilon[0.05]["accuracy"] <= by_epsilon[0.0]["accuracy"]
+    assert by_epsilon[0.3]["accuracy"] <= 0.2
