@@ -89,6 +89,8 @@ def build_html(
 <title>{html.escape(title)}</title><style>{STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
+<nav class="meta"><a href="#warnings">Sanity warnings</a> · <a href="#tables">Tables</a> · <a href="#plots">Plots</a> ·
+<a href="#runs">Runs</a></nav>
 <p class="meta">Generated {now} from {html.escape(', '.join(sources) or 'the results store')}; selection: {html.escape(selection)};
 {len(runs)} run(s). Every number is computed from the stored per-sample records. Proportions show their 95%
 Clopper-Pearson (exact binomial) interval in brackets; n is the number of samples behind each value.</p>
