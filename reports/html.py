@@ -37,8 +37,11 @@ def _table(frame: pd.DataFrame, table_id: str) -> str:
 
 
 def _image(plot: Plot) -> str:
-    data = base64.b64encode(plot.png.read_bytes()).decode("ascii")
+    png = plot.png.read_bytes()
+    width = round(int.from_bytes(png[16:20], "big") * 96 / plot.dpi)  # the figure's size in CSS pixels
+    data = base64.b64encode(png).decode("ascii")
     return (f'<figure id="plot-{plot.name}"><img src="data:image/png;base64,{data}" alt="{html.escape(plot.title)}" '
+            f'width="{width}" '
             f'data-plot="{plot.name}"><figcaption>{html.escape(plot.caption)} Files: {html.escape(plot.png.name)}, '
             f'{html.escape(plot.svg.name)}.</figcaption></figure>')
 

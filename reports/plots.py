@@ -46,6 +46,7 @@ class Plot:
     caption: str
     png: Path
     svg: Path
+    dpi: int = 150
 
 
 def _theme() -> None:
@@ -263,5 +264,5 @@ def make_plots(tables: dict[str, pd.DataFrame], directory: Path, dpi: int = 150)
             figure.savefig(png, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
             figure.savefig(svg, bbox_inches="tight", metadata={"Date": None, "Creator": None})
             plt.close(figure)
-            plots.append(Plot(name, title, caption, png, svg))
+            plots.append(Plot(name, title, caption, png, svg, dpi))
     return plots
