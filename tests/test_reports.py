@@ -2,7 +2,6 @@
 config profiles and [[runs]] sweeps, and the experiments/*.toml files."""
 from __future__ import annotations
 
-import argparse
 import json
 import tomllib
 from pathlib import Path
