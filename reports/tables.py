@@ -150,15 +150,29 @@ def configuration_labels(runs: pd.DataFrame) -> pd.Series:
     for _, group in runs.groupby(["dataset", "label"], sort=False):
         if len(group) < 2:
             continue
-        specs = [_flat({k: v for k, v in spec.items() if k in CONFIGURATION_FIELDS}) for spec in group.spec]
+        specs = [_flat(_configuration(spec, defense)) for spec, defense in zip(group.spec, group.defense)]
         if all(spec == specs[0] for spec in specs):
             continue
         keys = sorted(set().union(*specs))
         differing = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in specs}) > 1]
         for index, spec in zip(group.index, specs):
-            parts = [f"{k}={json.dumps(spec.get(k))}" for k in differing[:3]]
+            parts = [f"{k}={_short(spec.get(k))}" for k in differing[:3]]
             labels[index] = f"{group.label.iloc[0]} [{', '.join(parts)}]"
     return labels
+
+
+def _configuration(spec: dict[str, Any], defense: str) -> dict[str, Any]:
+    """The spec fields that define a configuration; parameters scoped to other defenses dropped."""
+    chosen = {k: v for k, v in spec.items() if k in CONFIGURATION_FIELDS}
+    params = chosen.get("params") or {}
+    chosen["params"] = {k: v for k, v in params.items() if "." not in k or k.startswith(defense + ".")}
+    return chosen
+
+
+def _short(value: Any) -> str:
+    if value is None:
+        return "default"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _flat(spec: dict[str, Any]) -> dict[str, Any]:
