@@ -6,9 +6,10 @@ keeping results in [0,1] and inside the budget, thresholding minimisation attack
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +54,24 @@ def project(x: torch.Tensor, x_adv: torch.Tensor, epsilon: float, norm: str) -> 
     return (x + delta).clamp(0.0, 1.0)
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Parameters stop requiring gradients while an attack runs, then get their flags back.
+
+    foolbox (through eagerpy) and ART take input gradients with ``loss.backward()``, which also
+    computes and accumulates every weight gradient: 1.4x the cost of a hand-written PGD loop
+    (measured on the digits and MNIST CNNs). Attacks only need the gradient wrt the input.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 @torch.no_grad()
 def predict_labels(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x).argmax(1)
@@ -93,8 +112,12 @@ class Attack:
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: Sequence[float]) -> list[torch.Tensor]:
         """Adversarial inputs for every epsilon, each in [0,1] and within epsilon of ``x``."""
         epsilons = [float(eps) for eps in epsilons]
-        if self.minimization:
-            return self.threshold(x, self.minimal(model, x, y), epsilons)
+        with frozen_parameters(model):
+            if self.minimization:
+                return self.threshold(x, self.minimal(model, x, y), epsilons)
+            return self._fixed_budget(model, x, y, epsilons)
+
+    def _fixed_budget(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float]) -> list[torch.Tensor]:
         results: list[list[torch.Tensor]] = [[] for _ in epsilons]
         nonzero = [i for i, eps in enumerate(epsilons) if eps > 0]
         for start in range(0, len(x), self.chunk_size):
@@ -111,6 +134,10 @@ class Attack:
     def minimal(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per sample, the smallest successful adversarial found, or ``x`` itself where the attack
         failed (so a failure never counts as broken). Judged by ``model``'s own argmax."""
+        with frozen_parameters(model):
+            return self._minimal(model, x, y)
+
+    def _minimal(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         parts = []
         for start in range(0, len(x), self.chunk_size):
             xc, yc = x[start:start + self.chunk_size], y[start:start + self.chunk_size]

@@ -22,7 +22,9 @@ class PGDParams:
     ``2.5 * epsilon / steps`` (Madry et al.'s rule: the walk can cross the ball 1.25 times).
     """
 
-    steps: int = 40
+    # 20 steps keep the default digits run (pgd-linf, pgd-l2, cw-l2) under two minutes on 2 cores;
+    # on the digits CNN 40 steps gave the same accuracies. Final numbers: --attack-param steps=100.
+    steps: int = 20
     rel_stepsize: float | None = None
     abs_stepsize: float | None = None
     random_start: bool = True
