@@ -63,16 +63,18 @@ def main() -> None:
     for step in steps.values():  # warm-up
         timed(step, 3)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            times[name].append(timed(step, args.steps))
+    for round_index in range(args.rounds):
+        order = list(steps) if round_index % 2 == 0 else list(steps)[::-1]  # ABBA: no order bias
+        for name in order:
+            times[name].append(timed(steps[name], args.steps))
     base, dp = statistics.median(times["baseline"]), statistics.median(times["pixeldp"])
+    ratios = [d / b for d, b in zip(times["pixeldp"], times["baseline"])]
     projection = timed(pixeldp.after_step, 200)
     print(f"threads {torch.get_num_threads()}, batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps")
     print(f"baseline step  {base * 1e3:8.2f} ms (median)")
     print(f"pixeldp step   {dp * 1e3:8.2f} ms (median; {args.mechanism}, noise at {args.noise_at})")
     print(f"  of which the sensitivity projection {projection * 1e3:.3f} ms")
-    print(f"ratio pixeldp/baseline {dp / base:.3f}")
+    print(f"ratio pixeldp/baseline {dp / base:.3f} (medians); per round: {', '.join(f'{r:.3f}' for r in ratios)}")
 
 
 if __name__ == "__main__":
