@@ -312,18 +312,18 @@ class PixelDP(Defense):
 
     @dataclass
     class Params:
-        L: float = 0.1
+        L: float = 0.1  # construction attack bound, in the mechanism's norm, [0,1] pixel units
         epsilon: float = 1.0
-        delta: float = 0.05
-        mechanism: Literal["gaussian", "laplace"] = "gaussian"
-        noise_at: Literal["conv1", "input"] = "conv1"
-        draws: int = 300
-        eta: float = 0.05
+        delta: float = 0.05  # unused by the Laplace mechanism (pure DP)
+        mechanism: Literal["gaussian", "laplace"] = "gaussian"  # l2 / l1 certificates
+        noise_at: Literal["conv1", "input"] = "conv1"  # ignored with autoencoder=true
+        draws: int = 300  # noise draws per image for prediction and certification
+        eta: float = 0.05  # certificates hold with probability >= 1 - eta
         # Empirical Bernstein by default: with 300 draws Hoeffding's bounds are +-0.1 wide, too wide to
         # pass the test at L even for a certain prediction (0.9 > e^2 * 0.1 + (1 + e) * 0.05 fails).
         bound: Literal["hoeffding", "bernstein", "clopper-pearson"] = "bernstein"
-        autoencoder: bool = False
-        classifier_checkpoint: str | None = None
+        autoencoder: bool = False  # noise inside an auto-encoder put in front of a frozen classifier
+        classifier_checkpoint: str | None = None  # a baseline .pt (results/checkpoints); else trained first
 
         def check(self) -> None:
             if not self.L > 0:
