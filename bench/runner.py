@@ -24,7 +24,7 @@ from bench.metrics import sanity_warnings
 from bench.models import build_model, default_model
 from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
 from bench.spec import DEFAULT_EPOCHS, RunSpec, scoped
-from bench.store import Run, Store
+from bench.store import Run, Store, owner_info
 from bench.training import TrainConfig
 from defenses.base import Certificate, Defense
 
@@ -52,14 +52,15 @@ def load_dataset(spec: RunSpec, data_dir: Path | None, download: bool) -> Datase
     return loader(data_dir=data_dir, download=download, image_size=spec.image_size)
 
 
-def build_defense(spec: RunSpec, dataset: Dataset, device: str) -> Defense:
+def build_defense(spec: RunSpec, dataset: Dataset, device: str) -> tuple[Defense, str]:
+    """The defense with its zoo model (``--model``, else the defense's, else the dataset's default)."""
     defense_class = DEFENSES.get(spec.defense)
     fields = {f.name for f in dataclasses.fields(defense_class.Params)}
     params = build_params(defense_class.Params, scoped(spec.params, spec.defense, fields), f"defense {spec.defense}")
     model_name = spec.model or defense_class.default_model or default_model(dataset.name, dataset.shape)
     seed_everything(spec.seed)
     model = build_model(model_name, dataset.shape, dataset.num_classes, dataset.mean, dataset.std)
-    return defense_class(model, params, device=device)
+    return defense_class(model, params, device=device), model_name
 
 
 def describe(defense: Defense, name: str, model_name: str) -> tuple[str, dict[str, Any]]:
@@ -107,8 +108,7 @@ class RunResult:
 
 def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", log=print) -> RunResult:
     """Train (or reuse the checkpoint), evaluate clean and under every attack, store the records."""
-    defense = build_defense(spec, dataset, device)
-    model_name = spec.model or type(defense).default_model or default_model(dataset.name, dataset.shape)
+    defense, model_name = build_defense(spec, dataset, device)
     label, params = describe(defense, spec.defense, model_name)
     spec = dataclasses.replace(spec, model=model_name, epochs=spec.epochs or DEFAULT_EPOCHS.get(spec.dataset, 30))
     attacks = []
@@ -132,73 +132,78 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
             run_id=run_id, created=created, dataset=dataset.name, defense=spec.defense, label=label,
             params=params, spec=dataclasses.asdict(spec), spec_hash=spec.hash(),
             training_hash=spec.training_hash(), seed=spec.seed, versions=library_versions(),
-            host=socket.gethostname(), info={}, warnings=[],
+            host=socket.gethostname(), info=owner_info(), warnings=[],
         ))
 
-    started = time.perf_counter()
-    training_hash = spec.training_hash()
-    state = store.load_checkpoint(training_hash)
-    if state is not None:
-        defense.load_state_dict(state)
-        log(f"[{label}] reusing checkpoint {store.checkpoint_path(training_hash)}")
-    else:
-        if len(train_index) == 0:
-            raise BenchError(f"dataset {dataset.name} has no training split here; train elsewhere or pass a checkpoint")
-        config = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed, device=device)
-        seed_everything(spec.seed)
-        defense.fit(dataset.x_train[train_index], dataset.y_train[train_index], config)
-        store.save_checkpoint(training_hash, defense.state_dict())
-    train_seconds = time.perf_counter() - started
+    try:
+        started = time.perf_counter()
+        training_hash = spec.training_hash()
+        state = store.load_checkpoint(training_hash)
+        if state is not None:
+            defense.load_state_dict(state)
+            log(f"[{label}] reusing checkpoint {store.checkpoint_path(training_hash)}")
+        else:
+            if len(train_index) == 0:
+                raise BenchError(f"dataset {dataset.name} has no training split here; train elsewhere or pass a checkpoint")
+            config = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed, device=device)
+            seed_everything(spec.seed)
+            defense.fit(dataset.x_train[train_index], dataset.y_train[train_index], config)
+            store.save_checkpoint(training_hash, defense.state_dict())
+        train_seconds = time.perf_counter() - started
 
-    # Each step is seeded on its own and committed on its own, so a resumed run reproduces
-    # exactly the records an uninterrupted one would have written.
-    started = time.perf_counter()
-    if "clean" not in done:
-        seed_everything(spec.seed)
-        predictions, certificate = defense.evaluate(x_test)
-        store.add_records(run_id, records_for(test_index, y_test, predictions, certificate, "clean", None, 0.0, None))
-    for name, attack in attacks:
-        if name in done:
-            continue
-        target = defense.attack_model()
-        if defense.randomized:
-            target = EOT(target, spec.eot_draws)
-        epsilons = spec.epsilons if spec.epsilons is not None else list(attack.default_epsilons)
-        seed_everything(spec.seed)
-        adversarials = attack.run(target, x_test, y_test, epsilons)
-        step = []
-        for epsilon, x_adv in zip(epsilons, adversarials):
-            distance = perturbation_norm(x_adv - x_test, attack.norm)
-            predictions, certificate = defense.evaluate(x_adv)
-            step += records_for(test_index, y_test, predictions, certificate, name, attack.norm, epsilon, distance)
-            log(f"[{label}] {name} eps={epsilon:g}: accuracy {float((predictions == y_test).float().mean()):.4f}")
-        store.add_records(run_id, step)
-    eval_seconds = time.perf_counter() - started
+        # Each step is seeded on its own and committed on its own, so a resumed run reproduces
+        # exactly the records an uninterrupted one would have written.
+        started = time.perf_counter()
+        if "clean" not in done:
+            seed_everything(spec.seed)
+            predictions, certificate = defense.evaluate(x_test)
+            store.add_records(run_id, records_for(test_index, y_test, predictions, certificate, "clean", None, 0.0, None))
+        for name, attack in attacks:
+            if name in done:
+                continue
+            target = defense.attack_model()
+            if defense.randomized:
+                target = EOT(target, spec.eot_draws)
+            epsilons = spec.epsilons if spec.epsilons is not None else list(attack.default_epsilons)
+            seed_everything(spec.seed)
+            adversarials = attack.run(target, x_test, y_test, epsilons)
+            step = []
+            for epsilon, x_adv in zip(epsilons, adversarials):
+                distance = perturbation_norm(x_adv - x_test, attack.norm)
+                predictions, certificate = defense.evaluate(x_adv)
+                step += records_for(test_index, y_test, predictions, certificate, name, attack.norm, epsilon, distance)
+                log(f"[{label}] {name} eps={epsilon:g}: accuracy {float((predictions == y_test).float().mean()):.4f}")
+            store.add_records(run_id, step)
+        eval_seconds = time.perf_counter() - started
 
-    records = store.records([run_id])
-    stored = [tuple(row)[1:] for row in records.itertuples(index=False)]
-    clean = records[records.attack == "clean"]
-    clean_accuracy = float(clean.correct.mean())
-    log(f"[{label}] clean accuracy {clean_accuracy:.4f} on {len(clean)} test images")
-    warnings = sanity_warnings(
-        stored, defense.randomized, spec.eot_draws if spec.attacks else None, input_dim=int(np.prod(dataset.shape))
-    )
-    for warning in warnings:
-        log(f"[{label}] warning: {warning}")
-    info = {
-        "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds,
-        "reused_checkpoint": state is not None,
-        "resumed": previous is not None,
-        "num_train": len(train_index),
-        "num_test": len(test_index),
-        "device": device,
-        "data_official": dataset.provenance,
-        "randomized": defense.randomized,
-        "certifies": defense.certifies,
-        "argv": sys.argv,
-    }
-    store.finish_run(run_id, info, warnings)
+        records = store.records([run_id])
+        stored = [tuple(row)[1:] for row in records.itertuples(index=False)]
+        clean = records[records.attack == "clean"]
+        clean_accuracy = float(clean.correct.mean())
+        log(f"[{label}] clean accuracy {clean_accuracy:.4f} on {len(clean)} test images")
+        warnings = sanity_warnings(
+            stored, defense.randomized, spec.eot_draws if spec.attacks else None, input_dim=int(np.prod(dataset.shape))
+        )
+        for warning in warnings:
+            log(f"[{label}] warning: {warning}")
+        info = {
+            "train_seconds": train_seconds,
+            "eval_seconds": eval_seconds,
+            "reused_checkpoint": state is not None,
+            "resumed": previous is not None,
+            "num_train": len(train_index),
+            "num_test": len(test_index),
+            "device": device,
+            "data_official": dataset.provenance,
+            "randomized": defense.randomized,
+            "certifies": defense.certifies,
+            "argv": sys.argv,
+        }
+        store.finish_run(run_id, info, warnings)
+    except BaseException:
+        # Hand the run back: stored steps stay, and the next run of this spec resumes it.
+        store.finish_run(run_id, {}, [], status="interrupted")
+        raise
     return RunResult(run_id, label, clean_accuracy, stored, info, warnings)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import sqlite3
 import tempfile
 from contextlib import closing
@@ -126,14 +127,19 @@ class Store:
             )
 
     def resumable(self, spec_hash: str) -> tuple[Run, set[str]] | None:
-        """The latest unfinished run of this spec and the evaluation steps it already stored."""
+        """The latest unfinished run of this spec that no live process is working on, claimed for
+        this process, and the evaluation steps it already stored."""
         if not self.path.is_file():
             return None
-        unfinished = [r for r in self.runs(complete_only=False) if r.spec_hash == spec_hash and r.status != "complete"]
+        unfinished = [
+            r for r in self.runs(complete_only=False)
+            if r.spec_hash == spec_hash and r.status != "complete" and not _owner_alive(r.info)
+        ]
         if not unfinished:
             return None
         run = unfinished[-1]
-        with closing(self._connect(create=False)) as connection:
+        with closing(self._connect(create=False)) as connection, connection:
+            connection.execute("UPDATE runs SET info = ? WHERE run_id = ?", (json.dumps(owner_info()), run.run_id))
             steps = {row[0] for row in connection.execute("SELECT DISTINCT attack FROM records WHERE run_id = ?", (run.run_id,))}
         return run, steps
 
@@ -205,3 +211,21 @@ def _insert_records(connection: sqlite3.Connection, run_id: str, records: Iterab
         f"INSERT INTO records VALUES ({','.join('?' * len(RECORD_COLUMNS))})",
         ((run_id,) + tuple(r) for r in records),
     )
+
+
+def owner_info() -> dict[str, Any]:
+    """Who is writing a run: an unfinished run whose owner still lives is not resumed by another."""
+    return {"owner": {"host": socket.gethostname(), "pid": os.getpid()}}
+
+
+def _owner_alive(info: dict[str, Any]) -> bool:
+    owner = info.get("owner")
+    if not owner or owner.get("host") != socket.gethostname():
+        return False  # another host's liveness cannot be checked; its run is resumable
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

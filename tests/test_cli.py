@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -161,3 +162,31 @@ def test_a_failed_run_resumes_from_its_stored_steps(bench, tmp_path, monkeypatch
     assert sorted(records.attack.value_counts().items()) == [("clean", 60), ("flaky", 60)]
     bench("run", *FAST, "--out", str(tmp_path / "fresh"))
     assert Store(tmp_path / "fresh").records().prediction.tolist() == records[records.attack == "clean"].prediction.tolist()
+
+
+def test_a_run_still_being_written_is_not_resumed_by_another_process(bench, tmp_path, monkeypatch):
+    from attacks.base import Attack
+    from bench.registry import ATTACKS
+    from bench.store import owner_info
+
+    class Crash(Attack):
+        """Always fails."""
+
+        def run(self, model, x, y, epsilons):
+            raise RuntimeError("crash")
+
+    ATTACKS.names()
+    monkeypatch.setitem(ATTACKS._items, "crash", Crash)
+    with pytest.raises(RuntimeError):
+        bench("run", *FAST, "--attack", "crash", "--epsilons", "0.1", "--out", str(tmp_path))
+    (unfinished,) = Store(tmp_path).runs(complete_only=False)
+    assert unfinished.status == "interrupted"
+    # Pretend a live process (this one) is still writing it: a second run must start afresh.
+    with sqlite3.connect(Store(tmp_path).path) as connection:
+        connection.execute("UPDATE runs SET info = ?", (json.dumps(owner_info()),))
+    with pytest.raises(RuntimeError):
+        bench("run", *FAST, "--attack", "crash", "--epsilons", "0.1", "--out", str(tmp_path))
+    runs = Store(tmp_path).runs(complete_only=False)
+    assert len(runs) == 2 and runs[0].run_id == unfinished.run_id
+    counts = Store(tmp_path).records().groupby("run_id").size().to_dict()
+    assert counts == {runs[0].run_id: 60, runs[1].run_id: 60}
