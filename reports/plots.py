@@ -191,7 +191,10 @@ def cost(table: pd.DataFrame, styles: dict[str, dict]) -> Figure | None:
     if not columns:
         return None
     # A configuration evaluated by several runs (e.g. one per norm) trained once: training is the
-    # run that trained (not one that loaded the checkpoint), evaluation the sum over its runs.
+    # time its model took to train (also when every run loaded it from a checkpoint), evaluation
+    # the sum over its runs.
+    table = table.assign(train_seconds=table.model_train_seconds.fillna(table.train_seconds)
+                         if "model_train_seconds" in table else table.get("train_seconds"))
     trained = table.assign(_reused=table.reused_checkpoint.map(lambda v: v is True))
     trained = trained.sort_values("_reused", kind="stable").groupby(["dataset", "config"], sort=False)
     summary = trained.first()[[c for c in columns if c != "eval_seconds"]]
@@ -243,7 +246,8 @@ FIGURES: list[tuple[str, str, str, str, Callable]] = [
      "Robust precision (correct among inputs certified at T) and robust recall (certified at T among all) "
      "vs L_attack (paper Fig. 5). Bands: 95% Clopper-Pearson intervals.", robust_precision_recall),
     ("cost", "cost", "Cost", "Training and evaluation wall-clock seconds per configuration, from each run's info: "
-     "training from the run that trained the model, evaluation summed over the configuration's runs.", cost),
+     "training of the model (from the run that trained it, where a run reused a checkpoint), evaluation summed "
+     "over the configuration's runs.", cost),
 ]
 
 

@@ -19,8 +19,9 @@ Added fields (compatible extensions):
   and ``robust_precision_ci_low/high`` (over ``robust_n``);
 - a ``cost`` list, one row per run: {run_id, dataset, defense, label, params, config, every
   ``*_seconds`` entry of the run's info (``train_seconds``, ``eval_seconds``, ...), num_train,
-  num_test, eval_ms_per_image, reused_checkpoint, device}. ``train_seconds`` of a run that
-  reused a checkpoint is the loading time, not the training time.
+  num_test, eval_ms_per_image, reused_checkpoint, device, model_train_seconds}. ``train_seconds``
+  of a run that reused a checkpoint is the loading time; ``model_train_seconds`` is the training
+  time of its model, from the run that trained it (null when that run is not in the stores).
 """
 from __future__ import annotations
 
@@ -200,6 +201,7 @@ def load_results(stores: Store | Sequence[Store], where: Sequence[tuple[str, str
         frames.append(runs.assign(store=str(store.directory)))
     runs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RUN_COLUMNS + ["store"])
     runs = runs.sort_values(["created"], kind="stable")
+    runs["model_train_seconds"] = _training_seconds(runs)
     if latest:
         runs = runs.drop_duplicates("spec_hash", keep="last")
     runs = select_runs(runs, where).reset_index(drop=True)
@@ -214,6 +216,16 @@ def load_results(stores: Store | Sequence[Store], where: Sequence[tuple[str, str
     keys = runs[["run_id", "dataset", "defense", "label"]].assign(
         params=runs.params.map(lambda p: json.dumps(p, sort_keys=True)))
     return Results(runs, records.merge(keys, on="run_id"))
+
+
+def _training_seconds(runs: pd.DataFrame) -> pd.Series:
+    """Seconds the run's model took to train: its own training, or for a run that reused a
+    checkpoint the training of the (possibly superseded) run with the same training hash."""
+    trained = {}
+    for _, run in runs.iterrows():
+        if run["info"].get("reused_checkpoint") is False and "train_seconds" in run["info"]:
+            trained.setdefault(run.training_hash, float(run["info"]["train_seconds"]))
+    return runs.apply(lambda run: trained.get(run.training_hash), axis=1) if not runs.empty else pd.Series(dtype=float)
 
 
 def latest_runs(store: Store) -> pd.DataFrame:
@@ -258,6 +270,7 @@ def cost_table(runs: pd.DataFrame) -> pd.DataFrame:
         info = run["info"]
         row = {key: run[key] for key in ("run_id", "dataset", "defense", "label", "params")}
         row.update({k: float(v) for k, v in info.items() if k.endswith("_seconds") and isinstance(v, (int, float))})
+        row["model_train_seconds"] = run.get("model_train_seconds")
         row["num_train"] = info.get("num_train")
         row["num_test"] = info.get("num_test")
         eval_seconds, num_test = info.get("eval_seconds"), info.get("num_test")
@@ -371,8 +384,9 @@ def display_tables(
     if not cost.empty:
         cost = cost.sort_values(["dataset", "_rank"], kind="stable")
         frame = pd.DataFrame({"dataset": cost.dataset, "configuration": cost.config})
-        for column in [c for c in cost.columns if c.endswith("_seconds")]:
+        for column in [c for c in cost.columns if c.endswith("_seconds") and c != "model_train_seconds"]:
             frame[column.removesuffix("_seconds").replace("_", " ") + " (s)"] = cost[column].map(lambda v: _number(v, 1))
+        frame["model training (s)"] = cost.model_train_seconds.map(lambda v: _number(v, 1))
         frame["eval (ms/image)"] = cost.eval_ms_per_image.map(lambda v: _number(v, 2))
         frame["train images"] = cost.num_train
         frame["test images"] = cost.num_test

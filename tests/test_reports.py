@@ -138,6 +138,19 @@ def test_cost_table_comes_from_run_info(store):
     assert cost.loc["bbbb00000002", "train_seconds"] == 120.0
     assert cost.loc["bbbb00000002", "eval_ms_per_image"] == pytest.approx(3000.0)
     assert cost.loc["aaaa00000001", "num_test"] == 10
+    assert cost.loc["aaaa00000001", "model_train_seconds"] == 12.0
+
+
+def test_a_run_that_reused_a_checkpoint_is_charged_the_training_of_its_model(tmp_path):
+    store = Store(tmp_path)
+    trained = {"train_seconds": 50.0, "eval_seconds": 1.0, "num_test": 10, "reused_checkpoint": False}
+    reused = {"train_seconds": 0.2, "eval_seconds": 2.0, "num_test": 10, "reused_checkpoint": True}
+    for run_id, info, created in (("first", trained, "2026-01-01T00:00:00"), ("second", reused, "2026-01-01T00:01:00")):
+        run = make_run(run_id, "mnist", "baseline", "baseline", {}, info, created=created)
+        run.training_hash = "same-model"
+        store.save_run(run, correct_set("clean", None, 0.0, {0}))
+    cost = build_tables(store)["cost"].set_index("run_id")
+    assert cost.loc["second", "train_seconds"] == 0.2 and cost.loc["second", "model_train_seconds"] == 50.0
 
 
 def test_where_filters_runs_by_column_spec_field_or_parameter(store):
