@@ -193,8 +193,8 @@ def cost(table: pd.DataFrame, styles: dict[str, dict]) -> Figure | None:
     # A configuration evaluated by several runs (e.g. one per norm) trained once: training is the
     # time its model took to train (also when every run loaded it from a checkpoint), evaluation
     # the sum over its runs.
-    table = table.assign(train_seconds=table.model_train_seconds.fillna(table.train_seconds)
-                         if "model_train_seconds" in table else table.get("train_seconds"))
+    if "model_train_seconds" in table:  # unknown when the run that trained the model is not in the stores
+        table = table.assign(train_seconds=table.model_train_seconds)
     trained = table.assign(_reused=table.reused_checkpoint.map(lambda v: v is True))
     trained = trained.sort_values("_reused", kind="stable").groupby(["dataset", "config"], sort=False)
     summary = trained.first()[[c for c in columns if c != "eval_seconds"]]
@@ -216,7 +216,7 @@ def cost(table: pd.DataFrame, styles: dict[str, dict]) -> Figure | None:
     for ax, dataset in zip(axes[0], datasets):
         data = long[long.dataset == dataset]
         sns.barplot(data=data, y="config", x="seconds", hue="phase", ax=ax, orient="h", palette=colors,
-                    hue_order=phases, errorbar=None)
+                    hue_order=phases, order=[c for c in styles if c in set(data.config)], errorbar=None)
         for container, hatch in zip(ax.containers, ["", "//"]):
             for bar in container:
                 bar.set_hatch(hatch)
