@@ -100,6 +100,11 @@ class Store:
             connection.execute("PRAGMA journal_mode=WAL")
             if create:
                 connection.executescript(SCHEMA)
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(runs)")}
+            if columns and "status" not in columns:
+                # Stores written before runs had a status held complete runs only.
+                with connection:
+                    connection.execute("ALTER TABLE runs ADD COLUMN status TEXT NOT NULL DEFAULT 'complete'")
         except sqlite3.DatabaseError as error:
             raise BenchError(f"results store {self.path} is not readable: {error}") from None
         return connection

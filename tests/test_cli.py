@@ -190,3 +190,11 @@ def test_a_run_still_being_written_is_not_resumed_by_another_process(bench, tmp_
     assert len(runs) == 2 and runs[0].run_id == unfinished.run_id
     counts = Store(tmp_path).records().groupby("run_id").size().to_dict()
     assert counts == {runs[0].run_id: 60, runs[1].run_id: 60}
+
+
+def test_a_store_from_before_run_status_reads_as_complete(bench, tmp_path):
+    assert bench("run", *FAST, "--out", str(tmp_path))[0] == 0
+    with sqlite3.connect(Store(tmp_path).path) as connection:
+        connection.execute("ALTER TABLE runs DROP COLUMN status")
+    (run,) = Store(tmp_path).runs()
+    assert run.status == "complete" and len(report(bench, tmp_path)["clean"]) == 1
