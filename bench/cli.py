@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from bench import progress
 from bench.errors import BenchError
 from bench.registry import ATTACKS, DATASETS, DEFENSES
-from bench.spec import RunSpec, load_config, parse_assignments, unclaimed
+from bench.spec import RunSpec, flatten, load_config, parse_assignments, unclaimed
 
 # TOML keys accepted by --config: the long options, with "_" for "-".
 CONFIG_KEYS = {
@@ -177,13 +177,7 @@ def _flatten(table: Any, key: str) -> dict[str, Any]:
     """``{pixeldp = {L = 0.1}, draws = 10}`` -> ``{"pixeldp.L": 0.1, "draws": 10}``."""
     if not isinstance(table, dict):
         raise BenchError(f"config key {key!r} must be a table of KEY = VALUE")
-    flat = {}
-    for name, value in table.items():
-        if isinstance(value, dict):
-            flat.update({f"{name}.{k}": v for k, v in value.items()})
-        else:
-            flat[name] = value
-    return flat
+    return flatten(table)
 
 
 def specs_from(options: dict[str, Any]) -> list[RunSpec]:

@@ -51,6 +51,18 @@ def stable_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def flatten(table: dict[str, Any]) -> dict[str, Any]:
+    """One level of nesting to dotted keys: ``{"pixeldp": {"L": 0.1}, "seed": 1}`` ->
+    ``{"pixeldp.L": 0.1, "seed": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 def parse_assignments(items: list[str], flag: str) -> dict[str, str]:
     """``["L=0.1", "pixeldp.draws=300"]`` -> dict; a one-line error for anything else."""
     values = {}

@@ -37,6 +37,7 @@ from scipy.stats import beta
 
 from bench import metrics
 from bench.errors import BenchError
+from bench.spec import flatten
 from bench.store import Run, Store
 
 CONFIDENCE = 0.95
@@ -151,7 +152,7 @@ def configuration_labels(runs: pd.DataFrame) -> pd.Series:
     for _, group in runs.groupby(["dataset", "label"], sort=False):
         if len(group) < 2:
             continue
-        specs = [_flat(_configuration(spec, defense)) for spec, defense in zip(group.spec, group.defense)]
+        specs = [flatten(_configuration(spec, defense)) for spec, defense in zip(group.spec, group.defense)]
         if all(spec == specs[0] for spec in specs):
             continue
         keys = sorted(set().union(*specs))
@@ -174,16 +175,6 @@ def _short(value: Any) -> str:
     if value is None:
         return "default"
     return value if isinstance(value, str) else json.dumps(value)
-
-
-def _flat(spec: dict[str, Any]) -> dict[str, Any]:
-    flat = {}
-    for key, value in spec.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
 
 
 def _as_stores(stores: Store | Sequence[Store]) -> list[Store]:
@@ -510,7 +501,7 @@ def _setup_diff(a: pd.Series, b: pd.Series) -> pd.DataFrame:
     for name in ("dataset", "defense", "seed", "host"):
         fields[name] = (a[name], b[name])
     for source in ("spec", "versions"):
-        flat_a, flat_b = _flat(a[source]), _flat(b[source])
+        flat_a, flat_b = flatten(a[source]), flatten(b[source])
         for key in sorted(set(flat_a) | set(flat_b)):
             fields[f"{source}.{key}"] = (flat_a.get(key, "–"), flat_b.get(key, "–"))
     fields["warnings"] = ("; ".join(a.warnings) or "none", "; ".join(b.warnings) or "none")
