@@ -36,52 +36,36 @@ class ZooModel(nn.Module):
         return self.body(self.pre_noise(x))
 
 
-def digits_cnn(in_channels: int, size: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
-    """A small CNN for 8x8 digits: conv3x3-32 | ReLU, conv3x3-64/2, FC128, FC."""
-    stem = nn.Conv2d(in_channels, 32, 3, padding=1)
-    side = (size + 1) // 2
+def small_cnn(
+    in_channels: int, size: int, num_classes: int, channels: tuple[int, int], kernel: int,
+    strides: tuple[int, int], padding: int, hidden: int,
+) -> tuple[nn.Module, nn.Module]:
+    """conv(kernel, channels[0], strides[0]) | ReLU, conv(kernel, channels[1], strides[1]), ReLU,
+    FC hidden, ReLU, FC num_classes; ``|`` marks the end of the stem."""
+    stem = nn.Conv2d(in_channels, channels[0], kernel, stride=strides[0], padding=padding)
+    side = size
+    for stride in strides:
+        side = (side + 2 * padding - kernel) // stride + 1
     body = nn.Sequential(
         nn.ReLU(),
-        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.Conv2d(channels[0], channels[1], kernel, stride=strides[1], padding=padding),
         nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(64 * side * side, 128),
+        nn.Linear(channels[1] * side * side, hidden),
         nn.ReLU(),
-        nn.Linear(128, num_classes),
+        nn.Linear(hidden, num_classes),
     )
     return stem, body
 
 
-def mnist_cnn(in_channels: int, size: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
-    """The PixelDP paper's MNIST CNN: conv5x5-32/2 | ReLU, conv5x5-64/2, FC1024, FC10."""
-    stem = nn.Conv2d(in_channels, 32, 5, stride=2, padding=2)
-    side = ((size + 1) // 2 + 1) // 2
-    body = nn.Sequential(
-        nn.ReLU(),
-        nn.Conv2d(32, 64, 5, stride=2, padding=2),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(64 * side * side, 1024),
-        nn.ReLU(),
-        nn.Linear(1024, num_classes),
-    )
-    return stem, body
-
-
-def wk_small(in_channels: int, size: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
-    """Wong & Kolter's (2018) small MNIST net: conv4x4-16/2 | ReLU, conv4x4-32/2, FC100, FC10."""
-    stem = nn.Conv2d(in_channels, 16, 4, stride=2, padding=1)
-    side = size // 2 // 2
-    body = nn.Sequential(
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * side * side, 100),
-        nn.ReLU(),
-        nn.Linear(100, num_classes),
-    )
-    return stem, body
+SMALL_CNNS = {
+    # A small CNN for 8x8 digits.
+    "digits-cnn": dict(channels=(32, 64), kernel=3, strides=(1, 2), padding=1, hidden=128),
+    # The PixelDP paper's MNIST CNN: conv5x5-32/2 | conv5x5-64/2, FC1024, FC10.
+    "mnist-cnn": dict(channels=(32, 64), kernel=5, strides=(2, 2), padding=2, hidden=1024),
+    # Wong & Kolter's (2018) small MNIST net: conv4x4-16/2 | conv4x4-32/2, FC100, FC10.
+    "wk-small": dict(channels=(16, 32), kernel=4, strides=(2, 2), padding=1, hidden=100),
+}
 
 
 class WideBlock(nn.Module):
@@ -164,12 +148,8 @@ def build_model(
 ) -> ZooModel:
     channels, height, width = shape
     wide = re.fullmatch(r"wrn-(\d+)-(\d+)", name)
-    if name == "digits-cnn":
-        stem, body = digits_cnn(channels, height, num_classes)
-    elif name == "mnist-cnn":
-        stem, body = mnist_cnn(channels, height, num_classes)
-    elif name == "wk-small":
-        stem, body = wk_small(channels, height, num_classes)
+    if name in SMALL_CNNS:
+        stem, body = small_cnn(channels, height, num_classes, **SMALL_CNNS[name])
     elif wide:
         stem, body = wide_resnet(int(wide.group(1)), int(wide.group(2)), channels, num_classes)
     elif name in ("resnet18", "resnet34", "resnet50"):
