@@ -110,7 +110,12 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
     """Train (or reuse the checkpoint), evaluate clean and under every attack, store the records."""
     defense, model_name = build_defense(spec, dataset, device)
     label, params = describe(defense, spec.defense, model_name)
-    spec = dataclasses.replace(spec, model=model_name, epochs=spec.epochs or DEFAULT_EPOCHS.get(spec.dataset, 30))
+    # The stored spec and its hashes carry every resolved value, defaults included, so a changed
+    # default never reuses a checkpoint trained under the old one.
+    spec = dataclasses.replace(
+        spec, model=model_name, epochs=spec.epochs or DEFAULT_EPOCHS.get(spec.dataset, 30),
+        params=dataclasses.asdict(defense.params),
+    )
     attacks = []
     for name in spec.attacks:
         attack_class = ATTACKS.get(name)

@@ -198,3 +198,24 @@ def test_a_store_from_before_run_status_reads_as_complete(bench, tmp_path):
         connection.execute("ALTER TABLE runs DROP COLUMN status")
     (run,) = Store(tmp_path).runs()
     assert run.status == "complete" and len(report(bench, tmp_path)["clean"]) == 1
+
+
+def test_a_changed_default_does_not_reuse_the_old_checkpoint(bench, tmp_path, monkeypatch):
+    from test_registry import install_plugin
+
+    install_plugin(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import smooth_labels
+    from bench.registry import DEFENSES
+
+    DEFENSES.names()
+    monkeypatch.setitem(DEFENSES._items, "label-smoothing", smooth_labels.LabelSmoothing)
+    bench("run", *FAST, "--defense", "label-smoothing", "--out", str(tmp_path / "r"))
+    first = Store(tmp_path / "r").runs()[0]
+    assert first.spec["params"] == {"smoothing": 0.1}
+    # Same command, new default: the training hash differs, so the model is retrained.
+    monkeypatch.setattr(smooth_labels.LabelSmoothing.Params.__init__, "__defaults__", (0.3,))
+    code, stdout, _ = bench("run", *FAST, "--defense", "label-smoothing", "--out", str(tmp_path / "r"))
+    second = Store(tmp_path / "r").runs()[-1]
+    assert code == 0 and "reusing checkpoint" not in stdout
+    assert second.spec["params"] == {"smoothing": 0.3} and second.training_hash != first.training_hash
