@@ -12,7 +12,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from bench.models import build_model
 from bench.registry import build_params

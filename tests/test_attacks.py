@@ -14,7 +14,6 @@ from torch import nn
 from attacks.base import EOT, perturbation_norm
 from attacks.cw import CarliniWagnerL2, CarliniWagnerLinf, CWL2Params, CWLinfParams
 from attacks.pgd import L2PGD, LinfPGD, PGDParams
-from bench.cli import main
 from bench.datasets.digits import load_digits
 from bench.errors import BenchError
 from bench.metrics import sanity_warnings
