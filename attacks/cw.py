@@ -1,6 +1,6 @@
 """Carlini-Wagner minimisation attacks (Carlini & Wagner 2017): L2 over foolbox or ART, L-inf over ART.
 
-Both run once and are thresholded per epsilon by :class:`attacks.base.Attack`: accuracy at size
+Both run once and are thresholded per epsilon by :class:`bench.attacks.base.Attack`: accuracy at size
 t is the fraction of points whose smallest successful perturbation is larger than t (PixelDP).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attacks.base import Attack, art_classifier, foolbox_model, num_classes, to_numpy
+from bench.attacks.base import Attack, art_classifier, foolbox_model, num_classes, to_numpy
 from bench.errors import BenchError
 from bench.registry import ATTACKS
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks.base import Attack, art_classifier, foolbox_model, num_classes, to_numpy
+from bench.attacks.base import Attack, art_classifier, foolbox_model, num_classes, to_numpy
 from bench.errors import BenchError
 from bench.registry import ATTACKS
 

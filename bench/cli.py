@@ -227,7 +227,7 @@ def _fields(params_class: type) -> set[str]:
 def command_run(args: argparse.Namespace) -> int:
     from bench.runner import execute, load_dataset
     from bench.store import Store
-    from reports.tables import build_tables, render
+    from bench.reports.tables import build_tables, render
 
     options = merged_options(args)
     progress.QUIET = bool(args.quiet)
@@ -275,7 +275,7 @@ def result_stores(directories: Sequence[Path] | None) -> list["Store"]:
 
 def command_report(args: argparse.Namespace) -> int:
     from bench.metrics import DEFAULT_THRESHOLDS
-    from reports.tables import TABLE_THRESHOLDS, compare, load_results, parse_where, render, render_comparison, tables_from
+    from bench.reports.tables import TABLE_THRESHOLDS, compare, load_results, parse_where, render, render_comparison, tables_from
 
     stores = result_stores(args.results)
     shown = tuple(args.thresholds) if args.thresholds else None
@@ -300,7 +300,7 @@ def command_report(args: argparse.Namespace) -> int:
     if args.out or args.format == "html":
         import tempfile
 
-        from reports.html import write_report
+        from bench.reports.html import write_report
 
         with tempfile.TemporaryDirectory() as scratch:
             out = args.out or Path(scratch)

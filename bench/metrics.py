@@ -12,13 +12,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bench.store import RECORD_COLUMNS
+from bench.types import RECORD_COLUMNS, Record
 
 RUN_KEYS = ["run_id", "dataset", "defense", "label", "params"]
 DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.0, 1.0001, 0.05), 2))
 
 
-def records_frame(records: list[tuple], run_id: str = "run") -> pd.DataFrame:
+def records_frame(records: list[Record], run_id: str = "run") -> pd.DataFrame:
     """Records of one run as the frame the metrics take (the true class is ``true_label``,
     since ``label`` names the defense configuration in tables)."""
     frame = pd.DataFrame([(run_id,) + tuple(r) for r in records], columns=list(RECORD_COLUMNS))

@@ -68,8 +68,8 @@ class Registry(Generic[T]):
 
 
 DATASETS: Registry[Any] = Registry("dataset", "bench.datasets", "bench.datasets")
-DEFENSES: Registry[Any] = Registry("defense", "bench.defenses", "defenses")
-ATTACKS: Registry[Any] = Registry("attack", "bench.attacks", "attacks")
+DEFENSES: Registry[Any] = Registry("defense", "bench.defenses", "bench.defenses")
+ATTACKS: Registry[Any] = Registry("attack", "bench.attacks", "bench.attacks")
 
 
 def _coerce(value: Any, annotation: Any, key: str, owner: str) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacks.base import EOT, perturbation_norm
+from bench.attacks.base import EOT, perturbation_norm
 from bench.datasets.base import Dataset, balanced_subset
 from bench.errors import BenchError
 from bench.metrics import sanity_warnings
@@ -26,7 +26,8 @@ from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
 from bench.spec import DEFAULT_EPOCHS, RunSpec, scoped
 from bench.store import Run, Store, owner_info
 from bench.training import TrainConfig
-from defenses.base import Certificate, Defense
+from bench.types import Record
+from bench.defenses.base import Certificate, Defense
 
 
 def seed_everything(seed: int) -> None:
@@ -82,18 +83,18 @@ def records_for(
     norm: str | None,
     epsilon: float,
     distance: torch.Tensor | None,
-) -> list[tuple]:
-    rows = []
-    for i in range(len(labels)):
-        rows.append((
-            int(indices[i]), attack, norm, float(epsilon), int(predictions[i]), int(labels[i]),
-            int(predictions[i] == labels[i]),
-            None if distance is None else float(distance[i]),
-            None if certificate is None else int(certificate.label[i]),
-            None if certificate is None else float(certificate.radius[i]),
-            None if certificate is None else certificate.norm,
-        ))
-    return rows
+) -> list[Record]:
+    return [
+        Record(
+            sample_index=int(indices[i]), attack=attack, norm=norm, epsilon=float(epsilon),
+            prediction=int(predictions[i]), label=int(labels[i]), correct=int(predictions[i] == labels[i]),
+            distance=None if distance is None else float(distance[i]),
+            certified_label=None if certificate is None else int(certificate.label[i]),
+            certified_radius=None if certificate is None else float(certificate.radius[i]),
+            certified_norm=None if certificate is None else certificate.norm,
+        )
+        for i in range(len(labels))
+    ]
 
 
 @dataclass
@@ -101,7 +102,7 @@ class RunResult:
     run_id: str
     label: str
     clean_accuracy: float
-    records: list[tuple]
+    records: list[Record]
     info: dict[str, Any]
     warnings: list[str]
 
@@ -182,7 +183,7 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
         eval_seconds = time.perf_counter() - started
 
         records = store.records([run_id])
-        stored = [tuple(row)[1:] for row in records.itertuples(index=False)]
+        stored = [Record(*tuple(row)[1:]) for row in records.itertuples(index=False)]
         clean = records[records.attack == "clean"]
         clean_accuracy = float(clean.correct.mean())
         log(f"[{label}] clean accuracy {clean_accuracy:.4f} on {len(clean)} test images")

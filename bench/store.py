@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from bench.errors import BenchError
+from bench.types import RECORD_COLUMNS, Record
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -60,10 +61,6 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_by_run ON records(run_id);
 """
 
-RECORD_COLUMNS = (
-    "run_id", "sample_index", "attack", "norm", "epsilon", "prediction", "label", "correct",
-    "distance", "certified_label", "certified_radius", "certified_norm",
-)
 
 
 @dataclass
@@ -113,12 +110,12 @@ class Store:
         with closing(self._connect(create=True)) as connection, connection:
             _insert_run(connection, run)
 
-    def add_records(self, run_id: str, records: Iterable[tuple]) -> None:
+    def add_records(self, run_id: str, records: Iterable[Record]) -> None:
         """Append one evaluation step's records atomically."""
         with closing(self._connect(create=True)) as connection, connection:
             _insert_records(connection, run_id, records)
 
-    def save_run(self, run: Run, records: Iterable[tuple]) -> None:
+    def save_run(self, run: Run, records: Iterable[Record]) -> None:
         """Write a finished run and all its records in one transaction (imports, tests)."""
         with closing(self._connect(create=True)) as connection, connection:
             _insert_run(connection, dataclasses.replace(run, status="complete"))
@@ -211,7 +208,7 @@ def _insert_run(connection: sqlite3.Connection, run: Run) -> None:
     )
 
 
-def _insert_records(connection: sqlite3.Connection, run_id: str, records: Iterable[tuple]) -> None:
+def _insert_records(connection: sqlite3.Connection, run_id: str, records: Iterable[Record]) -> None:
     connection.executemany(
         f"INSERT INTO records VALUES ({','.join('?' * len(RECORD_COLUMNS))})",
         ((run_id,) + tuple(r) for r in records),

@@ -23,13 +23,13 @@ from torch import nn
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # foolbox imports scipy.ndimage.filters
 
-from attacks.base import DEFAULT_CHUNK  # noqa: E402
-from attacks.cw import CarliniWagnerL2, CWL2Params  # noqa: E402
-from attacks.pgd import LinfPGD, PGDParams  # noqa: E402
+from bench.attacks.base import DEFAULT_CHUNK  # noqa: E402
+from bench.attacks.cw import CarliniWagnerL2, CWL2Params  # noqa: E402
+from bench.attacks.pgd import LinfPGD, PGDParams  # noqa: E402
 from bench.datasets.digits import load_digits  # noqa: E402
 from bench.models import build_model  # noqa: E402
 from bench.training import TrainConfig  # noqa: E402
-from defenses.baseline import Baseline  # noqa: E402
+from bench.defenses.baseline import Baseline  # noqa: E402
 
 STEPS = 20
 

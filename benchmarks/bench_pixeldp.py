@@ -15,8 +15,8 @@ import torch
 
 from bench.models import build_model
 from bench.registry import build_params
-from defenses.baseline import Baseline
-from defenses.pixeldp import PixelDP
+from bench.defenses.baseline import Baseline
+from bench.defenses.pixeldp import PixelDP
 
 
 def make_step(defense, x, y):

@@ -1,5 +1,5 @@
 """The undefended model, trained with the shared loop and plain cross-entropy."""
-from defenses.base import Defense
+from bench.defenses.base import Defense
 from bench.registry import DEFENSES
 
 

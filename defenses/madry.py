@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from bench.errors import BenchError
 from bench.registry import ATTACKS, DEFENSES
-from defenses.base import Defense
+from bench.defenses.base import Defense
 
 
 @DEFENSES.register("madry")

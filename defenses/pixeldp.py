@@ -34,8 +34,8 @@ from bench.errors import BenchError
 from bench.models import ZooModel
 from bench.registry import DEFENSES
 from bench.training import TrainConfig, batches, train_classifier
-from defenses.base import Certificate, Defense
-from defenses.confidence import bernstein_bounds, clopper_pearson, hoeffding_bounds
+from bench.defenses.base import Certificate, Defense
+from bench.defenses.confidence import bernstein_bounds, clopper_pearson, hoeffding_bounds
 
 # Parseval retraction step (Cisse et al. 2017). With beta = 0.5 and the spectral norm capped at 1
 # first, one step maps every singular value s in [0, 1] to 1.5 s - 0.5 s^3, still in [0, 1]: the

@@ -14,7 +14,7 @@ from torch import nn
 from bench.errors import BenchError
 from bench.registry import DEFENSES
 from bench.training import TrainConfig, batches
-from defenses.base import Certificate, Defense
+from bench.defenses.base import Certificate, Defense
 
 # The library's dual layers for exactly these modules; anything else (BatchNorm, residual blocks,
 # pooling) is refused with one line rather than certified wrongly.

@@ -11,8 +11,8 @@ from torch import nn
 
 from bench.errors import BenchError
 from bench.registry import DEFENSES
-from defenses.base import ABSTAIN, Certificate, Defense
-from defenses.confidence import clopper_pearson
+from bench.defenses.base import ABSTAIN, Certificate, Defense
+from bench.defenses.confidence import clopper_pearson
 
 
 class GaussianNoise(nn.Module):

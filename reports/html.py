@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from reports.plots import Plot
+from bench.reports.plots import Plot
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 2rem auto;
@@ -73,7 +73,7 @@ def build_html(
     sources: Sequence[str] = (),
     where: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The report as one HTML string; ``shown`` are the tables of ``reports.tables.display_tables``."""
+    """The report as one HTML string; ``shown`` are the tables of ``bench.reports.tables.display_tables``."""
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     selection = ", ".join(f"{k}={v}" for k, v in where) or "all runs (latest of each spec)"
     warned = runs[runs.warnings.map(len) > 0] if not runs.empty else runs
@@ -122,8 +122,8 @@ def write_report(
 ) -> list[Path]:
     """Write the whole report into ``out``: ``report.html`` (self-contained), ``tables.md``,
     ``tables.tex``, ``tables.csv``, ``tables.json`` and ``figures/NAME.png|svg``; returns the paths."""
-    from reports.plots import make_plots
-    from reports.tables import display_tables, render
+    from bench.reports.plots import make_plots
+    from bench.reports.tables import display_tables, render
 
     out.mkdir(parents=True, exist_ok=True)
     plots = make_plots(tables, out / "figures", dpi)

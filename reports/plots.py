@@ -30,7 +30,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from reports.tables import NORM_NAMES, PRECISION_THRESHOLDS, config_order  # noqa: E402
+from bench.reports.tables import NORM_NAMES, PRECISION_THRESHOLDS, config_order  # noqa: E402
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
 DASHES = ["-", "--", "-.", ":"]

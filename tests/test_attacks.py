@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from attacks.base import EOT, perturbation_norm
-from attacks.cw import CarliniWagnerL2, CarliniWagnerLinf, CWL2Params, CWLinfParams
-from attacks.pgd import L2PGD, LinfPGD, PGDParams
+from bench.attacks.base import EOT, perturbation_norm
+from bench.attacks.cw import CarliniWagnerL2, CarliniWagnerLinf, CWL2Params, CWLinfParams
+from bench.attacks.pgd import L2PGD, LinfPGD, PGDParams
 from bench.datasets.digits import load_digits
 from bench.errors import BenchError
 from bench.metrics import sanity_warnings
 from bench.models import build_model
 from bench.training import TrainConfig
-from defenses.baseline import Baseline
+from bench.defenses.baseline import Baseline
 
 from conftest import FAST
 

@@ -130,7 +130,7 @@ def test_kill_during_a_run_keeps_earlier_runs_intact(bench, tmp_path):
 
 
 def test_a_failed_run_resumes_from_its_stored_steps(bench, tmp_path, monkeypatch):
-    from attacks.base import Attack
+    from bench.attacks.base import Attack
     from bench.registry import ATTACKS
 
     class Flaky(Attack):
@@ -165,7 +165,7 @@ def test_a_failed_run_resumes_from_its_stored_steps(bench, tmp_path, monkeypatch
 
 
 def test_a_run_still_being_written_is_not_resumed_by_another_process(bench, tmp_path, monkeypatch):
-    from attacks.base import Attack
+    from bench.attacks.base import Attack
     from bench.registry import ATTACKS
     from bench.store import owner_info
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from defenses.confidence import bernstein_bounds, clopper_pearson, hoeffding_bounds
+from bench.defenses.confidence import bernstein_bounds, clopper_pearson, hoeffding_bounds
 
 REPEATS = 4000
 ALPHA = 0.05

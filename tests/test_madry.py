@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacks.pgd import LinfPGD
+from bench.attacks.pgd import LinfPGD
 from bench.errors import BenchError
 from bench.models import build_model
 from bench.registry import DATASETS
 from bench.training import TrainConfig
 from conftest import FAST
-from defenses.baseline import Baseline
-from defenses.madry import Madry
+from bench.defenses.baseline import Baseline
+from bench.defenses.madry import Madry
 
 
 def test_madry_training_raises_pgd_accuracy_over_the_baseline():

@@ -13,7 +13,7 @@ from bench.registry import build_params
 from bench.store import Store
 from bench.training import TrainConfig
 from conftest import FAST
-from defenses.pixeldp import (
+from bench.defenses.pixeldp import (
     PixelDP,
     certified_radius,
     conv_l1_norm,

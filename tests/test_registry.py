@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from defenses.base import Defense
+from bench.defenses.base import Defense
 
 
 class LabelSmoothing(Defense):

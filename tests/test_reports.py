@@ -13,7 +13,7 @@ from bench.cli import build_parser, merged_options, specs_from
 from bench.errors import BenchError
 from bench.store import Run, Store
 from conftest import FAST
-from reports.tables import build_tables, clopper_pearson, compare, display_tables, render
+from bench.reports.tables import build_tables, clopper_pearson, compare, display_tables, render
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = {"python": "3.11", "torch": "2.13.0", "numpy": "2.4.0", "foolbox": "3.3.4"}

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacks.pgd import L2PGD, LinfPGD
+from bench.attacks.pgd import L2PGD, LinfPGD
 from bench.errors import BenchError
 from bench.models import build_model
 from bench.registry import DATASETS
 from bench.training import TrainConfig
 from conftest import FAST
-from defenses.robustopt import RobustOpt, upper_margins
+from bench.defenses.robustopt import RobustOpt, upper_margins
 
 
 def trained(norm: str, epsilon: float) -> tuple[RobustOpt, torch.Tensor, torch.Tensor]:

@@ -10,8 +10,8 @@ from bench.models import build_model
 from bench.registry import DATASETS
 from bench.training import TrainConfig
 from conftest import FAST
-from defenses.base import ABSTAIN
-from defenses.smoothing import Smoothing, smoothing_radius
+from bench.defenses.base import ABSTAIN
+from bench.defenses.smoothing import Smoothing, smoothing_radius
 
 
 def make(**params) -> Smoothing:
