@@ -137,6 +137,14 @@ def score_bounds(
 
 
 # -- sensitivity of the pre-noise map -------------------------------------------------------------
+def rounding_margin(n_terms: int, dtype: torch.dtype) -> float:
+    """Rounding error bound of a sum of ``n_terms`` terms in ``dtype``, in any order, relative to
+    the sum of the terms' absolute values: gamma_n = n u / (1 - n u) <= n * eps, u = eps / 2
+    (Higham, section 3.1). For non-negative terms (a column sum of |A|) that is relative to the
+    result: multiplying the computed sum by (1 + margin) makes it an upper bound of the exact one."""
+    return n_terms * torch.finfo(dtype).eps
+
+
 def _weight_on_pixels(conv: nn.Conv2d, std: torch.Tensor) -> torch.Tensor:
     """The conv's kernel acting on [0,1] pixels: normalisation divides channel c by std_c."""
     return conv.weight.detach().double() / std.detach().double().view(1, -1, 1, 1)
@@ -175,7 +183,12 @@ def conv_l2_upper_bound(conv: nn.Conv2d, std: torch.Tensor, input_shape: tuple[i
     nw = max(math.ceil((width + 2 * pw) / sw), qw)
     spectrum = torch.fft.fft2(poly, s=(nh, nw)).permute(2, 3, 0, 1)
     norm = float(torch.linalg.matrix_norm(spectrum, ord=2).max())
-    return norm * (1 + 1e-6)  # covers float64 rounding here and float32 rounding in the forward pass
+    # Rounding of this float64 computation, relative to the result: the transform (length nh * nw,
+    # an FFT errs no more than a direct sum) errs by (1 + nh * nw) eps relative to the sum of |taps|,
+    # which exceeds the largest spectral norm by at most sqrt(taps * rank) <= out_ch + columns
+    # (Parseval); the SVD of each out_ch x columns matrix adds (out_ch + columns) eps (LAPACK).
+    columns = poly.shape[1]
+    return norm * (1 + rounding_margin((2 + nh * nw) * (out_ch + columns), torch.float64))
 
 
 def conv_l1_norm(conv: nn.Conv2d, std: torch.Tensor, input_shape: tuple[int, int, int]) -> float:
@@ -186,7 +199,9 @@ def conv_l1_norm(conv: nn.Conv2d, std: torch.Tensor, input_shape: tuple[int, int
     x = torch.zeros(1, *input_shape, dtype=torch.float64, requires_grad=True)
     out = F.conv2d(x, weight, None, conv.stride, conv.padding)
     (column_sums,) = torch.autograd.grad(out.sum(), x)
-    return float(column_sums.max())
+    # Rounding: one division by std, then a pixel's column sum adds at most out_ch * kh * kw terms.
+    out_ch, _, kh, kw = weight.shape
+    return float(column_sums.max()) * (1 + rounding_margin(1 + out_ch * kh * kw, torch.float64))
 
 
 def power_iteration_norm(
