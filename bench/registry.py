@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import typing
 from importlib.metadata import entry_points
 from typing import Any, Callable, Generic, TypeVar
@@ -91,15 +92,23 @@ def _coerce(value: Any, annotation: Any, key: str, owner: str) -> Any:
         if text in ("0", "false", "no", "off"):
             return False
         raise BenchError(f"{owner} parameter {key}={value!r} is not a boolean; use true or false")
-    if annotation in (int, float, str):
+    if annotation in (int, float):
+        # TOML gives numbers, the command line text; a boolean is neither, and NaN or inf is never
+        # a meaningful parameter (every range check would let NaN through).
         try:
-            if annotation is int and isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool) or (annotation is int and isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return annotation(value)
-        except (TypeError, ValueError):
-            raise BenchError(
-                f"{owner} parameter {key}={value!r} is not a valid {annotation.__name__}"
-            ) from None
+            number = annotation(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
+        except (TypeError, ValueError, OverflowError):
+            kind = "an integer" if annotation is int else "a finite number"
+            raise BenchError(f"{owner} parameter {key}={value!r} is not {kind}") from None
+    if annotation is str:
+        if not isinstance(value, str):
+            raise BenchError(f"{owner} parameter {key}={value!r} is not a string")
+        return value
     if annotation in (float | None, int | None, str | None):
         if value in (None, "", "none", "None"):
             return None

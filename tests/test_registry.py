@@ -75,7 +75,13 @@ def test_parameters_are_coerced_from_strings():
 @pytest.mark.parametrize(
     "values, fragment",
     [
-        ({"steps": "three"}, "steps='three' is not a valid int"),
+        ({"steps": "three"}, "steps='three' is not an integer"),
+        ({"steps": "2.5"}, "steps='2.5' is not an integer"),
+        ({"steps": True}, "steps=True is not an integer"),
+        ({"rate": "nan"}, "rate='nan' is not a finite number"),
+        ({"rate": float("inf")}, "rate=inf is not a finite number"),
+        ({"rate": "-inf"}, "rate='-inf' is not a finite number"),
+        ({"limit": "1e999"}, "limit='1e999' is not a finite number"),
         ({"flag": "maybe"}, "not a boolean"),
         ({"mode": "c"}, "choose one of a, b"),
         ({"other": "1"}, "has no parameter 'other'; accepted: flag, limit, mode, rate, steps"),
