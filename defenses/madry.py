@@ -30,11 +30,14 @@ class Madry(Defense):
         # Fraction of each batch replaced by its adversarial examples (Madry et al.: 1).
         adversarial_fraction: float = 1.0
 
+        def check(self) -> None:
+            if not (self.epsilon > 0 and self.steps >= 1 and self.step_size >= 0 and 0 <= self.adversarial_fraction <= 1):
+                raise BenchError(f"madry parameters need epsilon > 0, steps >= 1, step_size >= 0, 0 <= adversarial_fraction <= 1; got {self}")
+
     def __init__(self, model, params=None, device: str = "cpu"):
         super().__init__(model, params, device)
         p = self.params
-        if p.epsilon <= 0 or p.steps < 1 or p.step_size < 0 or not 0 <= p.adversarial_fraction <= 1:
-            raise BenchError("madry: epsilon > 0, steps >= 1, step_size >= 0, 0 <= adversarial_fraction <= 1")
+        p.check()
         attack_class = ATTACKS.get(f"pgd-{p.norm}")
         self.attack = attack_class(
             attack_class.Params(steps=p.steps, abs_stepsize=p.step_size or p.epsilon / 4, random_start=p.random_start)

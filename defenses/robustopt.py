@@ -143,11 +143,15 @@ class RobustOpt(Defense):
         bisection_steps: int = 6
         certify_batch_size: int = 32
 
+        def check(self) -> None:
+            if not (self.epsilon > 0 and self.start_epsilon >= 0 and self.ramp_epochs >= 0 and self.proj >= 0
+                    and self.max_radius >= 0 and self.bisection_steps >= 1 and self.certify_batch_size >= 1):
+                raise BenchError("robustopt parameters need epsilon > 0, start_epsilon >= 0, ramp_epochs >= 0, proj >= 0, "
+                                 f"max_radius >= 0, bisection_steps >= 1, certify_batch_size >= 1; got {self}")
+
     def __init__(self, model, params=None, device: str = "cpu"):
         super().__init__(model, params, device)
-        p = self.params
-        if p.epsilon <= 0 or p.start_epsilon < 0 or p.ramp_epochs < 0 or p.proj < 0 or p.bisection_steps < 1:
-            raise BenchError("robustopt: epsilon > 0, start_epsilon >= 0, ramp_epochs >= 0, proj >= 0, bisection_steps >= 1")
+        self.params.check()
         self._nets: dict[tuple[int, ...], nn.Sequential] = {}
         self._step = 0
         self._ramp_steps = 0

@@ -52,11 +52,13 @@ class Smoothing(Defense):
         alpha: float = 0.001
         draw_batch: int = 256  # noisy copies per forward pass; larger batches are slower per image on CPU
 
+        def check(self) -> None:
+            if not (self.sigma > 0 and self.n0 >= 1 and self.n >= 1 and 0 < self.alpha < 1 and self.draw_batch >= 1):
+                raise BenchError(f"smoothing parameters need sigma > 0, n0 >= 1, n >= 1, 0 < alpha < 1, draw_batch >= 1; got {self}")
+
     def __init__(self, model, params=None, device: str = "cpu"):
         super().__init__(model, params, device)
-        p = self.params
-        if p.sigma <= 0 or p.n0 < 1 or p.n < 1 or not 0 < p.alpha < 1 or p.draw_batch < 1:
-            raise BenchError("smoothing: sigma > 0, n0 >= 1, n >= 1, 0 < alpha < 1, draw_batch >= 1")
+        self.params.check()
 
     def attack_model(self) -> nn.Module:
         # Training through this module is Cohen et al.'s Gaussian data augmentation.
