@@ -62,6 +62,20 @@ CREATE INDEX IF NOT EXISTS records_by_run ON records(run_id);
 """
 
 
+# Evaluation steps and checkpoints this process has committed: after a failure the CLI says
+# whether completed steps are stored (and the same command resumes) or nothing was.
+_committed = 0
+
+
+def committed_steps() -> int:
+    """How many evaluation steps (record batches) and checkpoints this process has committed."""
+    return _committed
+
+
+def _count_commit() -> None:
+    global _committed
+    _committed += 1
+
 
 @dataclass
 class Run:
@@ -114,12 +128,14 @@ class Store:
         """Append one evaluation step's records atomically."""
         with closing(self._connect(create=True)) as connection, connection:
             _insert_records(connection, run_id, records)
+        _count_commit()
 
     def save_run(self, run: Run, records: Iterable[Record]) -> None:
         """Write a finished run and all its records in one transaction (imports, tests)."""
         with closing(self._connect(create=True)) as connection, connection:
             _insert_run(connection, dataclasses.replace(run, status="complete"))
             _insert_records(connection, run.run_id, records)
+        _count_commit()
 
     def finish_run(self, run_id: str, info: dict[str, Any], warnings: list[str], status: str = "complete") -> None:
         with closing(self._connect(create=True)) as connection, connection:
@@ -190,6 +206,7 @@ class Store:
         try:
             torch.save(state, temporary)
             os.replace(temporary, path)
+            _count_commit()
         finally:
             if os.path.exists(temporary):
                 os.unlink(temporary)
