@@ -5,12 +5,13 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from bench import progress
 from bench.errors import BenchError
 from bench.registry import ATTACKS, DATASETS, DEFENSES
 from bench.spec import RunSpec, flatten, load_config, parse_assignments, unclaimed
+from bench.validation import check_epsilons, check_writable_dir, validate_options, validate_request
 
 # TOML keys accepted by --config: the long options, with "_" for "-".
 CONFIG_KEYS = {
@@ -20,28 +21,45 @@ CONFIG_KEYS = {
 }
 
 
-def _epsilons(text: str) -> list[float]:
+# Option types only turn text into numbers; ranges are checked by bench.validation, the same way
+# for command-line flags and config values.
+def _numbers(text: str) -> list[float]:
     try:
-        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0.05,0.1") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: epsilons must be non-negative numbers")
-    return values
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = _integer(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
     return value
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, ``bench: error: ...``, exit status 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise BenchError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bench", description="Benchmark adversarial-robustness defenses.")
+    parser = ArgumentParser(prog="bench", description="Benchmark adversarial-robustness defenses.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="train/evaluate defenses and store per-sample records")
@@ -51,16 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", help="dataset name; default digits (ships with scikit-learn)")
     run.add_argument("--model", help="model zoo name (digits-cnn, mnist-cnn, wrn-DEPTH-WIDTH, resnet18); default per dataset")
     run.add_argument("--attack", action="append", help="attack name (repeatable)")
-    run.add_argument("--epsilons", type=_epsilons, help="comma-separated attack sizes in [0,1] pixel units")
+    run.add_argument("--epsilons", type=_numbers, help="comma-separated attack sizes in [0,1] pixel units")
     run.add_argument("--attack-backend", choices=["foolbox", "art"])
-    run.add_argument("--eot-draws", type=_positive_int, help="noise draws per attack step on randomized defenses (default 20)")
-    run.add_argument("--epochs", type=_positive_int)
-    run.add_argument("--batch-size", type=_positive_int)
-    run.add_argument("--lr", type=float)
-    run.add_argument("--seed", type=int)
-    run.add_argument("--train-size", type=_positive_int, help="seeded class-balanced training subset")
-    run.add_argument("--test-size", type=_positive_int, help="seeded class-balanced test subset")
-    run.add_argument("--image-size", type=_positive_int, help="imagenet: resize to this size (default 224)")
+    run.add_argument("--eot-draws", type=_integer, help="noise draws per attack step on randomized defenses (default 20)")
+    run.add_argument("--epochs", type=_integer)
+    run.add_argument("--batch-size", type=_integer)
+    run.add_argument("--lr", type=_number)
+    run.add_argument("--seed", type=_integer)
+    run.add_argument("--train-size", type=_integer, help="seeded class-balanced training subset")
+    run.add_argument("--test-size", type=_integer, help="seeded class-balanced test subset")
+    run.add_argument("--image-size", type=_integer, help="imagenet: resize to this size (default 224)")
     run.add_argument("--param", action="append", default=None, metavar="KEY=VALUE",
                      help="defense parameter (repeatable); DEFENSE.KEY=VALUE targets one defense")
     run.add_argument("--attack-param", action="append", default=None, metavar="KEY=VALUE",
@@ -86,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, metavar="DIR", help="write the full report into DIR")
     report.add_argument("--format", choices=["md", "csv", "latex", "html", "json"], default="md",
                         help="what to print when --out is not given (default md)")
-    report.add_argument("--thresholds", type=_epsilons,
+    report.add_argument("--thresholds", type=_numbers,
                         help="certified thresholds T shown in tables and JSON (default: JSON 0 to 1 by 0.05; "
                              "tables 0,0.05,0.1,0.2,0.3,0.5,1; robust precision/recall 0.05,0.1)")
     report.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
@@ -125,6 +143,7 @@ def merged_options(args: argparse.Namespace) -> dict[str, Any]:
                 raise BenchError(f"{where}: {shared[0]!r} applies to all runs; set it at the top level")
             entries.append(_with_command_line(_deep_merge(config, entry), args))
         options["runs"] = entries
+    validate_options(options)
     return options
 
 
@@ -205,8 +224,11 @@ def specs_from(options: dict[str, Any]) -> list[RunSpec]:
     for name in attacks:
         ATTACKS.get(name)
     DATASETS.get(options.get("dataset", "digits"))
-    unclaimed(options["param"], {d: _fields(DEFENSES.get(d).Params) for d in defenses}, "defense parameter")
-    unclaimed(options["attack_param"], {a: _fields(ATTACKS.get(a).Params) for a in attacks}, "attack parameter")
+    unclaimed(options["param"], {d: _fields(DEFENSES.get(d).Params) for d in defenses}, "defense parameter",
+              {name: _fields(obj.Params) for name, obj in DEFENSES.items()},
+              default=None if options.get("defense") else "baseline")
+    unclaimed(options["attack_param"], {a: _fields(ATTACKS.get(a).Params) for a in attacks}, "attack parameter",
+              {name: _fields(obj.Params) for name, obj in ATTACKS.items()})
     common = {
         key: options[key]
         for key in ("dataset", "model", "epsilons", "attack_backend", "eot_draws", "epochs", "batch_size",
@@ -225,14 +247,18 @@ def _fields(params_class: type) -> set[str]:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from bench.runner import execute, load_dataset
-    from bench.store import Store
-    from bench.reports.tables import build_tables, render
-
     options = merged_options(args)
     progress.QUIET = bool(args.quiet)
     specs = specs_from(options)
-    store = Store(options.get("out", Path("results")))
+    out = options.get("out", Path("results"))
+    # The whole request, every spec of it, before any data is loaded or anything trained.
+    for warning in validate_request(specs, device=options.get("device", "cpu"), out=out):
+        print(f"bench: warning: {warning}", file=sys.stderr)
+    from bench.reports.tables import build_tables, render
+    from bench.runner import execute, load_dataset
+    from bench.store import Store
+
+    store = Store(out)
     data_dir = options.get("data_dir")
     dataset = load_dataset(specs[0], Path(data_dir) if data_dir else None, bool(options.get("download")))
     run_ids = []
@@ -274,6 +300,10 @@ def result_stores(directories: Sequence[Path] | None) -> list["Store"]:
 
 
 def command_report(args: argparse.Namespace) -> int:
+    if args.thresholds is not None:
+        check_epsilons(args.thresholds, "thresholds")
+    if args.out is not None:
+        check_writable_dir(args.out, "report --out")
     from bench.metrics import DEFAULT_THRESHOLDS
     from bench.reports.tables import TABLE_THRESHOLDS, compare, load_results, parse_where, render, render_comparison, tables_from
 
@@ -321,20 +351,31 @@ COMMANDS = {"run": command_run, "list": command_list, "report": command_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    committed_before = _committed_steps()
     try:
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except BenchError as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("bench: interrupted; completed steps are stored and the same command resumes", file=sys.stderr)
+        print(f"bench: interrupted; {_what_was_stored(committed_before)}", file=sys.stderr)
         return 130
     except Exception:
-        print("bench: unexpected error (a bug: please report it); completed steps are stored and "
-              "the same command resumes", file=sys.stderr)
+        print(f"bench: unexpected error (a bug: please report it); {_what_was_stored(committed_before)}", file=sys.stderr)
         raise
+
+
+def _committed_steps() -> int:
+    """Steps the results store committed in this process so far (0 before it was ever imported)."""
+    store = sys.modules.get("bench.store")
+    return store.committed_steps() if store is not None else 0
+
+
+def _what_was_stored(committed_before: int) -> str:
+    if _committed_steps() > committed_before:
+        return "completed steps are stored and the same command resumes"
+    return "nothing was stored"
 
 
 if __name__ == "__main__":

@@ -81,18 +81,42 @@ def scoped(values: dict[str, Any], owner: str, accepted: set[str]) -> dict[str, 
     return chosen
 
 
-def unclaimed(values: dict[str, Any], owners: dict[str, set[str]], what: str) -> None:
-    """Fail on a parameter that none of the selected defenses/attacks accepts."""
+def unclaimed(
+    values: dict[str, Any],
+    owners: dict[str, set[str]],
+    what: str,
+    candidates: dict[str, set[str]] | None = None,
+    default: str | None = None,
+) -> None:
+    """Fail on a parameter that none of the selected defenses/attacks accepts.
+
+    ``candidates`` (every registered name -> its parameters) lets the message say which ones
+    have the key; ``default`` names what was selected implicitly (the default defense).
+    """
+    kind = what.split()[0]
     for key in values:
         owner, dot, name = key.partition(".")
         if dot:
             if owner not in owners:
-                raise BenchError(f"{what} {key!r} names {owner!r}, which is not selected; selected: {', '.join(owners)}")
+                selected = ", ".join(owners) or "none"
+                raise BenchError(f"{what} {key!r} names {owner!r}, which is not selected (--{kind} {owner}); selected: {selected}")
             if name not in owners[owner]:
                 raise BenchError(f"{owner} has no parameter {name!r}; accepted: {', '.join(sorted(owners[owner])) or 'none'}")
         elif not any(key in accepted for accepted in owners.values()):
-            accepted = sorted({f"{o}.{k}" for o, keys in owners.items() for k in keys})
-            raise BenchError(f"no selected {what.split()[0]} has parameter {key!r}; accepted: {', '.join(accepted) or 'none'}")
+            if default is not None:
+                own = ", ".join(sorted(owners.get(default, ()))) or "none"
+                message = f"no selected {kind} has parameter {key!r}: without --{kind} the {kind} is {default} (parameters: {own})"
+            elif not owners:
+                message = f"{what} {key!r} given but no {kind} is selected (--{kind} NAME)"
+            else:
+                accepted = sorted({f"{o}.{k}" for o, keys in owners.items() for k in keys})
+                message = f"no selected {kind} has parameter {key!r}; accepted: {', '.join(accepted) or 'none'}"
+            having = sorted(n for n, keys in (candidates or {}).items() if key in keys)
+            if having:
+                message += f"; {kind}s with {key!r}: {', '.join(having)} (e.g. --{kind} {having[0]})"
+            elif candidates is not None:
+                message += f"; no {kind} has {key!r}"
+            raise BenchError(message)
 
 
 def load_config(path: Path) -> dict[str, Any]:

@@ -1,0 +1,275 @@
+"""Every bad input is caught before any work: one line ``bench: error: ...`` on stderr, exit
+status 2, no traceback, nothing stored (no run, no record, no checkpoint, no results folder).
+
+One table of bad inputs, command-line flags and TOML configs alike, run in-process through
+``bench.cli.main``; a few run as real processes to check the exit status and what was imported.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.cli import main
+from bench.errors import BenchError
+from bench.spec import RunSpec
+from bench.validation import validate_request
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+NO_MPS = pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is available here")
+NOT_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")
+
+
+def row(args: str | list[str], fragment: str, toml: str | None = None, marks=()):
+    """``args``: the command line after ``bench``; ``{out}`` is a fresh results folder, ``{file}`` a
+    regular file, ``{config}`` the TOML text ``toml`` written to a file, ``{readonly}`` a folder
+    without write permission."""
+    argv = args.split(" ") if isinstance(args, str) else args
+    return pytest.param(argv, fragment, toml, marks=marks, id=" ".join(argv) + (f" | {toml!r}" if toml else ""))
+
+
+ROWS = [
+    # -- epsilons ------------------------------------------------------------------------------
+    row("run --epsilons nan", "got nan"),
+    row("run --epsilons inf", "got inf"),
+    row("run --epsilons=-inf", "got -inf"),
+    row("run --epsilons 0.1,nan", "got nan"),
+    row("run --epsilons -0.1", "got -0.1"),
+    row("run --epsilons abc", "'abc' is not a comma-separated list of numbers"),
+    row(["run", "--epsilons", ""], "epsilons must be a non-empty list"),
+    row("run --epsilons 0.1;0.2", "is not a comma-separated list"),
+    # -- seed, sizes, training settings -------------------------------------------------------
+    row("run --seed 99999999999999999999999", "seed must be an integer from 0 to 2**63-1"),
+    row("run --seed 9223372036854775808", "seed must be an integer from 0 to 2**63-1"),
+    row("run --seed -1", "seed must be an integer from 0"),
+    row("run --seed abc", "'abc' is not an integer"),
+    row("run --seed 1.5", "'1.5' is not an integer"),
+    row("run --epochs 0", "epochs must be a positive integer"),
+    row("run --epochs -4", "epochs must be a positive integer"),
+    row("run --epochs five", "'five' is not an integer"),
+    row("run --batch-size 0", "batch_size must be a positive integer"),
+    row("run --train-size 0", "train_size must be a positive integer"),
+    row("run --test-size -1", "test_size must be a positive integer"),
+    row("run --image-size 0", "image_size must be a positive integer"),
+    row("run --eot-draws 0", "eot_draws must be a positive integer"),
+    row("run --lr nan", "lr must be a finite number above 0"),
+    row("run --lr inf", "lr must be a finite number above 0"),
+    row("run --lr 0", "lr must be a finite number above 0"),
+    row("run --lr -0.1", "lr must be a finite number above 0"),
+    row("run --lr abc", "'abc' is not a number"),
+    # -- device --------------------------------------------------------------------------------
+    row("run --device cuda", "device 'cuda' is not available", marks=NO_CUDA),
+    row("run --device cuda:0", "device 'cuda:0' is not available", marks=NO_CUDA),
+    row("run --device mps", "device 'mps' is not available", marks=NO_MPS),
+    row("run --device banana", "device 'banana' is not accepted; use cpu, cuda"),
+    row("run --device cuda:x", "device 'cuda:x' is not accepted"),
+    row(["run", "--device", ""], "device '' is not accepted"),
+    # -- output folder -------------------------------------------------------------------------
+    row("run --out /proc/foo", "--out /proc/foo is not writable"),
+    row("run --out /proc/self/foo/bar", "is not writable"),
+    row("run --out /sys/foo", "--out /sys/foo is not writable"),
+    row("run --out {file}", "is a file; give a directory"),
+    row("run --out {file}/results", "is a file, not a directory"),
+    row("run --out {readonly}/results", "is not writable", marks=NOT_ROOT),
+    # -- names and parameters ------------------------------------------------------------------
+    row("run --defense nosuch", "unknown defense 'nosuch'; available:"),
+    row("run --attack nosuch", "unknown attack 'nosuch'; available:"),
+    row("run --dataset nosuch", "unknown dataset 'nosuch'; available:"),
+    row("run --model nosuch", "unknown model 'nosuch'; available:"),
+    row("run --model wrn-15-2", "depth must be 6n+4"),
+    row("run --param L=abc", "without --defense the defense is baseline (parameters: none); defenses with 'L': pixeldp"),
+    row("run --defense baseline --defense pixeldp --param pixeldp.L=abc", "pixeldp parameter L='abc' is not a finite number"),
+    row("run --defense baseline --defense pixeldp --param L=-1", "pixeldp parameter L=-1.0 must be positive"),
+    row("run --defense pixeldp --param L=0", "L=0.0 must be positive"),
+    row("run --defense pixeldp --param L=nan", "L='nan' is not a finite number"),
+    row("run --defense pixeldp --param L=inf", "L='inf' is not a finite number"),
+    row("run --defense pixeldp --param epsilon=2", "epsilon=2.0 must be in (0, 1]"),
+    row("run --defense pixeldp --param delta=1", "delta=1.0 must be in (0, 1)"),
+    row("run --defense pixeldp --param draws=0", "draws=0 must be at least 2"),
+    row("run --defense pixeldp --param draws=1.5", "draws='1.5' is not an integer"),
+    row("run --defense pixeldp --param mechanism=uniform", "choose one of gaussian, laplace"),
+    row("run --defense pixeldp --param autoencoder=maybe", "is not a boolean"),
+    row("run --defense pixeldp --param nosuch=1", "no selected defense has parameter 'nosuch'"),
+    row("run --defense pixeldp --param pixeldp.nosuch=1", "pixeldp has no parameter 'nosuch'; accepted:"),
+    row("run --param pixeldp.L=0.1", "names 'pixeldp', which is not selected"),
+    row("run --param no-equals-sign", "is malformed; expected KEY=VALUE"),
+    row("run --defense smoothing --param sigma=-1", "smoothing parameters need sigma > 0"),
+    row("run --defense smoothing --param alpha=1", "smoothing parameters need"),
+    row("run --defense madry --param steps=0", "madry parameters need"),
+    row("run --defense madry --param adversarial_fraction=2", "madry parameters need"),
+    row("run --defense robustopt --param epsilon=0", "robustopt parameters need epsilon > 0"),
+    row("run --attack pgd-linf --attack-param steps=0", "pgd steps must be at least 1"),
+    row("run --attack pgd-linf --attack-param steps=abc", "steps='abc' is not an integer"),
+    row("run --attack pgd-linf --attack-param rel_stepsize=nan", "rel_stepsize='nan' is not a finite number"),
+    row("run --attack pgd-linf --attack-param nosuch=1", "no selected attack has parameter 'nosuch'"),
+    row("run --attack cw-l2 --attack-param learning_rate=-1", "cw-l2 learning_rate and initial_const must be positive"),
+    row("run --attack-param steps=10", "no attack is selected (--attack NAME); attacks with 'steps':"),
+    row("run --attack cw-linf --attack-backend foolbox", "attack cw-linf has no 'foolbox' backend"),
+    row("run --attack-backend torch", "invalid choice: 'torch'"),
+    row("run --nosuch-flag", "unrecognized arguments: --nosuch-flag"),
+    row("run --config {out}/missing.toml", "missing.toml does not exist"),
+    row("run --profile cpu", "give --config FILE too"),
+    # -- TOML configs: the same checks as the flags ---------------------------------------------
+    row("run --config {config}", "defense must be a name or a list of names", "defense = 5"),
+    row("run --config {config}", "attack must be a name or a list of names", 'attack = ["pgd-linf", 3]'),
+    row("run --config {config}", "epsilons must be a non-empty list of numbers", 'epsilons = "0.1"'),
+    row("run --config {config}", "epsilons must be a non-empty list of numbers", "epsilons = []"),
+    row("run --config {config}", "got 'a'", 'epsilons = [0.1, "a"]'),
+    row("run --config {config}", "got nan", "epsilons = [nan]"),
+    row("run --config {config}", "epochs must be a positive integer", 'epochs = "five"'),
+    row("run --config {config}", "epochs must be a positive integer", "epochs = -4"),
+    row("run --config {config}", "epochs must be a positive integer", "epochs = 2.5"),
+    row("run --config {config}", "batch_size must be a positive integer", "batch_size = 0"),
+    row("run --config {config}", "train_size must be a positive integer", "train_size = true"),
+    row("run --config {config}", "lr must be a finite number above 0", "lr = nan"),
+    row("run --config {config}", "lr must be a finite number above 0", 'lr = "0.1"'),
+    row("run --config {config}", "seed must be an integer from 0 to 2**63-1", "seed = 18446744073709551616"),
+    row("run --config {config}", "seed must be an integer", "seed = true"),
+    row("run --config {config}", "device 'banana' is not accepted", 'device = "banana"'),
+    row("run --config {config}", "download must be true or false", 'download = "yes"'),
+    row("run --config {config}", "attack_backend 'torch' is not accepted", 'attack_backend = "torch"'),
+    row("run --config {config}", "--out /proc/foo is not writable", 'out = "/proc/foo"'),
+    row("run --config {config}", "unknown key 'epoch'", "epoch = 3"),
+    row("run --config {config}", "is not valid TOML", "epochs = "),
+    row("run --config {config}", "config key 'param' must be a table", "param = 5"),
+    row("run --config {config}", "pixeldp parameter L='abc' is not a finite number", 'defense = "pixeldp"\n[param]\nL = "abc"'),
+    row("run --config {config}", "L=0.0 must be positive", 'defense = ["baseline", "pixeldp"]\n[param.pixeldp]\nL = 0'),
+    row("run --config {config}", "defenses with 'L': pixeldp", "[param]\nL = 0.1"),
+    row("run --config {config}", "choose one of gaussian, laplace", 'defense = "pixeldp"\nparam = {mechanism = 5}'),
+    row("run --config {config}", "epochs must be a positive integer", '[[runs]]\ndefense = "baseline"\n[[runs]]\nepochs = 0'),
+    row("run --config {config} --epochs 0", "epochs must be a positive integer", "epochs = 3"),
+    # -- report ----------------------------------------------------------------------------------
+    row("report --out /proc/foo", "report --out /proc/foo is not writable"),
+    row("report --out {file}", "is a file; give a directory"),
+    row("report --thresholds nan", "thresholds must be finite numbers >= 0"),
+    row("report --thresholds -1", "thresholds must be finite numbers >= 0"),
+    row("report --dpi 0", "'0' must be a positive integer"),
+    row("report --format pdf", "invalid choice: 'pdf'"),
+    row("nosuch", "invalid choice: 'nosuch'"),
+]
+
+
+def prepare(tmp_path: Path, argv: list[str], toml: str | None) -> tuple[list[str], Path]:
+    out = tmp_path / "out"
+    paths = {"out": out, "file": tmp_path / "a-file", "config": tmp_path / "config.toml", "readonly": tmp_path / "ro"}
+    paths["file"].write_text("not a folder\n")
+    paths["readonly"].mkdir(mode=0o555)
+    if toml is not None:
+        paths["config"].write_text(toml + "\n")
+    argv = [arg.format(**paths) for arg in argv]
+    if argv[0] == "run" and "--out" not in argv and (toml is None or "out =" not in toml):
+        argv += ["--out", str(out)]
+    return argv, out
+
+
+def assert_nothing_stored(tmp_path: Path, out: Path) -> None:
+    assert not out.exists(), "validation must not create the results folder"
+    assert not list(tmp_path.rglob("results.sqlite")) and not list(tmp_path.rglob("*.pt"))
+
+
+def test_the_table_has_at_least_60_rows():
+    assert len(ROWS) >= 60
+
+
+@pytest.mark.parametrize("argv, fragment, toml", ROWS)
+def test_bad_input_is_one_line_exit_2_and_nothing_stored(tmp_path, capsys, argv, fragment, toml):
+    argv, out = prepare(tmp_path, argv, toml)
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    assert captured.err.startswith("bench: error: ") and captured.err.count("\n") == 1, captured.err
+    assert fragment in captured.err and "Traceback" not in captured.err
+    assert captured.out == ""
+    assert_nothing_stored(tmp_path, out)
+
+
+HEAVY = {"torch", "foolbox", "art", "scipy", "pandas"}
+# Runs bench.cli.main in a fresh interpreter and prints which heavy libraries it imported.
+PROBE = (
+    "import sys\nfrom bench.cli import main\ncode = main(sys.argv[1:])\n"
+    f"print(*sorted({{m.split('.')[0] for m in sys.modules}} & {HEAVY!r}))\nsys.exit(code)\n"
+)
+
+
+def run_process(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+
+
+@pytest.mark.parametrize("args", ["run --epsilons nan", "run --seed 99999999999999999999999", "run --out /proc/foo",
+                                  "run --epochs five", "run --lr nan"])
+def test_a_value_typo_fails_before_any_heavy_import(tmp_path, args):
+    process = run_process(tmp_path, args.split(" "))
+    assert process.returncode == 2
+    assert process.stderr.startswith("bench: error:") and process.stderr.count("\n") == 1
+    assert process.stdout.strip() == "", f"imported before failing: {process.stdout}"
+
+
+def test_a_parameter_typo_fails_before_attack_libraries_load(tmp_path):
+    process = run_process(tmp_path, "run --defense baseline --defense pixeldp --attack pgd-linf --param pixeldp.L=abc".split())
+    assert process.returncode == 2 and process.stderr.count("\n") == 1
+    assert "foolbox" not in process.stdout.split() and "art" not in process.stdout.split()
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_console_script_exits_2_with_one_line(tmp_path):
+    process = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--device", "banana"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert process.returncode == 2 and process.stderr.startswith("bench: error: device 'banana'")
+    assert process.stderr.count("\n") == 1 and not (tmp_path / "results").exists()
+
+
+def test_validate_request_is_the_api_entry_point(tmp_path):
+    assert validate_request([RunSpec("baseline"), RunSpec("pixeldp", params={"L": 0.3})], out=tmp_path / "r") == []
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(BenchError, match="L=-1.0 must be positive"):
+        validate_request([RunSpec("baseline"), RunSpec("pixeldp", params={"pixeldp.L": -1})])
+    with pytest.raises(BenchError, match="lr must be a finite number"):
+        validate_request([RunSpec("baseline", lr=float("nan"))])
+    with pytest.raises(BenchError, match="epsilons must be finite"):
+        validate_request([RunSpec("baseline", attacks=["pgd-linf"], epsilons=[float("inf")])])
+    with pytest.raises(BenchError, match="nothing to run"):
+        validate_request([])
+
+
+def test_linf_epsilons_above_1_warn_with_the_range():
+    (warning,) = validate_request([RunSpec("baseline", attacks=["pgd-linf", "pgd-l2"], epsilons=[0.1, 2.0])])
+    assert "pgd-linf" in warning and "2" in warning and "[0, 1]" in warning
+    assert validate_request([RunSpec("baseline", attacks=["pgd-l2"], epsilons=[2.0])]) == []
+
+
+def test_an_unexpected_error_before_any_step_does_not_claim_stored_steps(tmp_path, capsys, monkeypatch):
+    import bench.runner
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug while loading")
+
+    monkeypatch.setattr(bench.runner, "load_dataset", broken)
+    with pytest.raises(RuntimeError):
+        main(["run", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "unexpected error" in err and "nothing was stored" in err and "completed steps are stored" not in err
+
+
+def test_an_unexpected_error_after_a_step_says_completed_steps_are_stored(tmp_path, capsys, monkeypatch):
+    from bench.attacks.base import Attack
+    from bench.registry import ATTACKS
+
+    class Crash(Attack):
+        """Fails after the clean step is stored."""
+
+        def run(self, model, x, y, epsilons):
+            raise RuntimeError("simulated crash")
+
+    ATTACKS.names()
+    monkeypatch.setitem(ATTACKS._items, "crash", Crash)
+    with pytest.raises(RuntimeError):
+        main(["run", "--dataset", "digits", "--epochs", "1", "--train-size", "100", "--test-size", "20", "--quiet",
+              "--attack", "crash", "--epsilons", "0.1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "unexpected error" in err and "completed steps are stored and the same command resumes" in err
