@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, metavar="DIR", help="write the full report into DIR")
     report.add_argument("--format", choices=["md", "csv", "latex", "html", "json"], default="md",
                         help="what to print when --out is not given (default md)")
+    report.add_argument("--table", choices=["clean", "accuracy_under_attack", "certified", "cost"],
+                        default="accuracy_under_attack",
+                        help="the table --format csv prints (one tidy table; default accuracy_under_attack); "
+                             "--out DIR writes one CSV per table")
     report.add_argument("--thresholds", type=_numbers,
                         help="certified thresholds T shown in tables and JSON (default: JSON 0 to 1 by 0.05; "
                              "tables 0,0.05,0.1,0.2,0.3,0.5,1; robust precision/recall 0.05,0.1)")
@@ -254,7 +258,9 @@ def command_run(args: argparse.Namespace) -> int:
     # The whole request, every spec of it, before any data is loaded or anything trained.
     for warning in validate_request(specs, device=options.get("device", "cpu"), out=out):
         print(f"bench: warning: {warning}", file=sys.stderr)
-    from bench.reports.tables import build_tables, render
+    from bench.metrics import TABLE_THRESHOLDS
+    from bench.reports.render import render
+    from bench.reports.tables import build_tables
     from bench.runner import execute, load_dataset
     from bench.store import Store
 
@@ -269,7 +275,7 @@ def command_run(args: argparse.Namespace) -> int:
     shown = {name: table[table.run_id.isin(run_ids)] if not table.empty else table for name, table in tables.items()}
     if not shown["certified"].empty:
         certified = shown["certified"]
-        shown["certified"] = certified[(certified.attack == "clean") & certified.threshold.isin([0.0, 0.05, 0.1, 0.2, 0.3, 0.5])]
+        shown["certified"] = certified[(certified.attack == "clean") & certified.threshold.isin(TABLE_THRESHOLDS)]
     print(render(shown, "md"))
     print(f"stored {len(run_ids)} run(s) in {store.path}")
     return 0
@@ -304,8 +310,11 @@ def command_report(args: argparse.Namespace) -> int:
         check_epsilons(args.thresholds, "thresholds")
     if args.out is not None:
         check_writable_dir(args.out, "report --out")
-    from bench.metrics import DEFAULT_THRESHOLDS
-    from bench.reports.tables import TABLE_THRESHOLDS, compare, load_results, parse_where, render, render_comparison, tables_from
+    from bench.metrics import TABLE_THRESHOLDS, THRESHOLD_GRID
+    from bench.reports.compare import compare, render_comparison
+    from bench.reports.load import load_results, parse_where
+    from bench.reports.render import render, to_csv
+    from bench.reports.tables import tables_from
 
     stores = result_stores(args.results)
     shown = tuple(args.thresholds) if args.thresholds else None
@@ -324,7 +333,7 @@ def command_report(args: argparse.Namespace) -> int:
     where = parse_where(args.where)
     results = load_results(stores, where)
     # plots draw certified accuracy over the full default grid, whatever the tables show
-    grid = sorted({round(float(t), 6) for t in (*DEFAULT_THRESHOLDS, *(shown or ()))})
+    grid = sorted({round(float(t), 6) for t in (*THRESHOLD_GRID, *(shown or ()))})
     tables = tables_from(results, grid)
     sources = [str(store.directory) for store in stores]
     if args.out or args.format == "html":
@@ -343,6 +352,9 @@ def command_report(args: argparse.Namespace) -> int:
     if shown and not tables["certified"].empty:
         certified = tables["certified"]
         tables["certified"] = certified[certified.threshold.isin([round(t, 6) for t in shown])]
+    if args.format == "csv":
+        sys.stdout.write(to_csv(tables[args.table]) if not tables[args.table].empty else "")
+        return 0
     sys.stdout.write(render(tables, args.format, shown, shown) + "\n")
     return 0
 

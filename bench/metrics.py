@@ -2,20 +2,34 @@
 
 - accuracy under attack at epsilon: fraction of samples whose prediction on the attacked input
   is correct; per sample, the worst case over attacks of one norm counts (``attack = "worst-case"``);
-- certified accuracy at T: fraction with a correct certified label and certified radius >= T;
+- certified accuracy at T: fraction with a certificate (see ``bench.types.Certificate``: a point
+  without one is not certified at any T, T = 0 included), a correct certified label and a
+  certified radius >= T;
 - robust precision / recall at T (PixelDP paper, Sec. IV): among the attacked inputs whose
   prediction is certified at T, the fraction that is correct / the fraction of all inputs that are
   certified at T.
+
+Every metric comes with its counts (``correct``, ``certified_correct``, ``robust_n`` and ``n``),
+so intervals are computed from integers, not from rounded proportions. Epsilon 0 is the clean
+input for every attack (``clean_at_epsilon_zero``), whatever an attack stored at epsilon 0.
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from bench.types import RECORD_COLUMNS, Record
+from bench.types import ABSTAIN, RECORD_COLUMNS, Record
 
 RUN_KEYS = ["run_id", "dataset", "defense", "label", "params"]
-DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.0, 1.0001, 0.05), 2))
+CLEAN = "clean"  # the attack name of the unperturbed step
+WORST_CASE = "worst-case"  # the per-sample worst case over the attacks of one norm
+
+# The certified thresholds T, listed once: the fine grid of the JSON, CSV and plots; the columns
+# of the human-readable tables; the T of robust precision/recall (the paper's Fig. 5).
+THRESHOLD_GRID: tuple[float, ...] = tuple(float(t) for t in np.round(np.arange(0.0, 1.0001, 0.05), 2))
+TABLE_THRESHOLDS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+PRECISION_THRESHOLDS: tuple[float, ...] = (0.05, 0.1)
+DEFAULT_THRESHOLDS = THRESHOLD_GRID
 
 
 def records_frame(records: list[Record], run_id: str = "run") -> pd.DataFrame:
@@ -26,59 +40,100 @@ def records_frame(records: list[Record], run_id: str = "run") -> pd.DataFrame:
     return frame.assign(dataset="", defense="", label="", params="")
 
 
+def certified_mask(records: pd.DataFrame) -> np.ndarray:
+    """Which records carry a certificate: the stored ``certified`` flag, else (records without
+    it) the convention of ``bench.types.Certificate``: not abstained and a radius above 0."""
+    derived = (records.certified_label != ABSTAIN) & (records.certified_radius > 0)
+    if "certified" not in records:
+        return derived.to_numpy(dtype=bool)
+    stored = records.certified
+    return stored.where(stored.notna(), derived).astype(bool).to_numpy() & derived.to_numpy(dtype=bool)
+
+
+def clean_at_epsilon_zero(attacked: pd.DataFrame, clean: pd.DataFrame, per: list[str]) -> pd.DataFrame:
+    """``attacked`` rows, with the rows at epsilon 0 replaced by the run's ``clean`` rows, one copy
+    for each distinct ``per`` (e.g. attack and norm) of the run: epsilon 0 is the clean input.
+
+    The one place that decides it, so every table and plot starts its curves at the clean value."""
+    pairs = attacked[RUN_KEYS + per].drop_duplicates()
+    zero = pairs.merge(clean.drop(columns=[c for c in per if c in clean], errors="ignore"), on=RUN_KEYS)
+    zero["epsilon"] = 0.0
+    return pd.concat([zero, attacked[attacked.epsilon > 0]], ignore_index=True)
+
+
 def clean_accuracy(records: pd.DataFrame) -> pd.DataFrame:
-    clean = records[records.attack == "clean"]
-    return clean.groupby(RUN_KEYS, sort=False).agg(accuracy=("correct", "mean"), n=("correct", "size")).reset_index()
+    """One row per run: ``accuracy`` = ``correct`` / ``n`` on the clean inputs."""
+    clean = records[records.attack == CLEAN]
+    table = clean.groupby(RUN_KEYS, sort=False).agg(correct=("correct", "sum"), n=("correct", "size")).reset_index()
+    return _with_accuracy(table)
+
+
+def _with_accuracy(table: pd.DataFrame) -> pd.DataFrame:
+    table["correct"] = table.correct.astype(int)
+    accuracy = table.correct / table.n if len(table) else pd.Series(dtype=float)
+    return table.assign(accuracy=accuracy)
 
 
 def accuracy_under_attack(records: pd.DataFrame) -> pd.DataFrame:
-    """One row per run, attack, norm and epsilon; epsilon 0 is the clean accuracy of every attack."""
-    attacked = records[records.attack != "clean"]
+    """One row per run, attack, norm and epsilon: ``accuracy`` = ``correct`` / ``n``; epsilon 0 is
+    the clean accuracy of every attack."""
+    columns = RUN_KEYS + ["attack", "norm", "epsilon", "correct", "n", "accuracy"]
+    attacked = records[records.attack != CLEAN]
     if attacked.empty:
-        return pd.DataFrame(columns=RUN_KEYS + ["attack", "norm", "epsilon", "accuracy", "n"])
+        return pd.DataFrame(columns=columns)
     worst = (
         attacked.groupby(RUN_KEYS + ["norm", "epsilon", "sample_index"], sort=False)["correct"].min().reset_index()
     )
-    worst["attack"] = "worst-case"
+    worst["attack"] = WORST_CASE
     attacks_per_norm = attacked.groupby(RUN_KEYS + ["norm"], sort=False)["attack"].nunique().reset_index()
     multi = attacks_per_norm[attacks_per_norm.attack > 1][RUN_KEYS + ["norm"]]
     worst = worst.merge(multi, on=RUN_KEYS + ["norm"])
     combined = pd.concat([attacked, worst], ignore_index=True)
     table = (
         combined.groupby(RUN_KEYS + ["attack", "norm", "epsilon"], sort=False)
-        .agg(accuracy=("correct", "mean"), n=("correct", "size"))
+        .agg(correct=("correct", "sum"), n=("correct", "size"))
         .reset_index()
     )
-    clean = clean_accuracy(records)
-    zero = table[RUN_KEYS + ["attack", "norm"]].drop_duplicates().merge(clean, on=RUN_KEYS)
-    zero["epsilon"] = 0.0
-    table = pd.concat([zero, table[table.epsilon > 0]], ignore_index=True)
-    return table.sort_values(RUN_KEYS + ["attack", "norm", "epsilon"], kind="stable").reset_index(drop=True)
+    table = clean_at_epsilon_zero(_with_accuracy(table), clean_accuracy(records), ["attack", "norm"])
+    return table[columns].sort_values(RUN_KEYS + ["attack", "norm", "epsilon"], kind="stable").reset_index(drop=True)
 
 
-def certified(records: pd.DataFrame, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> pd.DataFrame:
-    """Certified accuracy (clean inputs) and robust precision/recall (attacked inputs) at each T."""
-    rows = []
-    with_certificates = records[records.certified_radius.notna()]
+def certified(records: pd.DataFrame, thresholds: tuple[float, ...] = THRESHOLD_GRID) -> pd.DataFrame:
+    """Certified accuracy (clean inputs, ``attack = "clean"``) and robust precision/recall
+    (attacked inputs; epsilon 0 is the clean input) at each threshold T, with their counts:
+    ``robust_n`` inputs certified at T, ``certified_correct`` of them with the true label, of ``n``."""
     keys = RUN_KEYS + ["attack", "epsilon"]
-    for key, group in with_certificates.groupby(keys, sort=False):
-        radius = group.certified_radius.to_numpy()
+    columns = keys + ["norm", "threshold", "certified_correct", "robust_n", "n", "certified_accuracy",
+                      "robust_precision", "robust_recall"]
+    with_certificates = records[records.certified_radius.notna()]
+    mask = certified_mask(with_certificates)
+    rows = []
+    for key, index in with_certificates.groupby(keys, sort=False).indices.items():
+        group = with_certificates.iloc[index]
+        radius = group.certified_radius.to_numpy(dtype=float)
+        has_certificate = mask[index]
         correct = (group.certified_label == group.true_label).to_numpy()
-        norm = group.certified_norm.iloc[0]
         for threshold in thresholds:
-            robust = radius >= threshold
-            robust_count = int(robust.sum())
+            robust = has_certificate & (radius >= threshold)
+            robust_n, robust_correct = int(robust.sum()), int((robust & correct).sum())
             rows.append({
                 **dict(zip(keys, key)),
-                "norm": norm,
+                "norm": group.certified_norm.iloc[0],
                 "threshold": float(threshold),
-                "certified_accuracy": float((robust & correct).mean()),
-                "robust_precision": float((robust & correct).sum() / robust_count) if robust_count else None,
-                "robust_recall": float(robust.mean()),
+                "certified_correct": robust_correct,
+                "robust_n": robust_n,
                 "n": len(group),
+                "certified_accuracy": robust_correct / len(group),
+                "robust_precision": robust_correct / robust_n if robust_n else None,
+                "robust_recall": robust_n / len(group),
             })
-    columns = keys + ["norm", "threshold", "certified_accuracy", "robust_precision", "robust_recall", "n"]
-    return pd.DataFrame(rows, columns=columns)
+    table = pd.DataFrame(rows, columns=columns)
+    attacked = table[table.attack != CLEAN]
+    if attacked.empty:
+        return table
+    clean = table[table.attack == CLEAN].drop(columns="epsilon")
+    attacked = clean_at_epsilon_zero(attacked, clean, ["attack"])
+    return pd.concat([table[table.attack == CLEAN], attacked], ignore_index=True)[columns]
 
 
 # An attack size is "very large" when the uniform mid-gray image (every pixel 0.5) lies within it

@@ -92,6 +92,7 @@ def records_for(
             certified_label=None if certificate is None else int(certificate.label[i]),
             certified_radius=None if certificate is None else float(certificate.radius[i]),
             certified_norm=None if certificate is None else certificate.norm,
+            certified=None if certificate is None else int(certificate.certified[i]),
         )
         for i in range(len(labels))
     ]

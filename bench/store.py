@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS records (
     distance REAL,
     certified_label INTEGER,
     certified_radius REAL,
-    certified_norm TEXT
+    certified_norm TEXT,
+    certified INTEGER
 );
 CREATE INDEX IF NOT EXISTS records_by_run ON records(run_id);
 """
@@ -116,6 +117,7 @@ class Store:
                 # Stores written before runs had a status held complete runs only.
                 with connection:
                     connection.execute("ALTER TABLE runs ADD COLUMN status TEXT NOT NULL DEFAULT 'complete'")
+            _add_certified_column(connection)
         except sqlite3.DatabaseError as error:
             raise BenchError(f"results store {self.path} is not readable: {error}") from None
         return connection
@@ -230,6 +232,19 @@ def _insert_records(connection: sqlite3.Connection, run_id: str, records: Iterab
         f"INSERT INTO records VALUES ({','.join('?' * len(RECORD_COLUMNS))})",
         ((run_id,) + tuple(r) for r in records),
     )
+
+
+def _add_certified_column(connection: sqlite3.Connection) -> None:
+    """Stores written before records had ``certified``: derive it by the one convention of
+    ``bench.types.Certificate`` (abstention, a failed test and radius 0 are not certified)."""
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(records)")}
+    if columns and "certified" not in columns:
+        with connection:
+            connection.execute("ALTER TABLE records ADD COLUMN certified INTEGER")
+            connection.execute(
+                "UPDATE records SET certified = (certified_label != -1 AND certified_radius > 0) "
+                "WHERE certified_radius IS NOT NULL"
+            )
 
 
 def owner_info() -> dict[str, Any]:

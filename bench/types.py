@@ -1,17 +1,55 @@
-"""The vocabulary every layer shares: norms and the per-sample record."""
+"""The vocabulary every layer shares: norms, the per-sample record and the certificate."""
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+if TYPE_CHECKING:  # torch stays out of the imports of light modules (option checks, the CLI)
+    import torch
 
 Norm = Literal["linf", "l2", "l1"]
 NORMS: tuple[Norm, ...] = ("linf", "l2", "l1")
+
+ABSTAIN = -1
+"""The label of a point on which a defense declines to predict or certify."""
+
+
+@dataclass
+class Certificate:
+    """Per input: the certified ``label``, the certified ``radius`` in ``norm``, and ``certified``,
+    the mask of the points that carry a certificate at all.
+
+    The guarantee: for a certified point, every input within ``radius`` (in ``norm``) of it gets
+    ``label``. It is exact (deterministic) when ``confidence`` is None, e.g. RobustOpt's dual
+    bound; for Monte Carlo certificates (PixelDP, randomized smoothing) it holds with probability
+    at least ``confidence = 1 - eta`` over the defense's noise draws.
+
+    One convention for every defense: a point without a certificate is not certified at any
+    threshold T, T = 0 included. That covers abstention (``label = ABSTAIN``), a robustness test
+    that failed, and a radius of exactly 0 (a certificate of size 0 guarantees nothing about any
+    perturbed input), so ``certified`` is always false where ``label`` is ``ABSTAIN`` or the
+    radius is not above 0, and the radius of an uncertified point is stored as 0. Certified at T
+    means ``certified and radius >= T``.
+    """
+
+    label: torch.Tensor
+    radius: torch.Tensor
+    norm: Norm
+    certified: torch.Tensor | None = None
+    confidence: float | None = None
+
+    def __post_init__(self) -> None:
+        mask = (self.label != ABSTAIN) & (self.radius > 0)
+        self.certified = mask if self.certified is None else self.certified.bool() & mask
+        self.radius = self.radius.where(self.certified, self.radius.new_zeros(()))
 
 
 class Record(NamedTuple):
     """One test sample under one evaluation step (``attack = "clean"`` or an attack at ``epsilon``).
 
     ``correct`` is 0/1; ``distance`` is the perturbation's size in ``norm`` (None on clean inputs);
-    the ``certified_*`` fields are None for defenses that do not certify.
+    the ``certified_*`` fields and ``certified`` (0/1, the point carries a certificate; see
+    ``Certificate``) are None for defenses that do not certify.
     """
 
     sample_index: int
@@ -25,6 +63,7 @@ class Record(NamedTuple):
     certified_label: int | None
     certified_radius: float | None
     certified_norm: Norm | None
+    certified: int | None = None
 
 
 RECORD_COLUMNS: tuple[str, ...] = ("run_id",) + Record._fields

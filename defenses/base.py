@@ -1,4 +1,5 @@
-"""The Defense interface every adapter implements, and the Certificate that certifying ones return."""
+"""The Defense interface every adapter implements; certifying ones return a ``Certificate``
+(defined in ``bench.types``, importable from here)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,18 +11,7 @@ from torch import nn
 
 from bench.models import ZooModel
 from bench.training import TrainConfig, batches, train_classifier
-
-ABSTAIN = -1
-
-
-@dataclass
-class Certificate:
-    """Per input: a label (``ABSTAIN`` = -1 when the defense declines), the certified radius
-    (0 where nothing is certified) and the norm the radius is measured in (``l1``, ``l2``, ``linf``)."""
-
-    label: torch.Tensor
-    radius: torch.Tensor
-    norm: str
+from bench.types import ABSTAIN, Certificate  # noqa: F401 (adapters import them from here)
 
 
 class Defense:

@@ -35,7 +35,7 @@ from bench.models import ZooModel
 from bench.registry import DEFENSES
 from bench.training import TrainConfig, batches, train_classifier
 from bench.defenses.base import Certificate, Defense
-from bench.defenses.confidence import bernstein_bounds, clopper_pearson, hoeffding_bounds
+from bench.confidence import bernstein_bounds, clopper_pearson_bounds, hoeffding_bounds
 
 # Parseval retraction step (Cisse et al. 2017). With beta = 0.5 and the spectral norm capped at 1
 # first, one step maps every singular value s in [0, 1] to 1.5 s - 0.5 s^3, still in [0, 1]: the
@@ -126,7 +126,7 @@ def score_bounds(
     elif bound == "bernstein":
         lower, upper = bernstein_bounds(mean, mean_sq, draws, eta, 2 * classes)
     elif bound == "clopper-pearson":
-        lower, upper = clopper_pearson(votes, draws, eta, 2 * classes)
+        lower, upper = clopper_pearson_bounds(votes, draws, eta, 2 * classes)
     else:
         raise ValueError(f"unknown bound {bound!r}")
     rows = np.arange(len(top))
@@ -492,7 +492,8 @@ class PixelDP(Defense):
         The reference code (models/evaluate.py) also computes both from one set of draws. That is
         sound here because the confidence bounds hold for all classes at once (Bonferroni over
         both sides of every class), so picking the top class from these draws does not bias them.
-        The certificate's label is the prediction; its radius is 0 where the test fails.
+        The certificate's label is the prediction; a point where the test fails is not certified.
+        The guarantee holds with probability at least 1 - eta over the draws.
         """
         p = self.params
         mean, mean_sq, votes = self.expected_scores(x)
@@ -502,7 +503,8 @@ class PixelDP(Defense):
             self.measure_sensitivity()
         radius = certified_radius(lower, upper, p.mechanism, p.L, p.epsilon, p.delta, self.sensitivity)
         labels = torch.from_numpy(top).long()
-        return labels, Certificate(labels.clone(), torch.from_numpy(radius).float(), self.norm)
+        certificate = Certificate(labels.clone(), torch.from_numpy(radius).float(), self.norm, confidence=1 - p.eta)
+        return labels, certificate
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.evaluate(x)[0]

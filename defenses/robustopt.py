@@ -191,7 +191,10 @@ class RobustOpt(Defense):
 
     @torch.no_grad()
     def certify(self, x: torch.Tensor) -> Certificate:
-        """The predicted label, and the largest radius (by bisection) at which the dual bound proves it."""
+        """The predicted label, and the largest radius (by bisection) at which the dual bound proves it.
+
+        The guarantee is exact (the dual bound is a proof); a point where no positive radius is
+        proved is not certified."""
         self.model.eval()
         labels = self.predict(x)
         max_radius = self.params.max_radius or 2 * self.params.epsilon

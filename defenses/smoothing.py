@@ -12,7 +12,7 @@ from torch import nn
 from bench.errors import BenchError
 from bench.registry import DEFENSES
 from bench.defenses.base import ABSTAIN, Certificate, Defense
-from bench.defenses.confidence import clopper_pearson
+from bench.confidence import clopper_pearson_bounds
 
 
 class GaussianNoise(nn.Module):
@@ -32,7 +32,7 @@ def smoothing_radius(count: int, draws: int, sigma: float, alpha: float) -> floa
     """Cohen et al.'s CERTIFY radius from ``count`` of ``draws`` votes for the selected class:
     sigma * Phi^-1(p_lower) with the one-sided Clopper-Pearson bound at ``alpha``; 0 (abstain)
     when p_lower <= 0.5."""
-    lower = float(clopper_pearson(count, draws, alpha)[0])
+    lower = float(clopper_pearson_bounds(count, draws, alpha)[0])
     return sigma * float(norm.ppf(lower)) if lower > 0.5 else 0.0
 
 
@@ -104,14 +104,16 @@ class Smoothing(Defense):
         return torch.tensor(labels, dtype=torch.long)
 
     def certify_from_counts(self, selection: torch.Tensor, estimation: torch.Tensor) -> Certificate:
-        """Cohen et al.'s CERTIFY: class from the selection draws, radius from the estimation draws."""
+        """Cohen et al.'s CERTIFY: class from the selection draws, radius from the estimation draws;
+        the guarantee holds with probability at least 1 - alpha; an abstention is not certified."""
         guess = selection.argmax(1)
         labels, radii = [], []
         for label, count in zip(guess.tolist(), estimation.gather(1, guess[:, None])[:, 0].tolist()):
             radius = smoothing_radius(count, self.params.n, self.params.sigma, self.params.alpha)
             labels.append(label if radius > 0 else ABSTAIN)
             radii.append(radius)
-        return Certificate(torch.tensor(labels, dtype=torch.long), torch.tensor(radii), "l2")
+        return Certificate(torch.tensor(labels, dtype=torch.long), torch.tensor(radii), "l2",
+                           confidence=1 - self.params.alpha)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict_from_counts(self.counts(x, self.params.n))

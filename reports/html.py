@@ -73,7 +73,7 @@ def build_html(
     sources: Sequence[str] = (),
     where: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The report as one HTML string; ``shown`` are the tables of ``bench.reports.tables.display_tables``."""
+    """The report as one HTML string; ``shown`` are the tables of ``bench.reports.display.display_tables``."""
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     selection = ", ".join(f"{k}={v}" for k, v in where) or "all runs (latest of each spec)"
     warned = runs[runs.warnings.map(len) > 0] if not runs.empty else runs
@@ -121,18 +121,26 @@ def write_report(
     dpi: int = 150,
 ) -> list[Path]:
     """Write the whole report into ``out``: ``report.html`` (self-contained), ``tables.md``,
-    ``tables.tex``, ``tables.csv``, ``tables.json`` and ``figures/NAME.png|svg``; returns the paths."""
+    ``tables.tex``, ``tables.json``, one tidy CSV per table (``clean.csv``,
+    ``accuracy_under_attack.csv``, ``certified.csv``, ``cost.csv``) and ``figures/NAME.png|svg``;
+    returns the paths."""
+    from bench.reports.display import display_tables
     from bench.reports.plots import make_plots
-    from bench.reports.tables import display_tables, render
+    from bench.reports.render import render, to_csv
 
     out.mkdir(parents=True, exist_ok=True)
     plots = make_plots(tables, out / "figures", dpi)
     shown = display_tables(tables, thresholds, precision_thresholds)
     written = []
-    for name, fmt in (("tables.md", "md"), ("tables.tex", "latex"), ("tables.csv", "csv"), ("tables.json", "json")):
+    for name, fmt in (("tables.md", "md"), ("tables.tex", "latex"), ("tables.json", "json")):
         path = out / name
         path.write_text(render(tables, fmt, thresholds, precision_thresholds), encoding="utf-8")
         written.append(path)
+    for name, table in tables.items():
+        if not table.empty:
+            path = out / f"{name}.csv"
+            path.write_text(to_csv(table), encoding="utf-8")
+            written.append(path)
     report = out / "report.html"
     report.write_text(build_html(shown, plots, runs, title, sources, where), encoding="utf-8")
     return [report] + written + [p for plot in plots for p in (plot.png, plot.svg)]

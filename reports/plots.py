@@ -30,7 +30,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from bench.reports.tables import NORM_NAMES, PRECISION_THRESHOLDS, config_order  # noqa: E402
+from bench.metrics import CLEAN, PRECISION_THRESHOLDS, WORST_CASE  # noqa: E402
+from bench.reports.labels import NORM_NAMES, config_order  # noqa: E402
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
 DASHES = ["-", "--", "-.", ":"]
@@ -98,8 +99,8 @@ def accuracy_under_attack(table: pd.DataFrame, styles: dict[str, dict]) -> Figur
     """Accuracy vs L_attack per dataset and norm (worst case over attacks where a run has several)."""
     if table.empty:
         return None
-    per_norm = table.groupby(["run_id", "norm"]).attack.transform(lambda a: (a == "worst-case").any())
-    lines = table[(table.attack == "worst-case") | ~per_norm]
+    per_norm = table.groupby(["run_id", "norm"]).attack.transform(lambda a: (a == WORST_CASE).any())
+    lines = table[(table.attack == WORST_CASE) | ~per_norm]
     datasets, norms = sorted(lines.dataset.unique()), sorted(lines.norm.unique())
     figure, axes = _grid(datasets, norms)
     for (dataset, norm), ax in axes.items():
@@ -109,7 +110,7 @@ def accuracy_under_attack(table: pd.DataFrame, styles: dict[str, dict]) -> Figur
             continue
         for config, data in facet.groupby("config", sort=False):
             _line(ax, data, "epsilon", "accuracy", "ci_low", "ci_high", styles[config])
-        attacks = sorted(set(table[(table.dataset == dataset) & (table.norm == norm)].attack) - {"worst-case"})
+        attacks = sorted(set(table[(table.dataset == dataset) & (table.norm == norm)].attack) - {WORST_CASE})
         ax.set_title(f"{dataset}, {NORM_NAMES.get(norm, norm)}: {', '.join(attacks)}", fontsize="medium")
         ax.set_xlabel(f"L_attack ({NORM_NAMES.get(norm, norm)}, pixel units)")
         _proportion_axis(ax, "accuracy")
@@ -120,7 +121,7 @@ def accuracy_under_attack(table: pd.DataFrame, styles: dict[str, dict]) -> Figur
 
 def certified_accuracy(table: pd.DataFrame, styles: dict[str, dict]) -> Figure | None:
     """Certified accuracy vs threshold T on clean inputs, per dataset and norm."""
-    clean = table[table.attack == "clean"] if not table.empty else table
+    clean = table[table.attack == CLEAN] if not table.empty else table
     if clean.empty:
         return None
     # stop two grid steps after the last threshold that any configuration certifies
@@ -147,13 +148,10 @@ def certified_accuracy(table: pd.DataFrame, styles: dict[str, dict]) -> Figure |
 def robust_precision_recall(table: pd.DataFrame, styles: dict[str, dict],
                             thresholds: Sequence[float] = PRECISION_THRESHOLDS) -> Figure | None:
     """Robust precision and recall vs L_attack at each T, per dataset and attack."""
-    if table.empty or not (table.attack != "clean").any():
+    if table.empty or not (table.attack != CLEAN).any():
         return None
     chosen = [t for t in sorted(set(table.threshold)) if any(math.isclose(t, w, abs_tol=1e-9) for w in thresholds)]
-    attacked = table[(table.attack != "clean") & table.threshold.isin(chosen)]
-    zero = table[(table.attack == "clean") & table.threshold.isin(chosen)].drop(columns=["attack", "attack_norm"]).merge(
-        attacked[["run_id", "attack", "attack_norm"]].drop_duplicates(), on="run_id")
-    rows = pd.concat([zero, attacked], ignore_index=True)
+    rows = table[(table.attack != CLEAN) & table.threshold.isin(chosen)]
     if rows.empty:
         return None
     facets = sorted(set(zip(rows.dataset, rows.attack)))

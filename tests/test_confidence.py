@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.defenses.confidence import bernstein_bounds, clopper_pearson, hoeffding_bounds
+from bench.confidence import bernstein_bounds, clopper_pearson_bounds, hoeffding_bounds
 
 REPEATS = 4000
 ALPHA = 0.05
@@ -23,11 +23,11 @@ def test_hoeffding_width_is_the_textbook_value():
 
 def test_clopper_pearson_known_values():
     # k = 0: upper = 1 - alpha^(1/n); k = n: lower = alpha^(1/n).
-    lower, upper = clopper_pearson(0, 10, 0.05)
+    lower, upper = clopper_pearson_bounds(0, 10, 0.05)
     assert lower == 0.0 and upper == pytest.approx(1 - 0.05 ** 0.1)
-    lower, upper = clopper_pearson(10, 10, 0.05)
+    lower, upper = clopper_pearson_bounds(10, 10, 0.05)
     assert upper == 1.0 and lower == pytest.approx(0.05 ** 0.1)
-    lower, upper = clopper_pearson(np.array([3, 50]), np.array([10, 100]), 0.05)
+    lower, upper = clopper_pearson_bounds(np.array([3, 50]), np.array([10, 100]), 0.05)
     assert np.all(lower < np.array([0.3, 0.5])) and np.all(upper > np.array([0.3, 0.5]))
 
 
@@ -44,7 +44,7 @@ def test_bounds_cover_a_bernoulli_mean(p):
     for lower, upper in (
         hoeffding_bounds(mean, n, ALPHA),
         bernstein_bounds(mean, mean, n, ALPHA),  # x^2 = x for 0/1 draws
-        clopper_pearson(draws.sum(1), n, ALPHA),
+        clopper_pearson_bounds(draws.sum(1), n, ALPHA),
     ):
         low_fail, up_fail = _failure_rates(lower, upper, p)
         # The empirical rate estimates a probability <= alpha; allow 3 standard errors.

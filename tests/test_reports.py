@@ -13,17 +13,22 @@ from bench.cli import build_parser, merged_options, specs_from
 from bench.errors import BenchError
 from bench.store import Run, Store
 from conftest import FAST
-from bench.reports.tables import build_tables, clopper_pearson, compare, display_tables, render
+from bench.confidence import clopper_pearson_interval
+from bench.reports.compare import compare
+from bench.reports.display import display_tables
+from bench.reports.render import render
+from bench.reports.tables import build_tables
+from bench.types import Record
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = {"python": "3.11", "torch": "2.13.0", "numpy": "2.4.0", "foolbox": "3.3.4"}
 
 
 def record(i, attack, norm, eps, correct, certified_label=None, radius=None, label=3):
-    """(sample_index, attack, norm, epsilon, prediction, label, correct, distance, cert label, radius, cert norm)."""
+    """One stored record; ``certified`` is left for the store to derive (as for stores written before it)."""
     prediction = label if correct else (label + 1) % 10
-    return (i, attack, norm, eps, prediction, label, int(correct), None if attack == "clean" else eps,
-            certified_label, radius, None if radius is None else "l2")
+    return Record(i, attack, norm, eps, prediction, label, int(correct), None if attack == "clean" else eps,
+                  certified_label, radius, None if radius is None else "l2")
 
 
 def correct_set(attack, norm, eps, indices, n=10):
@@ -85,11 +90,11 @@ def rows(table, **where):
 
 # -- numbers -----------------------------------------------------------------------------------
 def test_clopper_pearson_matches_known_values():
-    low, high = clopper_pearson([0, 5, 10], [10, 10, 10])
+    low, high = clopper_pearson_interval([0, 5, 10], [10, 10, 10])
     # exact 95% limits: 0/10 -> [0, 0.3085]; 5/10 -> [0.1871, 0.8129]; 10/10 -> [0.6915, 1]
     assert np.allclose(low, [0.0, 0.18709, 0.69150], atol=1e-4)
     assert np.allclose(high, [0.30850, 0.81291, 1.0], atol=1e-4)
-    assert np.isnan(clopper_pearson(0, 0)[0]).all()
+    assert np.isnan(clopper_pearson_interval(0, 0)[0]).all()
 
 
 def test_clean_and_attacked_accuracy_with_worst_case_and_intervals(store):
@@ -105,8 +110,8 @@ def test_clean_and_attacked_accuracy_with_worst_case_and_intervals(store):
     assert rows(base, attack="worst-case", norm="l2", epsilon=1.0).accuracy.item() == pytest.approx(0.4)
     assert rows(base, attack="worst-case", norm="linf").empty  # one linf attack: no worst-case row
     row = rows(base, attack="pgd-l2", epsilon=0.5)
-    low, high = clopper_pearson(8, 10)
-    assert row.ci_low.item() == pytest.approx(low[0]) and row.ci_high.item() == pytest.approx(high[0])
+    low, high = clopper_pearson_interval(8, 10)
+    assert row.ci_low.item() == pytest.approx(float(low)) and row.ci_high.item() == pytest.approx(float(high))
 
 
 def test_certified_accuracy_and_robust_precision_recall_by_hand(store):
@@ -123,9 +128,9 @@ def test_certified_accuracy_and_robust_precision_recall_by_hand(store):
     at_01 = rows(attacked, threshold=0.1)
     assert at_01.robust_precision.item() == pytest.approx(0.6) and at_01.robust_recall.item() == pytest.approx(0.5)
     assert at_01.robust_n.item() == 5
-    low, high = clopper_pearson(3, 5)
-    assert at_01.robust_precision_ci_low.item() == pytest.approx(low[0])
-    assert at_01.robust_precision_ci_high.item() == pytest.approx(high[0])
+    low, high = clopper_pearson_interval(3, 5)
+    assert at_01.robust_precision_ci_low.item() == pytest.approx(float(low))
+    assert at_01.robust_precision_ci_high.item() == pytest.approx(float(high))
     # T=0.05: robust {2,3,4,5,6,8,9}, right {2..6} -> 5/7
     assert rows(attacked, threshold=0.05).robust_precision.item() == pytest.approx(5 / 7)
     # nothing certified at T=0.6 under attack: precision undefined, recall 0
@@ -226,7 +231,8 @@ def test_report_command_writes_html_tables_and_plots(bench, store, tmp_path):
     out = tmp_path / "report"
     code, stdout, _ = bench("report", "--results", str(store.directory), "--out", str(out))
     assert code == 0
-    for name in ("report.html", "tables.md", "tables.tex", "tables.csv", "tables.json"):
+    for name in ("report.html", "tables.md", "tables.tex", "tables.json", "clean.csv", "accuracy_under_attack.csv",
+                 "certified.csv", "cost.csv"):
         assert (out / name).stat().st_size > 0 and str(out / name) in stdout
     for plot in ("accuracy_under_attack", "certified_accuracy", "robust_precision_recall", "cost"):
         assert (out / "figures" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

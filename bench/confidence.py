@@ -1,6 +1,7 @@
-"""Confidence bounds for Monte Carlo certificates (PixelDP, randomized smoothing).
+"""Confidence bounds: for Monte Carlo certificates (PixelDP, randomized smoothing) and for the
+intervals of the reports' proportions.
 
-Every function returns one-sided bounds on the expectation of a bounded random variable from
+The ``*_bounds`` functions return one-sided bounds on the expectation of a bounded random variable from
 ``n`` independent draws. Each bound holds on its own with probability at least
 ``1 - alpha / hypotheses``; pass ``hypotheses = k`` (Bonferroni) when k bounds must hold at once,
 e.g. the top class's lower bound and the other classes' upper bounds in a robustness test.
@@ -47,7 +48,7 @@ def bernstein_bounds(
     return np.clip(mean - width, 0.0, 1.0), np.clip(mean + width, 0.0, 1.0)
 
 
-def clopper_pearson(
+def clopper_pearson_bounds(
     successes: ArrayLike, trials: ArrayLike, alpha: float, hypotheses: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact (Clopper-Pearson) one-sided bounds on a Bernoulli probability.
@@ -55,7 +56,8 @@ def clopper_pearson(
     ``lower`` is the ``alpha/hypotheses`` quantile of Beta(k, n - k + 1) and ``upper`` the
     ``1 - alpha/hypotheses`` quantile of Beta(k + 1, n - k); lower = 0 when k = 0 and
     upper = 1 when k = n. Both sides at ``alpha`` together form a two-sided interval at ``2 alpha``
-    (Cohen et al.'s smoothing passes ``alpha`` here for its one-sided lower bound).
+    (Cohen et al.'s smoothing passes ``alpha`` here for its one-sided lower bound). NaN where
+    ``trials`` is 0 (no draws bound nothing).
     """
     k = np.asarray(successes, dtype=np.float64)
     n = np.asarray(trials, dtype=np.float64)
@@ -63,4 +65,15 @@ def clopper_pearson(
     with np.errstate(invalid="ignore"):  # beta.ppf is nan where a shape is 0; replaced below
         lower = np.where(k > 0, beta.ppf(level, np.maximum(k, 1e-12), n - k + 1), 0.0)
         upper = np.where(k < n, beta.ppf(1.0 - level, k + 1, np.maximum(n - k, 1e-12)), 1.0)
-    return np.asarray(lower, dtype=np.float64), np.asarray(upper, dtype=np.float64)
+    empty = n <= 0
+    return np.where(empty, np.nan, lower).astype(np.float64), np.where(empty, np.nan, upper).astype(np.float64)
+
+
+def clopper_pearson_interval(
+    successes: ArrayLike, trials: ArrayLike, confidence: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided exact binomial interval that covers the true proportion with probability at
+    least ``confidence``: the one-sided bounds of :func:`clopper_pearson_bounds` at
+    ``(1 - confidence) / 2`` each. Conservative, and valid at the proportions 0 and 1 where
+    robustness results often sit; NaN where ``trials`` is 0."""
+    return clopper_pearson_bounds(successes, trials, (1.0 - confidence) / 2.0)

@@ -1,0 +1,130 @@
+"""Loading runs and records from one or several results stores, and selecting runs (``--where``)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from bench.errors import BenchError
+from bench.reports.labels import configuration_labels
+from bench.store import Run, Store
+
+RUN_COLUMNS = [f.name for f in dataclasses.fields(Run)]
+
+
+@dataclass
+class Results:
+    """The selected runs (one row each, ``params``/``spec``/... as Python objects, plus
+    ``config`` and ``store``) and their per-sample records (``true_label`` is the class;
+    ``dataset``, ``defense``, ``label``, ``params`` (JSON text) come from the run)."""
+
+    runs: pd.DataFrame
+    records: pd.DataFrame
+
+
+def parse_where(items: Sequence[str]) -> list[tuple[str, str]]:
+    """``["dataset=svhn", "L=0.1"]`` -> pairs; a one-line error for anything else."""
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BenchError(f"--where {item!r} is malformed; expected KEY=VALUE, e.g. --where dataset=svhn")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def _same(stored: Any, wanted: str) -> bool:
+    if isinstance(stored, (dict, list)):
+        return json.dumps(stored, sort_keys=True) == wanted
+    if str(stored) == wanted:
+        return True
+    try:
+        return math.isclose(float(stored), float(wanted))
+    except (TypeError, ValueError):
+        return False
+
+
+def _lookup(run: pd.Series, key: str) -> tuple[bool, Any]:
+    """A run's value for a ``--where`` key: a run column, a spec field or a defense parameter."""
+    if key in run.index and key not in ("params", "spec", "info", "versions", "warnings"):
+        return True, run[key]
+    for source in (run["spec"], run["params"]):
+        if key in source:
+            return True, source[key]
+    return False, None
+
+
+def select_runs(runs: pd.DataFrame, where: Sequence[tuple[str, str]]) -> pd.DataFrame:
+    """Runs matching every key; a key given several times matches any of its values.
+
+    Keys: run columns (``dataset``, ``defense``, ``label``, ``run_id``, ``seed``, ``host``), spec
+    fields (``epochs``, ``model``, ``test_size``, ...) and defense parameters (``L``, ...).
+    """
+    if runs.empty:
+        return runs
+    wanted: dict[str, list[str]] = {}
+    for key, value in where:
+        wanted.setdefault(key, []).append(value)
+    keep = np.ones(len(runs), dtype=bool)
+    for key, values in wanted.items():
+        found = [_lookup(run, key) for _, run in runs.iterrows()]
+        if not any(present for present, _ in found):
+            raise BenchError(f"--where {key}: no run has a field {key!r}; try dataset, defense, label, run_id, "
+                             "seed, a spec field (epochs, model, ...) or a defense parameter")
+        keep &= np.array([present and any(_same(value, v) for v in values) for present, value in found], dtype=bool)
+    return runs[keep]
+
+
+
+
+def _as_stores(stores: Store | Sequence[Store]) -> list[Store]:
+    return [stores] if isinstance(stores, Store) else list(stores)
+
+
+def load_results(stores: Store | Sequence[Store], where: Sequence[tuple[str, str]] = (), latest: bool = True) -> Results:
+    """Runs and records of one or several stores, filtered by ``where``.
+
+    With ``latest``, a re-run of the same spec replaces the earlier one (across stores too).
+    """
+    frames = []
+    for store in _as_stores(stores):
+        runs = pd.DataFrame([vars(run) for run in store.runs()], columns=RUN_COLUMNS)
+        frames.append(runs.assign(store=str(store.directory)))
+    runs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RUN_COLUMNS + ["store"])
+    runs = runs.sort_values(["created"], kind="stable")
+    runs["model_train_seconds"] = _training_seconds(runs)
+    if latest:
+        runs = runs.drop_duplicates("spec_hash", keep="last")
+    runs = select_runs(runs, where).reset_index(drop=True)
+    runs["config"] = configuration_labels(runs)
+    parts = []
+    for store in _as_stores(stores):
+        ids = list(runs.run_id[runs.store == str(store.directory)])
+        if ids:
+            parts.append(store.records(ids))
+    records = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["run_id", "label"])
+    records = records.rename(columns={"label": "true_label"})
+    keys = runs[["run_id", "dataset", "defense", "label"]].assign(
+        params=runs.params.map(lambda p: json.dumps(p, sort_keys=True)))
+    return Results(runs, records.merge(keys, on="run_id"))
+
+
+def _training_seconds(runs: pd.DataFrame) -> pd.Series:
+    """Seconds the run's model took to train: its own training, or for a run that reused a
+    checkpoint the training of the (possibly superseded) run with the same training hash."""
+    trained = {}
+    for _, run in runs.iterrows():
+        if run["info"].get("reused_checkpoint") is False and "train_seconds" in run["info"]:
+            trained.setdefault(run.training_hash, float(run["info"]["train_seconds"]))
+    return runs.apply(lambda run: trained.get(run.training_hash), axis=1) if not runs.empty else pd.Series(dtype=float)
+
+
+def latest_runs(store: Store) -> pd.DataFrame:
+    """One row per distinct spec: a re-run of the same spec replaces the earlier one in tables."""
+    return load_results(store).runs
+

@@ -1,0 +1,68 @@
+"""Tables as text: the JSON contract, tidy CSV, Markdown and LaTeX."""
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import pandas as pd
+
+from bench.errors import BenchError
+from bench.reports.display import display_tables
+
+TEXT_FORMATS = ("md", "latex", "csv", "json")
+
+
+def rows(table: pd.DataFrame) -> list[dict[str, Any]]:
+    return json.loads(table.to_json(orient="records")) if not table.empty else []
+
+
+def latex_escape(text: Any) -> str:
+    replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                    "ε": r"$\epsilon$", "–": "--", "∞": r"$\infty$"}
+    return "".join(replacements.get(ch, ch) for ch in str(text))
+
+
+def to_latex(table: pd.DataFrame, caption: str) -> str:
+    """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``)."""
+    header = " & ".join(latex_escape(c) for c in table.columns) + r" \\"
+    body = "\n".join(" & ".join(latex_escape(v) for v in row) + r" \\" for row in table.itertuples(index=False))
+    return "\n".join([
+        r"\begin{table}[ht]", r"\centering", r"\small", rf"\caption{{{latex_escape(caption)}}}",
+        rf"\begin{{tabular}}{{{'l' * len(table.columns)}}}", r"\toprule", header, r"\midrule", body,
+        r"\bottomrule", r"\end{tabular}", r"\end{table}", "",
+    ])
+
+
+def render(
+    tables: dict[str, pd.DataFrame],
+    fmt: str,
+    thresholds: Sequence[float] | None = None,
+    precision_thresholds: Sequence[float] | None = None,
+) -> str:
+    """``json`` (the contract of ``bench.reports.tables``), ``md`` or ``latex`` (the tables of
+    :func:`display_tables`); CSV is one file per table, see :func:`to_csv`."""
+    if fmt == "json":
+        return json.dumps({name: rows(table) for name, table in tables.items()}, indent=2)
+    if fmt == "csv":
+        raise BenchError("csv is one file per table: use to_csv(table) for one table, or "
+                         "'bench report --format csv --table NAME', or --out DIR for all of them")
+    shown = display_tables(tables, thresholds, precision_thresholds)
+    if not shown:
+        return "no runs in this store yet\n"
+    note = "Values: proportion [95% Clopper-Pearson interval]; n: samples per value."
+    if fmt == "latex":
+        return f"% {note}\n" + "\n".join(to_latex(table, title) for title, table in shown.items())
+    if fmt == "md":
+        return f"{note}\n\n" + "\n".join(f"## {title}\n\n{table.to_markdown(index=False)}\n" for title, table in shown.items())
+    raise ValueError(f"unknown table format {fmt!r}")
+
+
+
+
+def to_csv(table: pd.DataFrame) -> str:
+    """One table as a tidy CSV that ``pandas.read_csv`` reads back: one header line, one row per
+    observation, ``params`` as JSON text, missing values empty."""
+    if "params" in table:
+        table = table.assign(params=table.params.map(lambda p: p if isinstance(p, str) else json.dumps(p, sort_keys=True)))
+    return table.to_csv(index=False)
