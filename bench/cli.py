@@ -44,6 +44,30 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
+def _keyed_numbers(text: str) -> tuple[str | None, list[float]]:
+    """``0.05,0.1`` (every attack) or ``KEY=0.05,0.1`` (KEY a norm or an attack name)."""
+    key, sep, values = text.partition("=")
+    if not sep:
+        return None, _numbers(text)
+    if not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NORM=LIST or ATTACK=LIST, e.g. linf=0.05,0.1")
+    return key.strip(), _numbers(values)
+
+
+def _epsilon_option(items: list[tuple[str | None, list[float]]]) -> list[float] | dict[str, list[float]]:
+    """Repeated ``--epsilons``: one plain list for every attack, or lists keyed by norm/attack."""
+    keys = [key for key, _ in items]
+    if None in keys and len(items) > 1:
+        raise BenchError("--epsilons: give either one list for every attack (--epsilons 0.05,0.1) or one list per "
+                         "norm or attack (--epsilons linf=0.05,0.1 --epsilons l2=0.5,1), not both")
+    if None in keys:
+        return items[0][1]
+    duplicated = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicated:
+        raise BenchError(f"--epsilons {duplicated[0]}=... is given twice; give each norm or attack once")
+    return dict(items)
+
+
 def _positive_int(text: str) -> int:
     value = _integer(text)
     if value <= 0:
@@ -69,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", help="dataset name; default digits (ships with scikit-learn)")
     run.add_argument("--model", help="model zoo name (digits-cnn, mnist-cnn, wrn-DEPTH-WIDTH, resnet18); default per dataset")
     run.add_argument("--attack", action="append", help="attack name (repeatable)")
-    run.add_argument("--epsilons", type=_numbers, help="comma-separated attack sizes in [0,1] pixel units")
+    run.add_argument("--epsilons", type=_keyed_numbers, action="append", metavar="[NORM|ATTACK=]LIST",
+                     help="comma-separated attack sizes in [0,1] pixel units, for every attack (0.05,0.1) or per "
+                          "norm or attack, repeatable (--epsilons linf=0.05,0.1 --epsilons l2=0.5,1); "
+                          "default: each attack's own grid")
     run.add_argument("--attack-backend", choices=["foolbox", "art"])
     run.add_argument("--eot-draws", type=_integer, help="noise draws per attack step on randomized defenses (default 20)")
     run.add_argument("--epochs", type=_integer)
@@ -189,7 +216,7 @@ def _with_command_line(config: dict[str, Any], args: argparse.Namespace) -> dict
         options[key] = table
     for key, value in vars(args).items():
         if key in CONFIG_KEYS and key not in ("param", "attack_param") and value is not None:
-            options[key] = value
+            options[key] = _epsilon_option(value) if key == "epsilons" else value
     for key in ("defense", "attack"):
         if isinstance(options.get(key), str):
             options[key] = [options[key]]
@@ -287,6 +314,14 @@ def command_list(_: argparse.Namespace) -> int:
         for name, obj in registry.items():
             doc = (obj.__doc__ or "").strip().splitlines()
             print(f"  {name:16s} {doc[0] if doc else ''}")
+            option = {"defenses": "--param", "attacks": "--attack-param"}.get(title)
+            if option and dataclasses.is_dataclass(getattr(obj, "Params", None)):
+                defaults = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in dataclasses.asdict(obj.Params()).items()]
+                print(f"  {'':16s} {option} {' '.join(defaults) if defaults else '(none)'}")
+            epsilons = getattr(obj, "default_epsilons", None)
+            if title == "attacks" and epsilons:
+                print(f"  {'':16s} {obj.norm} epsilons {','.join(f'{e:g}' for e in epsilons)}")
     return 0
 
 

@@ -34,8 +34,8 @@ DEFAULT_THRESHOLDS = THRESHOLD_GRID
 
 def records_frame(records: list[Record], run_id: str = "run") -> pd.DataFrame:
     """Records of one run as the frame the metrics take (the true class is ``true_label``,
-    since ``label`` names the defense configuration in tables)."""
-    frame = pd.DataFrame([(run_id,) + tuple(r) for r in records], columns=list(RECORD_COLUMNS))
+    since ``label`` names the defense configuration in tables); plain tuples get ``Record``'s defaults."""
+    frame = pd.DataFrame([(run_id,) + tuple(Record(*r)) for r in records], columns=list(RECORD_COLUMNS))
     frame = frame.rename(columns={"label": "true_label"})
     return frame.assign(dataset="", defense="", label="", params="")
 

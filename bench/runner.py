@@ -23,7 +23,7 @@ from bench.errors import BenchError
 from bench.metrics import sanity_warnings
 from bench.models import build_model, default_model
 from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
-from bench.spec import DEFAULT_EPOCHS, RunSpec, scoped
+from bench.spec import DEFAULT_EPOCHS, RunSpec, epsilons_for, scoped
 from bench.store import Run, Store, owner_info
 from bench.training import TrainConfig
 from bench.types import Record
@@ -171,7 +171,7 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
             target = defense.attack_model()
             if defense.randomized:
                 target = EOT(target, spec.eot_draws)
-            epsilons = spec.epsilons if spec.epsilons is not None else list(attack.default_epsilons)
+            epsilons = epsilons_for(spec.epsilons, name, attack.norm, attack.default_epsilons)
             seed_everything(spec.seed)
             adversarials = attack.run(target, x_test, y_test, epsilons)
             step = []

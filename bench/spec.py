@@ -7,9 +7,14 @@ import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence, Union
 
 from bench.errors import BenchError
+from bench.types import NORMS
+
+# Attack sizes: one list for every attack, or lists keyed by norm (``linf``, ``l2``, ``l1``) or by
+# attack name (``pgd-l2``); an attack that no key names uses its own default epsilons.
+Epsilons = Union[list[float], dict[str, list[float]]]
 
 DEFAULT_EPOCHS = {"digits": 30, "mnist": 8, "fashion-mnist": 8}
 
@@ -24,7 +29,7 @@ class RunSpec:
     params: dict[str, Any] = field(default_factory=dict)
     attacks: list[str] = field(default_factory=list)
     attack_params: dict[str, Any] = field(default_factory=dict)
-    epsilons: list[float] | None = None
+    epsilons: Epsilons | None = None
     attack_backend: str = "foolbox"
     eot_draws: int = 20
     epochs: int | None = None
@@ -45,6 +50,31 @@ class RunSpec:
 
     def hash(self) -> str:
         return stable_hash(dataclasses.asdict(self))
+
+
+def epsilons_for(epsilons: Epsilons | None, attack: str, norm: str, default: Sequence[float]) -> list[float]:
+    """The attack sizes one attack runs at: its own key, else its norm's, else the one list for
+    every attack, else the attack's ``default``."""
+    if epsilons is None:
+        return list(default)
+    if isinstance(epsilons, Mapping):
+        chosen = epsilons.get(attack, epsilons.get(norm))
+        return list(default) if chosen is None else [float(e) for e in chosen]
+    return [float(e) for e in epsilons]
+
+
+def check_epsilon_keys(epsilons: Epsilons | None, attacks: Mapping[str, str]) -> None:
+    """Every key of per-norm/per-attack epsilons names a norm or one of the selected ``attacks``
+    (name -> norm), so a typo is not silently replaced by an attack's defaults."""
+    if not isinstance(epsilons, Mapping):
+        return
+    for key in epsilons:
+        if key not in NORMS and key not in attacks:
+            raise BenchError(f"--epsilons {key}=...: {key!r} is neither a norm ({', '.join(NORMS)}) nor a selected "
+                             f"attack ({', '.join(attacks) or 'none selected'})")
+        if key in NORMS and attacks and key not in attacks.values():
+            raise BenchError(f"--epsilons {key}=...: no selected attack has norm {key} "
+                             f"(selected: {', '.join(f'{a} ({n})' for a, n in attacks.items())})")
 
 
 def stable_hash(value: Any) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from bench.errors import BenchError
-from bench.spec import RunSpec, scoped
+from bench.spec import RunSpec, check_epsilon_keys, epsilons_for, scoped
 
 # Seeds are stored in an SQLite INTEGER (signed 64 bits); torch.manual_seed takes up to 2**64 - 1
 # and the runner reduces the numpy seed modulo 2**32, so the store is the binding limit.
@@ -75,8 +75,13 @@ def check_lr(value: Any) -> None:
 
 
 def check_epsilons(value: Any, key: str = "epsilons") -> None:
-    """A non-empty list of finite numbers >= 0 (attack sizes or certified thresholds)."""
+    """A non-empty list of finite numbers >= 0 (attack sizes or certified thresholds); for
+    ``epsilons`` also a table of such lists keyed by norm or attack name."""
     example = f"{key} = [0.05, 0.1] in a config, --{key} 0.05,0.1 on the command line"
+    if key == "epsilons" and isinstance(value, Mapping) and value:
+        for name, values in value.items():
+            check_epsilons(values, f"epsilons.{name}" if isinstance(name, str) and name else "epsilons")
+        return
     if not isinstance(value, (list, tuple)) or not value:
         raise BenchError(f"{key} must be a non-empty list of numbers ({example}); got {value!r}")
     for eps in value:
@@ -211,6 +216,7 @@ def validate_request(
         defense = DEFENSES.get(spec.defense)
         fields = {f.name for f in dataclasses.fields(defense.Params)}
         build_params(defense.Params, scoped(spec.params, spec.defense, fields), f"defense {spec.defense}")
+        check_epsilon_keys(spec.epsilons, {name: ATTACKS.get(name).norm for name in spec.attacks})
         for name in spec.attacks:
             attack = ATTACKS.get(name)
             fields = {f.name for f in dataclasses.fields(attack.Params)}
@@ -218,7 +224,8 @@ def validate_request(
             backends = getattr(attack, "backends", ATTACK_BACKENDS)
             if spec.attack_backend not in backends:
                 raise BenchError(f"attack {name} has no {spec.attack_backend!r} backend; use --attack-backend {' or '.join(backends)}")
-            too_large = [eps for eps in spec.epsilons or () if getattr(attack, "norm", None) == "linf" and eps > LINF_MAX]
+            epsilons = epsilons_for(spec.epsilons, name, attack.norm, attack.default_epsilons)
+            too_large = [eps for eps in epsilons if attack.norm == "linf" and eps > LINF_MAX]
             if too_large:
                 warning = (f"{name}: L-inf epsilon {too_large[0]:g} is above 1; for images in [0, 1] the meaningful "
                            f"range is [0, 1] and every epsilon >= 1 allows any image")
