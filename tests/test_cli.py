@@ -201,20 +201,20 @@ def test_a_store_from_before_run_status_reads_as_complete(bench, tmp_path):
 
 
 def test_a_changed_default_does_not_reuse_the_old_checkpoint(bench, tmp_path, monkeypatch):
-    from test_registry import install_plugin
+    from test_registry import write_readme_adapter
 
-    install_plugin(tmp_path)
+    write_readme_adapter(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    import smooth_labels
+    import my_defense
     from bench.registry import DEFENSES
 
     DEFENSES.names()
-    monkeypatch.setitem(DEFENSES._items, "label-smoothing", smooth_labels.LabelSmoothing)
+    monkeypatch.setitem(DEFENSES._items, "label-smoothing", my_defense.LabelSmoothing)
     bench("run", *FAST, "--defense", "label-smoothing", "--out", str(tmp_path / "r"))
     first = Store(tmp_path / "r").runs()[0]
     assert first.spec["params"] == {"smoothing": 0.1}
     # Same command, new default: the training hash differs, so the model is retrained.
-    monkeypatch.setattr(smooth_labels.LabelSmoothing.Params.__init__, "__defaults__", (0.3,))
+    monkeypatch.setattr(my_defense.LabelSmoothing.Params.__init__, "__defaults__", (0.3,))
     code, stdout, _ = bench("run", *FAST, "--defense", "label-smoothing", "--out", str(tmp_path / "r"))
     second = Store(tmp_path / "r").runs()[-1]
     assert code == 0 and "reusing checkpoint" not in stdout

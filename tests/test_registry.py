@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -12,40 +14,49 @@ from bench.errors import BenchError
 from bench.registry import build_params
 from bench.store import Store
 
-PLUGIN = '''
-from dataclasses import dataclass
-
-import torch.nn.functional as F
-
-from bench.defenses.base import Defense
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-class LabelSmoothing(Defense):
-    """Cross-entropy with label smoothing (a third-party adapter)."""
-
-    @dataclass
-    class Params:
-        smoothing: float = 0.1
-
-    def training_loss(self, x, y):
-        return F.cross_entropy(self.model(x), y, label_smoothing=self.params.smoothing)
-'''
+def readme_files() -> dict[str, str]:
+    """The README's code blocks that start with a ``# FILENAME`` line, by file name."""
+    files = {}
+    for block in re.findall(r"^```[a-z]*\n(.*?)^```", README.read_text(encoding="utf-8"), re.S | re.M):
+        first = block.splitlines()[0]
+        if re.fullmatch(r"# [\w.-]+\.(py|toml)", first):
+            files[first[2:]] = block
+    return files
 
 
-def install_plugin(root):
-    """What ``pip install`` leaves behind: the module and a dist-info with the entry point."""
-    (root / "smooth_labels.py").write_text(PLUGIN)
-    info = root / "smooth_labels-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: smooth-labels\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[bench.defenses]\nlabel-smoothing = smooth_labels:LabelSmoothing\n")
+def write_readme_adapter(root: Path) -> None:
+    """The README's ``my_defense.py`` in ``root`` (importable as ``my_defense`` with ``root`` on the path)."""
+    (root / "my_defense.py").write_text(readme_files()["my_defense.py"])
+
+
+def install_plugin(root: Path) -> Path:
+    """``pip install .`` of the README's adapter example (its two files, as written there) into
+    ``root/site``; offline: the build backend is the installed setuptools."""
+    source = root / "my-defense"
+    source.mkdir()
+    files = readme_files()
+    assert {"my_defense.py", "pyproject.toml"} <= set(files)
+    for name in ("my_defense.py", "pyproject.toml"):
+        (source / name).write_text(files[name])
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+         "--disable-pip-version-check", "--target", str(root / "site"), str(source)],
+        capture_output=True, text=True,
+    )
+    assert pip.returncode == 0, pip.stderr
+    return root / "site"
 
 
 def test_entry_point_adapter_runs_from_the_cli(tmp_path):
-    install_plugin(tmp_path)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    site = install_plugin(tmp_path)
+    (info,) = site.glob("my_defense-0.1.0.dist-info")
+    assert "label-smoothing = my_defense:LabelSmoothing" in (info / "entry_points.txt").read_text()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
     listing = subprocess.run([sys.executable, "-m", "bench.cli", "list"], env=env, capture_output=True, text=True)
-    assert "label-smoothing" in listing.stdout and "third-party adapter" in listing.stdout
+    assert "label-smoothing" in listing.stdout and "Cross-entropy with label smoothing" in listing.stdout
     out = tmp_path / "results"
     run = subprocess.run(
         [sys.executable, "-m", "bench.cli", "run", "--defense", "label-smoothing", "--param", "smoothing=0.2",
