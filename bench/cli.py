@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep runs with this dataset, defense, label, run_id, seed, spec field or defense "
                              "parameter (repeatable; one key given twice matches either value)")
     report.add_argument("--out", type=Path, metavar="DIR", help="write the full report into DIR")
-    report.add_argument("--format", choices=["md", "csv", "latex", "html", "json"], default="md",
-                        help="what to print when --out is not given (default md)")
+    report.add_argument("--format", choices=["md", "csv", "latex", "html", "json", "robustbench"], default="md",
+                        help="what to print when --out is not given (default md; robustbench: RobustBench-style "
+                             "model cards as JSON)")
     report.add_argument("--table", choices=["clean", "accuracy_under_attack", "certified", "cost"],
                         default="accuracy_under_attack",
                         help="the table --format csv prints (one tidy table; default accuracy_under_attack); "
@@ -354,6 +355,8 @@ def command_report(args: argparse.Namespace) -> int:
     stores = result_stores(args.results)
     shown = tuple(args.thresholds) if args.thresholds else None
     if args.compare:
+        if args.format == "robustbench":
+            raise BenchError("--compare prints md, csv, latex or json; robustbench cards come from a report")
         comparison = compare(stores, *args.compare, thresholds=shown or TABLE_THRESHOLDS)
         fmt = "md" if args.format == "html" else args.format
         text = render_comparison(comparison, fmt)
@@ -389,6 +392,11 @@ def command_report(args: argparse.Namespace) -> int:
         tables["certified"] = certified[certified.threshold.isin([round(t, 6) for t in shown])]
     if args.format == "csv":
         sys.stdout.write(to_csv(tables[args.table]) if not tables[args.table].empty else "")
+        return 0
+    if args.format == "robustbench":
+        from bench.reports.robustbench import render_robustbench
+
+        sys.stdout.write(render_robustbench(tables, results.runs) + "\n")
         return 0
     sys.stdout.write(render(tables, args.format, shown, shown) + "\n")
     return 0

@@ -122,11 +122,13 @@ def write_report(
 ) -> list[Path]:
     """Write the whole report into ``out``: ``report.html`` (self-contained), ``tables.md``,
     ``tables.tex``, ``tables.json``, one tidy CSV per table (``clean.csv``,
-    ``accuracy_under_attack.csv``, ``certified.csv``, ``cost.csv``) and ``figures/NAME.png|svg``;
+    ``accuracy_under_attack.csv``, ``certified.csv``, ``cost.csv``), ``robustbench.json`` (model
+    cards) and ``figures/NAME.png|svg``;
     returns the paths."""
     from bench.reports.display import display_tables
     from bench.reports.plots import make_plots
     from bench.reports.render import render, to_csv
+    from bench.reports.robustbench import render_robustbench
 
     out.mkdir(parents=True, exist_ok=True)
     plots = make_plots(tables, out / "figures", dpi)
@@ -141,6 +143,10 @@ def write_report(
             path = out / f"{name}.csv"
             path.write_text(to_csv(table), encoding="utf-8")
             written.append(path)
+    if not runs.empty:
+        path = out / "robustbench.json"
+        path.write_text(render_robustbench(tables, runs) + "\n", encoding="utf-8")
+        written.append(path)
     report = out / "report.html"
     report.write_text(build_html(shown, plots, runs, title, sources, where), encoding="utf-8")
     return [report] + written + [p for plot in plots for p in (plot.png, plot.svg)]

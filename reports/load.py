@@ -59,6 +59,12 @@ def _lookup(run: pd.Series, key: str) -> tuple[bool, Any]:
     return False, None
 
 
+def _shown(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def select_runs(runs: pd.DataFrame, where: Sequence[tuple[str, str]]) -> pd.DataFrame:
     """Runs matching every key; a key given several times matches any of its values.
 
@@ -71,15 +77,22 @@ def select_runs(runs: pd.DataFrame, where: Sequence[tuple[str, str]]) -> pd.Data
     for key, value in where:
         wanted.setdefault(key, []).append(value)
     keep = np.ones(len(runs), dtype=bool)
+    chosen: list[str] = []
     for key, values in wanted.items():
         found = [_lookup(run, key) for _, run in runs.iterrows()]
         if not any(present for present, _ in found):
             raise BenchError(f"--where {key}: no run has a field {key!r}; try dataset, defense, label, run_id, "
                              "seed, a spec field (epochs, model, ...) or a defense parameter")
-        keep &= np.array([present and any(_same(value, v) for v in values) for present, value in found], dtype=bool)
+        matches = np.array([present and any(_same(value, v) for v in values) for present, value in found], dtype=bool)
+        if keep.any() and not (keep & matches).any():
+            there = sorted({_shown(value) for (present, value), kept in zip(found, keep) if present and kept})
+            among = f"the runs with {', '.join(chosen)}" if chosen else "the stores"
+            asked = " or ".join(f"{key}={v}" for v in values)
+            raise BenchError(f"--where {asked} matches no run; {among} have {key}: "
+                             f"{', '.join(there[:12]) + (', ...' if len(there) > 12 else '') or 'no value'}")
+        keep &= matches
+        chosen.append(" or ".join(f"{key}={v}" for v in values))
     return runs[keep]
-
-
 
 
 def _as_stores(stores: Store | Sequence[Store]) -> list[Store]:

@@ -2,6 +2,7 @@
 config profiles and [[runs]] sweeps, and the experiments/*.toml files."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import tomllib
 from pathlib import Path
@@ -339,3 +340,39 @@ def test_experiments_exist():
     names = {p.stem for p in EXPERIMENTS}
     assert {"certified-mnist", "certified-svhn", "certified-cifar10", "pixeldp-vs-madry-cifar10",
             "pixeldp-vs-robustopt-svhn", "robust-precision-cifar10"} <= names
+
+
+# -- smaller gaps: --where message, RobustBench cards, bench list ---------------------------------
+def test_where_without_a_match_names_the_values_the_store_has(store):
+    with pytest.raises(BenchError, match=r"--where defense=madry matches no run; the stores have defense: "
+                                         r"baseline, pixeldp$"):
+        build_tables(store, where=[("defense", "madry")])
+    with pytest.raises(BenchError, match=r"the runs with dataset=svhn have defense: baseline$"):
+        build_tables(store, where=[("dataset", "svhn"), ("defense", "pixeldp")])
+
+
+def test_robustbench_cards_carry_clean_and_robust_accuracy_per_threat_model_and_eps(bench, store):
+    code, stdout, _ = bench("report", "--results", str(store.directory), "--where", "run_id=aaaa00000001",
+                            "--format", "robustbench")
+    cards = {(card["threat_model"], card["eps"]): card for card in json.loads(stdout)}
+    assert sorted(cards) == [("L2", "0.5"), ("L2", "1"), ("Linf", "0.1"), ("Linf", "0.3")]
+    linf = cards[("Linf", "0.1")]
+    assert (linf["clean_acc"], linf["robust_acc"], linf["attack"], linf["n"]) == ("90.00", "60.00", "pgd-linf", 10)
+    assert linf["architecture"] == "mnist-cnn" and linf["dataset"] == "mnist" and linf["versions"]["torch"] == "2.13.0"
+    assert "autoattack_acc" not in linf
+    # two L2 attacks: the per-sample worst case (6 of 10 at 0.5, see above)
+    l2 = cards[("L2", "0.5")]
+    assert l2["robust_acc"] == "60.00" and l2["attack"] == "worst case of cw-l2, pgd-l2"
+
+
+def test_list_shows_parameters_with_defaults_and_attack_epsilons(bench):
+    code, stdout, _ = bench("list")
+    lines = stdout.splitlines()
+    smoothing = lines[[i for i, line in enumerate(lines) if line.split()[:1] == ["smoothing"]][0] + 1]
+    from bench.defenses.smoothing import Smoothing
+
+    defaults = dataclasses.asdict(Smoothing.Params())
+    shown = dict(item.split("=") for item in smoothing.split()[1:])
+    assert smoothing.split()[0] == "--param" and set(shown) == set(defaults)
+    assert all(float(shown[k]) == pytest.approx(v) for k, v in defaults.items() if isinstance(v, (int, float)))
+    assert "l2 epsilons 0.1,0.25,0.5,1,1.5,2,3" in stdout and "--attack-param steps=20" in stdout
