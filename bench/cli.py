@@ -326,21 +326,6 @@ def command_list(_: argparse.Namespace) -> int:
     return 0
 
 
-def result_stores(directories: Sequence[Path] | None) -> list["Store"]:
-    """Stores of ``--results``: a directory with ``results.sqlite``, or else every immediate
-    subdirectory that has one (e.g. ``runs/`` holding ``runs/mnist-pixeldp/results.sqlite``)."""
-    from bench.store import Store
-
-    stores = []
-    for directory in directories or [Path("results")]:
-        nested = sorted(p.parent for p in directory.glob("*/results.sqlite")) if directory.is_dir() else []
-        if (directory / "results.sqlite").is_file() or not nested:
-            stores.append(Store(directory))
-        else:
-            stores.extend(Store(p) for p in nested)
-    return stores
-
-
 def command_report(args: argparse.Namespace) -> int:
     if args.thresholds is not None:
         check_epsilons(args.thresholds, "thresholds")
@@ -351,6 +336,7 @@ def command_report(args: argparse.Namespace) -> int:
     from bench.reports.load import load_results, parse_where
     from bench.reports.render import render, to_csv
     from bench.reports.tables import tables_from
+    from bench.api import result_stores
 
     stores = result_stores(args.results)
     shown = tuple(args.thresholds) if args.thresholds else None

@@ -1,49 +1,29 @@
-"""fit -> attack -> predict/certify -> per-sample records -> store. Nothing else."""
+"""A run from its spec: the zoo model and defense, training (or the stored checkpoint), then the
+public API's evaluation loop (:func:`bench.api.evaluate_steps`), committed step by step."""
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import platform
-import random
 import socket
 import sys
 import time
 import uuid
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from bench.attacks.base import EOT, perturbation_norm
+from bench.api import attack_steps, describe, evaluate_steps, library_versions, now, seed_everything
 from bench.datasets.base import Dataset, balanced_subset
 from bench.errors import BenchError
 from bench.metrics import sanity_warnings
 from bench.models import build_model, default_model
-from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
-from bench.spec import DEFAULT_EPOCHS, RunSpec, epsilons_for, scoped
+from bench.registry import DATASETS, DEFENSES, build_params
+from bench.spec import DEFAULT_EPOCHS, RunSpec, scoped
 from bench.store import Run, Store, owner_info
 from bench.training import TrainConfig
 from bench.types import Record
-from bench.defenses.base import Certificate, Defense
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("robustness-bench", "torch", "numpy", "foolbox", "adversarial-robustness-toolbox"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
+from bench.defenses.base import Defense
 
 
 def load_dataset(spec: RunSpec, data_dir: Path | None, download: bool) -> Dataset:
@@ -61,41 +41,9 @@ def build_defense(spec: RunSpec, dataset: Dataset, device: str) -> tuple[Defense
     model_name = spec.model or defense_class.default_model or default_model(dataset.name, dataset.shape)
     seed_everything(spec.seed)
     model = build_model(model_name, dataset.shape, dataset.num_classes, dataset.mean, dataset.std)
-    return defense_class(model, params, device=device), model_name
-
-
-def describe(defense: Defense, name: str, model_name: str) -> tuple[str, dict[str, Any]]:
-    """A short label for tables (``pixeldp(L=0.3)``) and the full parameter dict."""
-    params = dataclasses.asdict(defense.params)
-    defaults = dataclasses.asdict(type(defense).Params())
-    changed = [f"{k}={v}" for k, v in params.items() if defaults.get(k) != v]
-    label = name + (f"({', '.join(changed)})" if changed else "")
-    params["model"] = model_name
-    return label, params
-
-
-def records_for(
-    indices: torch.Tensor,
-    labels: torch.Tensor,
-    predictions: torch.Tensor,
-    certificate: Certificate | None,
-    attack: str,
-    norm: str | None,
-    epsilon: float,
-    distance: torch.Tensor | None,
-) -> list[Record]:
-    return [
-        Record(
-            sample_index=int(indices[i]), attack=attack, norm=norm, epsilon=float(epsilon),
-            prediction=int(predictions[i]), label=int(labels[i]), correct=int(predictions[i] == labels[i]),
-            distance=None if distance is None else float(distance[i]),
-            certified_label=None if certificate is None else int(certificate.label[i]),
-            certified_radius=None if certificate is None else float(certificate.radius[i]),
-            certified_norm=None if certificate is None else certificate.norm,
-            certified=None if certificate is None else int(certificate.certified[i]),
-        )
-        for i in range(len(labels))
-    ]
+    defense = defense_class(model, params, device=device)
+    defense.model_name = model_name  # the zoo name, recorded in specs instead of a weight fingerprint
+    return defense, model_name
 
 
 @dataclass
@@ -118,12 +66,7 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
         spec, model=model_name, epochs=spec.epochs or DEFAULT_EPOCHS.get(spec.dataset, 30),
         params=dataclasses.asdict(defense.params),
     )
-    attacks = []
-    for name in spec.attacks:
-        attack_class = ATTACKS.get(name)
-        fields = {f.name for f in dataclasses.fields(attack_class.Params)}
-        attack_params = build_params(attack_class.Params, scoped(spec.attack_params, name, fields), f"attack {name}")
-        attacks.append((name, attack_class(attack_params, backend=spec.attack_backend)))
+    steps = attack_steps(spec.attacks, spec.epsilons, spec.attack_params, spec.attack_backend)
 
     train_index = balanced_subset(dataset.y_train, spec.train_size, spec.seed)
     test_index = balanced_subset(dataset.y_test, spec.test_size, spec.seed)
@@ -161,26 +104,8 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
         # Each step is seeded on its own and committed on its own, so a resumed run reproduces
         # exactly the records an uninterrupted one would have written.
         started = time.perf_counter()
-        if "clean" not in done:
-            seed_everything(spec.seed)
-            predictions, certificate = defense.evaluate(x_test)
-            store.add_records(run_id, records_for(test_index, y_test, predictions, certificate, "clean", None, 0.0, None))
-        for name, attack in attacks:
-            if name in done:
-                continue
-            target = defense.attack_model()
-            if defense.randomized:
-                target = EOT(target, spec.eot_draws)
-            epsilons = epsilons_for(spec.epsilons, name, attack.norm, attack.default_epsilons)
-            seed_everything(spec.seed)
-            adversarials = attack.run(target, x_test, y_test, epsilons)
-            step = []
-            for epsilon, x_adv in zip(epsilons, adversarials):
-                distance = perturbation_norm(x_adv - x_test, attack.norm)
-                predictions, certificate = defense.evaluate(x_adv)
-                step += records_for(test_index, y_test, predictions, certificate, name, attack.norm, epsilon, distance)
-                log(f"[{label}] {name} eps={epsilon:g}: accuracy {float((predictions == y_test).float().mean()):.4f}")
-            store.add_records(run_id, step)
+        evaluate_steps(defense, steps, x_test, y_test, test_index, seed=spec.seed, eot_draws=spec.eot_draws,
+                       done=done, commit=lambda records: store.add_records(run_id, records), log=log, label=label)
         eval_seconds = time.perf_counter() - started
 
         records = store.records([run_id])
@@ -214,5 +139,3 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
     return RunResult(run_id, label, clean_accuracy, stored, info, warnings)
 
 
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

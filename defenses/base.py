@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.models import ZooModel
 from bench.training import TrainConfig, batches, train_classifier
 from bench.types import ABSTAIN, Certificate  # noqa: F401 (adapters import them from here)
 
@@ -25,7 +24,12 @@ class Defense:
     - ``training_loss(x, y)`` and ``after_step()``: hooks of the shared training loop;
     - ``predict(x)``: labels by the defense's own prediction rule;
     - ``certify(x)`` -> ``Certificate`` when ``certifies = True``;
-    - ``state_dict()`` / ``load_state_dict()`` when the defense keeps state beside the model.
+    - ``state_dict()`` / ``load_state_dict()`` when the defense keeps state beside the model;
+    - ``check_model(model, params)`` when the method needs more than any ``nn.Module`` mapping
+      [0,1] images to logits (e.g. the zoo's ``normalize -> stem -> body`` split).
+
+    ``model`` is a zoo model when a run builds the defense, or any outside ``nn.Module`` given to
+    :meth:`wrap` (``bench.wrap``); ``pretrained`` is then True: the model arrived trained.
     """
 
     name: ClassVar[str] = ""
@@ -39,10 +43,24 @@ class Defense:
     class Params:
         pass
 
-    def __init__(self, model: ZooModel, params: Any = None, device: str = "cpu"):
+    def __init__(self, model: nn.Module, params: Any = None, device: str = "cpu"):
         self.model = model.to(device)
         self.params = params if params is not None else self.Params()
         self.device = device
+        self.pretrained = False
+
+    @classmethod
+    def wrap(cls, model: nn.Module, params: Any = None, device: str = "cpu") -> "Defense":
+        """This defense around an outside, trained ``model`` (images in [0,1] -> logits)."""
+        params = params if params is not None else cls.Params()
+        cls.check_model(model, params)
+        defense = cls(model, params, device=device)
+        defense.pretrained = True
+        return defense
+
+    @classmethod
+    def check_model(cls, model: nn.Module, params: Any) -> None:
+        """Raise a one-line ``BenchError`` when the method cannot use ``model``; any model by default."""
 
     # -- training ---------------------------------------------------------------------------
     def fit(self, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> None:

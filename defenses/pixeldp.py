@@ -354,7 +354,18 @@ class PixelDP(Defense):
             if self.classifier_checkpoint and not self.autoencoder:
                 raise BenchError("pixeldp parameter classifier_checkpoint needs autoencoder=true")
 
-    def __init__(self, model: ZooModel, params: Any = None, device: str = "cpu"):
+    @classmethod
+    def check_model(cls, model: nn.Module, params: Any) -> None:
+        # Noise after conv1 needs the model split at its first layer, whose sensitivity is bounded
+        # (Parseval step, measured operator norm): only the zoo's normalize -> stem -> body has that.
+        if not params.autoencoder and params.noise_at == "conv1" and not isinstance(model, ZooModel):
+            raise BenchError(
+                "pixeldp noise_at=conv1 puts the noise after the model's first layer and bounds that layer's "
+                "sensitivity, which needs a zoo model (normalize, stem, body); around an outside model use "
+                "autoencoder=true (noise in an auto-encoder before your frozen classifier) or noise_at=input"
+            )
+
+    def __init__(self, model: nn.Module, params: Any = None, device: str = "cpu"):
         super().__init__(model, params, device)
         p = self.params
         self.scale = noise_scale(p.mechanism, p.L, p.epsilon, p.delta)
@@ -415,6 +426,8 @@ class PixelDP(Defense):
                 self.model.load_state_dict(state["model"] if "model" in state else state)
             except (RuntimeError, KeyError) as error:
                 raise BenchError(f"pixeldp classifier_checkpoint {path} does not fit this model: {str(error).splitlines()[0]}") from None
+        elif self.pretrained:
+            pass  # an outside classifier arrived trained (bench.wrap): it stays as it is, frozen
         else:
             train_classifier(self.model.parameters(), [self.model], x, y, config,
                              lambda a, b: F.cross_entropy(self.model(a), b), desc="pixeldp-classifier")

@@ -51,37 +51,55 @@ def _exact_conv(conv: nn.Conv2d, size: tuple[int, int]) -> list[nn.Module]:
     return [pad.to(conv.weight.device), unpadded]
 
 
-def dual_sequential(model: nn.Module, shape: tuple[int, ...]) -> nn.Sequential:
-    """The zoo model as the flat ``nn.Sequential`` the dual network accepts, sharing its parameters,
-    for inputs of ``shape`` (C, H, W).
-
-    Normalisation becomes a fixed 1x1 convolution in front: folding it into the first conv's
-    bias instead would be wrong at zero-padded borders.
-    """
-    if not all(hasattr(model, name) for name in ("normalize", "stem", "body")):
-        raise BenchError(f"robustopt needs a zoo model (normalize, stem, body), got {type(model).__name__}")
-    body = list(model.body) if isinstance(model.body, nn.Sequential) else [model.body]
-    layers = [model.stem, *body]
+def _bounded_layers(model: nn.Module) -> tuple[list[nn.Module], nn.Module | None]:
+    """The layers the dual network walks, and the zoo model's normalisation (None for an outside
+    ``nn.Sequential``, whose inputs are the [0,1] pixels themselves)."""
+    if all(hasattr(model, name) for name in ("normalize", "stem", "body")):
+        body = list(model.body) if isinstance(model.body, nn.Sequential) else [model.body]
+        layers, normalize = [model.stem, *body], model.normalize
+    elif isinstance(model, nn.Sequential):
+        layers, normalize = list(model), None
+    else:
+        raise BenchError(
+            f"robustopt bounds the network layer by layer (convex-adversarial's dual network): it needs a zoo "
+            f"model or an nn.Sequential of Conv2d/Linear/ReLU/Flatten, got {type(model).__name__}"
+        )
     unsupported = [type(layer).__name__ for layer in layers if not isinstance(layer, SUPPORTED_LAYERS)]
     if unsupported:
         raise BenchError(
             f"robustopt (convex-adversarial) supports only Conv2d/Linear/ReLU/Flatten layers, not "
-            f"{unsupported[0]}; use --model wk-small, digits-cnn or mnist-cnn"
+            f"{unsupported[0]}; use --model wk-small, digits-cnn or mnist-cnn, or such an nn.Sequential"
         )
     for layer in layers:
         if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.dilation != (1, 1) or layer.bias is None):
             raise BenchError("robustopt supports only plain convolutions with a bias (no groups, no dilation)")
         if isinstance(layer, nn.Linear) and layer.bias is None:
             raise BenchError("robustopt supports only linear layers with a bias")
-    mean = model.normalize.mean.flatten()
-    std = model.normalize.std.flatten()
-    normalize = nn.Conv2d(len(mean), len(mean), 1).to(mean.device)
-    normalize.weight.data = torch.diag(1 / std).view(len(mean), len(mean), 1, 1)
-    normalize.bias.data = -mean / std
-    normalize.requires_grad_(False)
-    sequence: list[nn.Module] = [normalize]
+    if not isinstance(layers[-1], nn.Linear):
+        raise BenchError(f"robustopt needs a network that ends with a Linear layer (the logits), not {type(layers[-1]).__name__}")
+    return layers, normalize
+
+
+def dual_sequential(model: nn.Module, shape: tuple[int, ...]) -> nn.Sequential:
+    """The model as the flat ``nn.Sequential`` the dual network accepts, sharing its parameters,
+    for inputs of ``shape`` (C, H, W): a zoo model, or an outside ``nn.Sequential`` of supported layers.
+
+    A zoo model's normalisation becomes a fixed 1x1 convolution in front: folding it into the
+    first conv's bias instead would be wrong at zero-padded borders.
+    """
+    layers, normalize = _bounded_layers(model)
+    sequence: list[nn.Module] = []
+    device = next(model.parameters()).device
+    if normalize is not None:
+        mean = normalize.mean.flatten()
+        std = normalize.std.flatten()
+        fixed = nn.Conv2d(len(mean), len(mean), 1).to(mean.device)
+        fixed.weight.data = torch.diag(1 / std).view(len(mean), len(mean), 1, 1)
+        fixed.bias.data = -mean / std
+        fixed.requires_grad_(False)
+        sequence.append(fixed)
     with torch.no_grad():
-        activation = torch.zeros(1, *shape, device=mean.device)
+        activation = torch.zeros(1, *shape, device=device)
         for layer in layers:
             sequence += _exact_conv(layer, activation.shape[2:]) if isinstance(layer, nn.Conv2d) else [layer]
             activation = layer(activation)
@@ -148,6 +166,10 @@ class RobustOpt(Defense):
                     and self.max_radius >= 0 and self.bisection_steps >= 1 and self.certify_batch_size >= 1):
                 raise BenchError("robustopt parameters need epsilon > 0, start_epsilon >= 0, ramp_epochs >= 0, proj >= 0, "
                                  f"max_radius >= 0, bisection_steps >= 1, certify_batch_size >= 1; got {self}")
+
+    @classmethod
+    def check_model(cls, model: nn.Module, params) -> None:
+        _bounded_layers(model)
 
     def __init__(self, model, params=None, device: str = "cpu"):
         super().__init__(model, params, device)

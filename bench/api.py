@@ -1,0 +1,658 @@
+"""The public API: evaluate any model or defense, train one, read stored results.
+
+``bench.evaluate(model, "digits", ["pgd-linf"])`` is the whole evaluation; the CLI (``bench run``,
+``bench eval``) and the runner are thin shells over the functions here, so one loop produces
+every record (:func:`evaluate_steps`), whether it comes from Python or the command line.
+
+One evaluation step (the clean inputs, or one attack over its epsilons) is the unit of work: it
+is seeded on its own, committed to a store on its own, and described by a plain, picklable
+:class:`Step`, so a resumed or parallel run writes exactly the records of a serial one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import platform
+import random
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from bench.attacks.base import EOT, Attack, perturbation_norm
+from bench.datasets.base import Dataset, balanced_subset
+from bench.defenses.base import Certificate, Defense
+from bench.errors import BenchError
+from bench.metrics import THRESHOLD_GRID, sanity_warnings
+from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
+from bench.spec import DEFAULT_EPOCHS, RunSpec, check_epsilon_keys, epsilons_for, scoped
+from bench.store import Run, Store, owner_info
+from bench.training import TrainConfig
+from bench.types import RECORD_COLUMNS, Record
+from bench.validation import check_epsilons, check_writable_dir, validate_options
+
+Log = Callable[[str], None]
+Epsilons = Sequence[float] | Mapping[str, Sequence[float]] | None
+Data = str | Dataset | tuple[Any, Any]
+
+
+# -- small shared pieces -------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("robustness-bench", "torch", "numpy", "foolbox", "adversarial-robustness-toolbox"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's parameters and buffers: the identity of an outside model in specs
+    (a resumed run must continue with the same weights)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def describe(defense: Defense, name: str, model_name: str) -> tuple[str, dict[str, Any]]:
+    """A short label for tables (``pixeldp(L=0.3)``) and the full parameter dict."""
+    params = dataclasses.asdict(defense.params)
+    defaults = dataclasses.asdict(type(defense).Params())
+    changed = [f"{k}={v}" for k, v in params.items() if defaults.get(k) != v]
+    label = name + (f"({', '.join(changed)})" if changed else "")
+    params["model"] = model_name
+    return label, params
+
+
+# -- defenses around any model ---------------------------------------------------------------------
+def wrap(defense: str, model: nn.Module, *, device: str = "cpu", **params: Any) -> Defense:
+    """The named defense around an outside ``model`` (any ``nn.Module`` mapping [0,1] images to
+    logits), with its parameters as keywords: ``bench.wrap("smoothing", model, sigma=0.25)``.
+
+    The model counts as trained (``defense.pretrained``): :func:`train` then trains only what the
+    method adds (PixelDP's auto-encoder in front of the frozen classifier) or, for defenses that
+    are training methods (``madry``, ``robustopt``, ``pixeldp`` with ``noise_at="input"``), the
+    model itself. A defense that needs the zoo's structure says so in one line; see
+    :meth:`Defense.check_model`.
+    """
+    defense_class = DEFENSES.get(defense)
+    values = build_params(defense_class.Params, params, f"defense {defense}")
+    return defense_class.wrap(model, values, device=device)
+
+
+def as_defense(model_or_defense: Any, device: str = "cpu") -> Defense:
+    """A ``Defense`` as it is; any other ``nn.Module`` as the undefended model (``baseline``)."""
+    if isinstance(model_or_defense, Defense):
+        return model_or_defense
+    if isinstance(model_or_defense, nn.Module):
+        return wrap("baseline", model_or_defense, device=device)
+    raise BenchError(
+        f"expected an nn.Module (images in [0,1] -> logits) or a Defense, got {type(model_or_defense).__name__}"
+    )
+
+
+def defense_name(defense: Defense) -> str:
+    return defense.name or type(defense).__name__.lower()
+
+
+def model_name(defense: Defense) -> str:
+    """The zoo name a runner recorded, else ``ClassName@fingerprint`` for an outside model."""
+    recorded = getattr(defense, "model_name", None)
+    if recorded:
+        return recorded
+    return f"{type(defense.model).__name__}@{fingerprint(defense.model)}"
+
+
+# -- data ------------------------------------------------------------------------------------------
+def load_dataset(name: str, data_dir: Path | str | None = None, download: bool = False, image_size: int = 224) -> Dataset:
+    """A registered dataset (``digits`` ships with scikit-learn; others read ``data_dir``, default ./data)."""
+    loader = DATASETS.get(name)
+    if data_dir is None and name != "digits":
+        data_dir = Path("data")
+    return loader(data_dir=Path(data_dir) if data_dir is not None else None, download=download, image_size=image_size)
+
+
+@dataclass
+class EvalData:
+    """The inputs one evaluation sees: images in [0,1] (NCHW), labels, and their sample indices."""
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+    num_classes: int | None
+    provenance: dict[str, bool] = field(default_factory=dict)
+
+
+def _tensor(value: Any, what: str) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise BenchError(f"data: {what} must be a torch tensor or numpy array, got {type(value).__name__}")
+    return value
+
+
+def tensors_name(x: torch.Tensor, y: torch.Tensor) -> str:
+    digest = hashlib.sha256(x.contiguous().numpy().tobytes() + y.contiguous().numpy().tobytes()).hexdigest()
+    return f"tensors-{digest[:8]}"
+
+
+def check_images(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` as float32 NCHW images in [0,1] and int64 labels; a one-line error otherwise."""
+    x, y = _tensor(x, "x"), _tensor(y, "y")
+    if x.dim() != 4:
+        raise BenchError(f"data: x must be images N x C x H x W, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise BenchError(f"data: x must be float images in [0, 1], got dtype {x.dtype}")
+    if y.dim() != 1 or len(y) != len(x) or y.is_floating_point() or y.dtype == torch.bool:
+        raise BenchError(f"data: y must be {len(x)} integer labels, got dtype {y.dtype} shape {tuple(y.shape)}")
+    if len(x) == 0:
+        raise BenchError("data: no samples")
+    low, high = float(x.min()), float(x.max())
+    if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 1:
+        raise BenchError(f"data: images must be in [0, 1] (found {low:g} .. {high:g}); normalisation belongs in the model")
+    return x.float().cpu(), y.long().cpu()
+
+
+def evaluation_data(
+    data: Data, *, test_size: int | None = None, seed: int = 0, data_dir: Path | str | None = None,
+    download: bool = False, name: str | None = None,
+) -> EvalData:
+    """The test split of a dataset name or ``Dataset`` (a seeded class-balanced subset of
+    ``test_size``), or given ``(x, y)`` tensors (all of them, or a subset of ``test_size``)."""
+    if isinstance(data, str):
+        data = load_dataset(data, data_dir, download)
+    if isinstance(data, Dataset):
+        index = balanced_subset(data.y_test, test_size, seed)
+        return EvalData(name or data.name, data.x_test[index], data.y_test[index], index, data.num_classes, data.provenance)
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = check_images(*data)
+        index = balanced_subset(y, test_size, seed)
+        return EvalData(name or tensors_name(x, y), x[index], y[index], index, None)
+    raise BenchError("data must be a dataset name (e.g. 'digits'), a Dataset, or a tuple (x, y) of tensors")
+
+
+def train_data(data: Data, *, train_size: int | None, seed: int, data_dir: Path | str | None, download: bool) -> tuple[str, torch.Tensor, torch.Tensor]:
+    if isinstance(data, str):
+        data = load_dataset(data, data_dir, download)
+    if isinstance(data, Dataset):
+        index = balanced_subset(data.y_train, train_size, seed)
+        if len(index) == 0:
+            raise BenchError(f"dataset {data.name} has no training split here; train elsewhere and load the weights")
+        return data.name, data.x_train[index], data.y_train[index]
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = check_images(*data)
+        index = balanced_subset(y, train_size, seed)
+        return tensors_name(x, y), x[index], y[index]
+    raise BenchError("data must be a dataset name (e.g. 'digits'), a Dataset, or a tuple (x, y) of tensors")
+
+
+# -- the model fits the data -------------------------------------------------------------------------
+@torch.no_grad()
+def check_model(model: nn.Module, data: EvalData, what: str = "model", device: str = "cpu") -> None:
+    """One forward pass before any work: the model takes the data's images, returns one row of
+    finite logits per image with one column per class, also at both ends of the [0,1] range."""
+    probe = data.x[:4].to(device)
+    ends = torch.stack([torch.zeros_like(data.x[0]), torch.ones_like(data.x[0])]).to(device)
+    shape = "x".join(str(s) for s in data.x.shape[1:])
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = [model(probe), model(ends)]
+    except Exception as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BenchError(f"{what} does not accept {data.name} images ({shape}, values in [0,1]): {message}") from None
+    finally:
+        model.train(was_training)
+    for output, inputs in zip(outputs, (probe, ends)):
+        if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != len(inputs):
+            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise BenchError(f"{what} must return logits of shape (batch, classes) for {data.name} images ({shape}); got {got}")
+    classes = outputs[0].shape[1]
+    expected = data.num_classes if data.num_classes is not None else int(data.y.max()) + 1
+    # A known class count must match; for bare tensors, every label needs a logit.
+    fits = classes == expected if data.num_classes is not None else classes >= expected
+    if not fits:
+        raise BenchError(f"{what} returns {classes} logits per image; {data.name} has {expected} classes")
+    if not all(torch.isfinite(output).all() for output in outputs):
+        raise BenchError(f"{what} returns non-finite logits on {data.name} images in [0,1]; "
+                         "does it expect another input range (e.g. 0..255 or normalised inputs)?")
+
+
+# -- attacks and their epsilons ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Step:
+    """One evaluation step, a plain picklable value: ``attack is None`` is the clean step."""
+
+    name: str
+    attack: Attack | None = None
+    epsilons: tuple[float, ...] = ()
+
+
+def attack_steps(
+    attacks: Sequence[str | Attack], epsilons: Epsilons = None, attack_params: Mapping[str, Any] | None = None,
+    backend: str = "foolbox",
+) -> list[Step]:
+    """Attack names (or ready ``Attack`` objects) with their epsilons as evaluation steps.
+
+    ``epsilons``: one list for every attack, or a mapping from an attack name or a norm
+    (``linf``, ``l2``, ``l1``) to its list (the attack's name wins over its norm); an attack
+    without epsilons uses its own defaults.
+    """
+    steps, names = [], set()
+    attack_params = dict(attack_params or {})
+    for entry in attacks:
+        if isinstance(entry, str):
+            attack_class = ATTACKS.get(entry)
+            fields = {f.name for f in dataclasses.fields(attack_class.Params)}
+            params = build_params(attack_class.Params, scoped(attack_params, entry, fields), f"attack {entry}")
+            attack, name = attack_class(params, backend=backend), entry
+        elif isinstance(entry, Attack):
+            attack, name = entry, entry.name or type(entry).__name__.lower()
+        else:
+            raise BenchError(f"attacks must be names or Attack objects, got {type(entry).__name__}")
+        if name in names or name == "clean":
+            raise BenchError(f"attack {name!r} is given twice" if name in names else "'clean' is not an attack name")
+        names.add(name)
+        steps.append(Step(name, attack, tuple(float(e) for e in _epsilons_for(name, attack, epsilons))))
+    check_epsilon_keys(epsilons, {step.name: step.attack.norm for step in steps})
+    return steps
+
+
+def _epsilons_for(name: str, attack: Attack, epsilons: Epsilons) -> list[float]:
+    chosen = epsilons_for(epsilons, name, attack.norm, attack.default_epsilons)
+    if not chosen:
+        raise BenchError(f"attack {name}: no epsilons given and it has no defaults; pass epsilons=[...]")
+    check_epsilons(chosen, f"epsilons of {name}")
+    return chosen
+
+
+# -- the evaluation loop -----------------------------------------------------------------------------
+def records_for(
+    indices: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, certificate: Certificate | None,
+    attack: str, norm: str | None, epsilon: float, distance: torch.Tensor | None,
+) -> list[Record]:
+    return [
+        Record(
+            sample_index=int(indices[i]), attack=attack, norm=norm, epsilon=float(epsilon),
+            prediction=int(predictions[i]), label=int(labels[i]), correct=int(predictions[i] == labels[i]),
+            distance=None if distance is None else float(distance[i]),
+            certified_label=None if certificate is None else int(certificate.label[i]),
+            certified_radius=None if certificate is None else float(certificate.radius[i]),
+            certified_norm=None if certificate is None else certificate.norm,
+            certified=None if certificate is None else int(certificate.certified[i]),
+        )
+        for i in range(len(labels))
+    ]
+
+
+def evaluate_step(
+    defense: Defense, step: Step, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, *,
+    seed: int = 0, eot_draws: int = 20, log: Log = _quiet, label: str = "",
+) -> list[Record]:
+    """The records of one step: predictions (and certificates) on the clean or attacked inputs.
+
+    Seeded on its own, so the step gives the same records whatever ran before it. Randomized
+    defenses are attacked through EOT over ``eot_draws`` noise draws per gradient step.
+    """
+    seed_everything(seed)
+    if step.attack is None:
+        predictions, certificate = defense.evaluate(x)
+        return records_for(index, y, predictions, certificate, "clean", None, 0.0, None)
+    target = defense.attack_model()
+    if defense.randomized:
+        target = EOT(target, eot_draws)
+    adversarials = step.attack.run(target, x, y, list(step.epsilons))
+    records = []
+    for epsilon, x_adv in zip(step.epsilons, adversarials):
+        distance = perturbation_norm(x_adv - x, step.attack.norm)
+        predictions, certificate = defense.evaluate(x_adv)
+        records += records_for(index, y, predictions, certificate, step.name, step.attack.norm, epsilon, distance)
+        log(f"[{label}] {step.name} eps={epsilon:g}: accuracy {float((predictions == y).float().mean()):.4f}")
+    return records
+
+
+def evaluate_steps(
+    defense: Defense, steps: Sequence[Step], x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, *,
+    seed: int = 0, eot_draws: int = 20, done: set[str] = frozenset(), commit: Callable[[list[Record]], None] | None = None,
+    log: Log = _quiet, label: str = "",
+) -> list[Record]:
+    """The clean step, then one step per attack; steps named in ``done`` are skipped, each other
+    step's records go to ``commit`` as soon as they exist (a store commits them atomically)."""
+    records: list[Record] = []
+    for step in [Step("clean"), *steps]:
+        if step.name in done:
+            continue
+        part = evaluate_step(defense, step, x, y, index, seed=seed, eot_draws=eot_draws, log=log, label=label)
+        if commit is not None:
+            commit(part)
+        records += part
+    return records
+
+
+# -- where a run's records go ------------------------------------------------------------------------
+class RunWriter:
+    """A run's records in memory, or in a store: registered when it starts (or resumed from the
+    stored steps of an unfinished run of the same spec that no live process owns), committed step
+    by step, marked complete at the end, and handed back as ``interrupted`` on any failure."""
+
+    def __init__(self, store: Store | None, run: Run, log: Log = _quiet):
+        self.store, self.run, self.done, self.resumed = store, run, set(), False
+        self._records: list[Record] = []
+        if store is None:
+            return
+        previous = store.resumable(run.spec_hash)
+        if previous is not None:
+            stored, self.done = previous
+            self.run = dataclasses.replace(run, run_id=stored.run_id, created=stored.created)
+            self.resumed = True
+            log(f"[{run.label}] resuming unfinished run {stored.run_id}: {', '.join(sorted(self.done)) or 'nothing'} already stored")
+        else:
+            store.begin_run(run)
+
+    def commit(self, records: list[Record]) -> None:
+        if self.store is not None:
+            self.store.add_records(self.run.run_id, records)
+        self._records += records
+
+    def records(self) -> list[Record]:
+        if self.store is None:
+            return list(self._records)
+        frame = self.store.records([self.run.run_id])
+        return [Record(*tuple(row)[1:]) for row in frame.itertuples(index=False)]
+
+    def finish(self, info: dict[str, Any], warnings: list[str]) -> None:
+        self.run = dataclasses.replace(self.run, info=info, warnings=warnings, status="complete")
+        if self.store is not None:
+            self.store.finish_run(self.run.run_id, info, warnings)
+
+    def abort(self) -> None:
+        if self.store is not None:
+            self.store.finish_run(self.run.run_id, {}, [], status="interrupted")
+
+
+# -- results ---------------------------------------------------------------------------------------
+RUN_COLUMNS = [f.name for f in dataclasses.fields(Run)]
+
+
+class Results:
+    """Runs, per-sample records and the tables computed from them (all ``pandas.DataFrame``).
+
+    - ``records``: one row per sample and evaluation step: ``run_id``, ``sample_index``,
+      ``attack`` (``"clean"`` or the attack), ``norm``, ``epsilon``, ``prediction``,
+      ``true_label``, ``correct``, ``distance``, ``certified_label``/``_radius``/``_norm``,
+      joined with the run's ``dataset``, ``defense``, ``label``, ``config`` (the configuration
+      label of tables and plots), ``params`` (JSON text) and one ``params.KEY`` column per
+      defense parameter;
+    - ``clean``, ``accuracy_under_attack``, ``certified``, ``cost``: the tables of the JSON
+      contract (``bench report --format json``), proportions with 95% Clopper-Pearson intervals
+      (``ci_low``, ``ci_high``) and counts ``n``;
+    - ``runs``: one row per run: spec, seed, library versions, timings, sanity ``warnings``.
+    """
+
+    def __init__(self, runs: pd.DataFrame, records: pd.DataFrame, thresholds: Sequence[float] = THRESHOLD_GRID):
+        self.runs = runs
+        self._records = records  # the metrics' form: true_label, dataset, defense, label, params (JSON)
+        self.thresholds = tuple(thresholds)
+
+    @cached_property
+    def tables(self) -> dict[str, pd.DataFrame]:
+        from bench.reports.load import Results as Selection
+        from bench.reports.tables import tables_from
+
+        return tables_from(Selection(self.runs, self._records), self.thresholds)
+
+    @cached_property
+    def records(self) -> pd.DataFrame:
+        frame = self._records.copy()
+        if frame.empty:
+            return frame.assign(config=[])
+        frame["config"] = frame.run_id.map(self.runs.set_index("run_id").config)
+        params = pd.json_normalize([dict(p) for p in frame.run_id.map(self.runs.set_index("run_id").params)])
+        params.columns = [f"params.{c}" for c in params.columns]
+        return pd.concat([frame.reset_index(drop=True), params], axis=1)
+
+    @property
+    def clean(self) -> pd.DataFrame:
+        return self.tables["clean"]
+
+    @property
+    def accuracy_under_attack(self) -> pd.DataFrame:
+        return self.tables["accuracy_under_attack"]
+
+    @property
+    def certified(self) -> pd.DataFrame:
+        return self.tables["certified"]
+
+    @property
+    def cost(self) -> pd.DataFrame:
+        return self.tables["cost"]
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for ws in self.runs.get("warnings", []) for w in ws]
+
+    def to_json(self) -> str:
+        """The JSON contract of ``bench report --format json`` for these runs."""
+        from bench.reports.render import render
+
+        return render(self.tables, "json")
+
+    def report(self, path: Path | str, title: str = "Robustness benchmark report") -> Path:
+        """Write the HTML report: ``path`` ending in ``.html`` is that one self-contained file;
+        any other path is a directory that gets ``report.html``, the tables in every format and
+        the figures. Returns the HTML file's path."""
+        from bench.reports.html import write_report
+
+        path = Path(path)
+        if path.suffix.lower() == ".html":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory() as scratch:
+                written = write_report(self.tables, self.runs, Path(scratch), title=title)
+                path.write_text(written[0].read_text(encoding="utf-8"), encoding="utf-8")
+            return path
+        return write_report(self.tables, self.runs, path, title=title)[0]
+
+    def __repr__(self) -> str:
+        return f"Results({len(self.runs)} run(s), {len(self._records)} records)"
+
+    @classmethod
+    def from_runs(cls, runs: Sequence[Run], records: Sequence[tuple[str, Record]], store: str = "") -> "Results":
+        """Results of runs held in memory (``records`` pairs each record with its run id)."""
+        from bench.reports.labels import configuration_labels
+
+        frame = pd.DataFrame([vars(run) for run in runs], columns=RUN_COLUMNS).assign(store=store)
+        frame["model_train_seconds"] = [
+            run.info.get("train_seconds") if run.info.get("reused_checkpoint") is False else None for run in runs
+        ]
+        frame["config"] = configuration_labels(frame) if not frame.empty else []
+        table = pd.DataFrame([(run_id,) + tuple(r) for run_id, r in records], columns=list(RECORD_COLUMNS))
+        return cls(frame, _joined(table, frame))
+
+
+def _joined(records: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Store records joined with their run's keys, as the metrics take them."""
+    import json
+
+    records = records.rename(columns={"label": "true_label"})
+    keys = runs[["run_id", "dataset", "defense", "label"]].assign(
+        params=runs.params.map(lambda p: json.dumps(p, sort_keys=True)))
+    return records.merge(keys, on="run_id")
+
+
+def result_stores(directories: Sequence[Path | str] | Path | str | None) -> list[Store]:
+    """The stores of results folders: a folder with ``results.sqlite``, or else every immediate
+    subfolder that has one (e.g. ``runs/`` holding ``runs/mnist-pixeldp/results.sqlite``)."""
+    if isinstance(directories, (str, Path)):
+        directories = [directories]
+    stores = []
+    for directory in directories or [Path("results")]:
+        directory = Path(directory)
+        nested = sorted(p.parent for p in directory.glob("*/results.sqlite")) if directory.is_dir() else []
+        if (directory / "results.sqlite").is_file() or not nested:
+            stores.append(Store(directory))
+        else:
+            stores.extend(Store(p) for p in nested)
+    return stores
+
+
+def load_results(
+    directory: Path | str | Sequence[Path | str] = "results",
+    where: Mapping[str, Any] | Sequence[str] | Sequence[tuple[str, str]] = (),
+    thresholds: Sequence[float] = THRESHOLD_GRID,
+) -> Results:
+    """The records and tables of one or several results folders, the latest run of each spec:
+    ``bench.load_results("results").accuracy_under_attack``.
+
+    ``where`` keeps matching runs, as ``bench report --where``: ``{"defense": "pixeldp", "L": 0.1}``
+    or ``["defense=pixeldp"]`` (run columns, spec fields, defense parameters).
+    """
+    from bench.reports.load import load_results as load_selection, parse_where
+
+    if isinstance(where, Mapping):
+        pairs = [(str(k), str(v)) for k, v in where.items()]
+    else:
+        pairs = [item if isinstance(item, tuple) else None for item in where]
+        if None in pairs:
+            pairs = parse_where([str(item) for item in where])
+    selection = load_selection(result_stores(directory), pairs)
+    return Results(selection.runs, selection.records, thresholds)
+
+
+# -- training and evaluation -------------------------------------------------------------------------
+def train(
+    model_or_defense: nn.Module | Defense, data: Data, *, epochs: int | None = None, batch_size: int = 64,
+    lr: float = 0.05, seed: int = 0, train_size: int | None = None, data_dir: Path | str | None = None,
+    download: bool = False, device: str = "cpu",
+) -> Defense:
+    """Train a model or defense on the training split of ``data`` with the shared loop (SGD,
+    momentum, cosine schedule, seeded shuffles) and the defense's own loss; returns the defense.
+
+    An ``nn.Module`` is trained in place with cross-entropy (``baseline``). Epochs default to the
+    dataset's default (digits 30, MNIST 8) or 10 for tensors.
+    """
+    validate_options({"seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr, "train_size": train_size,
+                      "download": download, "device": device})
+    defense = as_defense(model_or_defense, device)
+    name, x, y = train_data(data, train_size=train_size, seed=seed, data_dir=data_dir, download=download)
+    epochs = epochs if epochs is not None else DEFAULT_EPOCHS.get(name, 10)
+    seed_everything(seed)
+    defense.fit(x, y, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device))
+    return defense
+
+
+def evaluate(
+    model_or_defense: nn.Module | Defense,
+    data: Data,
+    attacks: Sequence[str | Attack] = (),
+    epsilons: Epsilons = None,
+    *,
+    store: Store | Path | str | None = None,
+    seed: int = 0,
+    test_size: int | None = None,
+    attack_params: Mapping[str, Any] | None = None,
+    attack_backend: str = "foolbox",
+    eot_draws: int = 20,
+    label: str | None = None,
+    data_dir: Path | str | None = None,
+    download: bool = False,
+    device: str = "cpu",
+    log: Log | None = None,
+) -> Results:
+    """Evaluate a model or defense on clean and attacked test inputs; per-sample records and tables.
+
+    - ``model_or_defense``: any ``nn.Module`` mapping [0,1] images (N x C x H x W) to logits
+      (evaluated as is, as the undefended ``baseline``), or a ``Defense`` (e.g.
+      ``bench.wrap("smoothing", model)``, or one a run trained);
+    - ``data``: a dataset name (``"digits"``, ``"mnist"``, ...; the test split), a ``Dataset``, or
+      ``(x, y)`` tensors with ``x`` in [0,1];
+    - ``attacks``: attack names (``bench list``) or ``Attack`` objects; ``epsilons`` one list for
+      all, or per attack name or norm: ``{"linf": [0.05, 0.1], "l2": [0.5]}``; defaults per attack;
+    - ``store``: a results folder (or ``Store``) to write the run to, step by step (the same call
+      again resumes an interrupted run); nothing is written without one;
+    - ``seed`` seeds every step (and the ``test_size`` subset); ``attack_params`` as
+      ``--attack-param`` (``{"steps": 40}`` or ``{"pgd-linf.steps": 40}``); randomized defenses
+      are attacked through EOT over ``eot_draws`` draws.
+
+    The whole request (data, model, attacks, epsilons) is checked before any work, with the
+    one-line errors of the CLI.
+    """
+    log = log or _quiet
+    validate_options({"seed": seed, "test_size": test_size, "eot_draws": eot_draws, "attack_backend": attack_backend,
+                      "download": download, "device": device})
+    if isinstance(store, (str, Path)):
+        check_writable_dir(store, "store")
+    defense = as_defense(model_or_defense, device)
+    steps = attack_steps(attacks, epsilons, attack_params, attack_backend)
+    test = evaluation_data(data, test_size=test_size, seed=seed, data_dir=data_dir, download=download)
+    name = defense_name(defense)
+    check_model(defense.model, test, f"model ({type(defense.model).__name__})", device)
+    models = model_name(defense)
+    default_label, params = describe(defense, name, models)
+    label = label or default_label
+    spec = RunSpec(
+        defense=name, dataset=test.name, model=models, params=dataclasses.asdict(defense.params),
+        attacks=[s.name for s in steps], attack_params=dict(attack_params or {}),
+        epsilons={s.name: list(s.epsilons) for s in steps} if steps else None,
+        attack_backend=attack_backend, eot_draws=eot_draws, epochs=0, seed=seed, test_size=test_size,
+    )
+    if isinstance(store, (str, Path)):
+        store = Store(store)
+    run = Run(
+        run_id=uuid.uuid4().hex[:12], created=now(), dataset=test.name, defense=name, label=label, params=params,
+        spec=dataclasses.asdict(spec), spec_hash=spec.hash(), training_hash=spec.training_hash(), seed=seed,
+        versions=library_versions(), host=socket.gethostname(), info=owner_info(), warnings=[],
+    )
+    writer = RunWriter(store, run, log)
+    try:
+        started = time.perf_counter()
+        evaluate_steps(defense, steps, test.x, test.y, test.index, seed=seed, eot_draws=eot_draws,
+                       done=writer.done, commit=writer.commit, log=log, label=label)
+        eval_seconds = time.perf_counter() - started
+        records = writer.records()
+        warnings = sanity_warnings(records, defense.randomized, eot_draws if steps else None,
+                                   input_dim=int(np.prod(test.x.shape[1:])))
+        for warning in warnings:
+            log(f"[{label}] warning: {warning}")
+        info = {
+            "eval_seconds": eval_seconds, "num_test": len(test.y), "device": device,
+            "data_official": test.provenance, "randomized": defense.randomized, "certifies": defense.certifies,
+            "resumed": writer.resumed, "outside_model": getattr(defense, "model_name", None) is None,
+            "argv": sys.argv,
+        }
+        writer.finish(info, warnings)
+    except BaseException:
+        writer.abort()
+        raise
+    return Results.from_runs([writer.run], [(writer.run.run_id, r) for r in records],
+                             str(store.directory) if store is not None else "")
