@@ -155,7 +155,7 @@ def test_pixeldp_autoencoder_in_front_of_a_frozen_outside_classifier():
         ("pixeldp", mlp(), {}, "pixeldp noise_at=conv1 puts the noise after the model's first layer"),
         ("robustopt", Constant(0), {}, "needs a zoo model or an nn.Sequential"),
         ("robustopt", nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.BatchNorm1d(10)), {}, "not BatchNorm1d"),
-        ("smoothing", mlp(), {"sigma": "wide"}, "sigma='wide' is not a valid float"),
+        ("smoothing", mlp(), {"sigma": "wide"}, "sigma='wide' is not a finite number"),
         ("nosuch", mlp(), {}, "unknown defense 'nosuch'"),
     ],
 )
