@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from test_reports import fabricate
-
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("BENCH_ARTIFACTS", ROOT / "artifacts"))
 
@@ -51,11 +49,9 @@ def browse(binary: str, profile: Path, *args: str) -> subprocess.CompletedProces
     return result
 
 
-def test_report_renders_in_headless_chromium(bench, tmp_path):
+def test_report_renders_in_headless_chromium(fabricated_report, tmp_path):
     binary = chromium()
-    store = fabricate(tmp_path / "results")
-    out = tmp_path / "report"
-    assert bench("report", "--results", str(store.directory), "--out", str(out))[0] == 0
+    _, out, _ = fabricated_report  # `bench report --out` on test_reports' fabricated store (conftest.py)
     page = (out / "report.html").read_text(encoding="utf-8")
     checked = tmp_path / "checked.html"
     checked.write_text(page.replace("</body>", CHECK + "</body>"), encoding="utf-8")

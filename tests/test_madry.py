@@ -8,24 +8,26 @@ import torch
 from bench.attacks.pgd import LinfPGD
 from bench.errors import BenchError
 from bench.models import build_model
-from bench.registry import DATASETS
 from bench.training import TrainConfig
 from conftest import FAST
-from bench.defenses.baseline import Baseline
+from helpers import perturbation_tolerance
 from bench.defenses.madry import Madry
 
 
-def test_madry_training_raises_pgd_accuracy_over_the_baseline():
-    data = DATASETS.get("digits")()
-    x, y = data.x_test[:150], data.y_test[:150]
+def test_madry_training_raises_pgd_accuracy_over_the_baseline(digits, digits_baseline):
+    # The same data and epochs as the shared baseline (800 images, 6 epochs, seed 0); PGD-3 with
+    # step 0.05 spans the 0.1 ball at a third of PGD-5's training cost.
+    x, y = digits.x_test[:150], digits.y_test[:150]
+    torch.manual_seed(0)
+    madry = Madry(build_model("digits-cnn", digits.shape, 10, digits.mean, digits.std),
+                  Madry.Params(epsilon=0.1, steps=3, step_size=0.05))
+    madry.fit(digits.x_train[:800], digits.y_train[:800], TrainConfig(epochs=6, seed=0))
     pgd = LinfPGD(LinfPGD.Params(steps=20))
     accuracy = {}
-    for defense_class, params in ((Baseline, None), (Madry, Madry.Params(epsilon=0.1, steps=5, step_size=0.03))):
+    for defense in (digits_baseline, madry):
         torch.manual_seed(0)
-        defense = defense_class(build_model("digits-cnn", data.shape, 10, data.mean, data.std), params)
-        defense.fit(data.x_train, data.y_train, TrainConfig(epochs=5))
         x_adv = pgd.run(defense.attack_model(), x, y, [0.1])[0]
-        accuracy[defense_class.name] = (defense.predict(x_adv) == y).float().mean().item()
+        accuracy[defense.name] = (defense.predict(x_adv) == y).float().mean().item()
     assert accuracy["madry"] > accuracy["baseline"] + 0.1, accuracy
 
 
@@ -38,14 +40,14 @@ def test_only_the_adversarial_fraction_is_perturbed_within_epsilon():
     assert defense.model.training  # the attack's eval mode is undone
     change = (mixed - x).flatten(1).abs().amax(1)
     assert torch.equal(mixed[4:], x[4:])
-    assert (change[:4] > 0).all() and (change <= 0.05 + 1e-6).all()
+    assert (change[:4] > 0).all() and (change <= 0.05 + perturbation_tolerance(0.05, "linf", 64)).all()
     assert mixed.min() >= 0 and mixed.max() <= 1
 
 
 def test_recipe_defaults_and_bad_parameters():
     defense = Madry(build_model("digits-cnn", (1, 8, 8), 10, (0.3,), (0.4,)))
-    assert defense.params.epsilon == pytest.approx(8 / 255) and defense.params.steps == 7
-    assert defense.attack.params.abs_stepsize == pytest.approx(2 / 255)
+    assert defense.params.epsilon == 8 / 255 and defense.params.steps == 7
+    assert defense.attack.params.abs_stepsize == 2 / 255  # (8 / 255) / 4: a division by 4 is exact
     with pytest.raises(BenchError):
         Madry(build_model("digits-cnn", (1, 8, 8), 10, (0.3,), (0.4,)), Madry.Params(adversarial_fraction=1.5))
 

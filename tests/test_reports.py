@@ -93,26 +93,28 @@ def rows(table, **where):
 def test_clopper_pearson_matches_known_values():
     low, high = clopper_pearson_interval([0, 5, 10], [10, 10, 10])
     # exact 95% limits: 0/10 -> [0, 0.3085]; 5/10 -> [0.1871, 0.8129]; 10/10 -> [0.6915, 1]
-    assert np.allclose(low, [0.0, 0.18709, 0.69150], atol=1e-4)
-    assert np.allclose(high, [0.30850, 0.81291, 1.0], atol=1e-4)
+    # to the 5 decimals of published tables
+    assert np.round(low, 5).tolist() == [0.0, 0.18709, 0.6915]
+    assert np.round(high, 5).tolist() == [0.3085, 0.81291, 1.0]
     assert np.isnan(clopper_pearson_interval(0, 0)[0]).all()
 
 
 def test_clean_and_attacked_accuracy_with_worst_case_and_intervals(store):
     tables = build_tables(store)
     clean = tables["clean"]
-    assert rows(clean, run_id="aaaa00000001").accuracy.item() == pytest.approx(0.9)
+    assert rows(clean, run_id="aaaa00000001").accuracy.item() == 9 / 10
     assert rows(clean, run_id="cccc00000003").n.item() == 10
     attacked = tables["accuracy_under_attack"]
     base = rows(attacked, run_id="aaaa00000001")
-    assert rows(base, attack="pgd-linf", epsilon=0.3).accuracy.item() == pytest.approx(0.3)
+    assert rows(base, attack="pgd-linf", epsilon=0.3).accuracy.item() == 3 / 10
     # worst case over pgd-l2 and cw-l2 per sample: {0..7} & {0..5, 8, 9} = {0..5}; {0..3} & {0..3, 9} = {0..3}
-    assert rows(base, attack="worst-case", norm="l2", epsilon=0.5).accuracy.item() == pytest.approx(0.6)
-    assert rows(base, attack="worst-case", norm="l2", epsilon=1.0).accuracy.item() == pytest.approx(0.4)
+    assert rows(base, attack="worst-case", norm="l2", epsilon=0.5).accuracy.item() == 6 / 10
+    assert rows(base, attack="worst-case", norm="l2", epsilon=1.0).accuracy.item() == 4 / 10
     assert rows(base, attack="worst-case", norm="linf").empty  # one linf attack: no worst-case row
     row = rows(base, attack="pgd-l2", epsilon=0.5)
     low, high = clopper_pearson_interval(8, 10)
-    assert row.ci_low.item() == pytest.approx(float(low)) and row.ci_high.item() == pytest.approx(float(high))
+    # the same function on the same counts: exact
+    assert row.ci_low.item() == float(low) and row.ci_high.item() == float(high)
 
 
 def test_certified_accuracy_and_robust_precision_recall_by_hand(store):
@@ -120,20 +122,19 @@ def test_certified_accuracy_and_robust_precision_recall_by_hand(store):
     assert set(certified.run_id) == {"bbbb00000002"}
     clean = rows(certified, attack="clean")
     # radius >= T and certified label right: T=0.05 -> samples 2..8; T=0.1 -> 4..8; T=0.5 -> 8
-    assert rows(clean, threshold=0.05).certified_accuracy.item() == pytest.approx(0.7)
-    assert rows(clean, threshold=0.1).certified_accuracy.item() == pytest.approx(0.5)
-    assert rows(clean, threshold=0.5).certified_accuracy.item() == pytest.approx(0.1)
+    assert rows(clean, threshold=0.05).certified_accuracy.item() == 7 / 10
+    assert rows(clean, threshold=0.1).certified_accuracy.item() == 5 / 10
+    assert rows(clean, threshold=0.5).certified_accuracy.item() == 1 / 10
     attacked = rows(certified, attack="pgd-l2", epsilon=0.5)
     assert set(attacked.attack_norm) == {"l2"} and clean.attack_norm.isna().all()
     # T=0.1: robust {4,5,6,8,9}, of which right {4,5,6} -> precision 3/5, recall 5/10
     at_01 = rows(attacked, threshold=0.1)
-    assert at_01.robust_precision.item() == pytest.approx(0.6) and at_01.robust_recall.item() == pytest.approx(0.5)
+    assert at_01.robust_precision.item() == 3 / 5 and at_01.robust_recall.item() == 5 / 10
     assert at_01.robust_n.item() == 5
     low, high = clopper_pearson_interval(3, 5)
-    assert at_01.robust_precision_ci_low.item() == pytest.approx(float(low))
-    assert at_01.robust_precision_ci_high.item() == pytest.approx(float(high))
+    assert at_01.robust_precision_ci_low.item() == float(low) and at_01.robust_precision_ci_high.item() == float(high)
     # T=0.05: robust {2,3,4,5,6,8,9}, right {2..6} -> 5/7
-    assert rows(attacked, threshold=0.05).robust_precision.item() == pytest.approx(5 / 7)
+    assert rows(attacked, threshold=0.05).robust_precision.item() == 5 / 7
     # nothing certified at T=0.6 under attack: precision undefined, recall 0
     at_06 = rows(attacked, threshold=0.6)
     assert np.isnan(at_06.robust_precision.item()) and at_06.robust_recall.item() == 0.0
@@ -142,7 +143,7 @@ def test_certified_accuracy_and_robust_precision_recall_by_hand(store):
 def test_cost_table_comes_from_run_info(store):
     cost = build_tables(store)["cost"].set_index("run_id")
     assert cost.loc["bbbb00000002", "train_seconds"] == 120.0
-    assert cost.loc["bbbb00000002", "eval_ms_per_image"] == pytest.approx(3000.0)
+    assert cost.loc["bbbb00000002", "eval_ms_per_image"] == 3000.0  # 30 s * 1000 / 10 images: exact
     assert cost.loc["aaaa00000001", "num_test"] == 10
     assert cost.loc["aaaa00000001", "model_train_seconds"] == 12.0
 
@@ -219,7 +220,7 @@ def test_compare_lists_changed_metrics_and_setup(store):
     clean = metrics[(metrics.metric == "accuracy") & (metrics.attack == "clean")]
     assert clean.change.item() == "+0.000"
     l2 = metrics[(metrics.metric == "accuracy") & (metrics.attack == "pgd-l2") & (metrics.epsilon == "0.5")]
-    assert l2.value_a.item() == pytest.approx(0.8) and l2.value_b.item() == pytest.approx(0.7)
+    assert l2.value_a.item() == 8 / 10 and l2.value_b.item() == 7 / 10
     assert l2.change.item() == "-0.100"
     certified = metrics[metrics.metric == "certified accuracy"]
     assert certified.A.eq("–").all() and not certified.B.eq("–").any()
@@ -228,10 +229,8 @@ def test_compare_lists_changed_metrics_and_setup(store):
 
 
 # -- CLI ------------------------------------------------------------------------------------------
-def test_report_command_writes_html_tables_and_plots(bench, store, tmp_path):
-    out = tmp_path / "report"
-    code, stdout, _ = bench("report", "--results", str(store.directory), "--out", str(out))
-    assert code == 0
+def test_report_command_writes_html_tables_and_plots(fabricated_report):
+    _, out, stdout = fabricated_report  # `bench report --out` on fabricate()'s store (conftest.py)
     for name in ("report.html", "tables.md", "tables.tex", "tables.json", "clean.csv", "accuracy_under_attack.csv",
                  "certified.csv", "cost.csv"):
         assert (out / name).stat().st_size > 0 and str(out / name) in stdout

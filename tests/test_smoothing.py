@@ -10,6 +10,7 @@ from bench.models import build_model
 from bench.registry import DATASETS
 from bench.training import TrainConfig
 from conftest import FAST
+from helpers import float32_sum_tolerance
 from bench.defenses.base import ABSTAIN
 from bench.defenses.smoothing import Smoothing, smoothing_radius
 
@@ -24,7 +25,7 @@ def test_radius_is_sigma_times_inverse_normal_of_clopper_pearson(count):
     n, sigma, alpha = 1000, 0.25, 0.001
     lower = beta.ppf(alpha, count, n - count + 1)  # one-sided Clopper-Pearson, computed here
     expected = sigma * norm.ppf(lower) if lower > 0.5 else 0.0
-    assert smoothing_radius(count, n, sigma, alpha) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert smoothing_radius(count, n, sigma, alpha) == expected  # the same scipy calls on the same numbers
 
 
 def test_certify_abstains_when_the_lower_bound_is_at_most_one_half():
@@ -67,7 +68,8 @@ def test_gaussian_augmentation_training_gives_correct_certificates():
     assert certified.float().mean() > 0.6
     assert (certificate.label[certified] == y[certified]).float().mean() > 0.9
     # n = 200, alpha = 0.001 caps the radius at sigma * Phi^-1(0.001^(1/200)).
-    assert certificate.radius.max() <= 0.25 * norm.ppf(0.001 ** (1 / 200)) + 1e-6
+    # Radii are stored in float32: one rounding (relative); scipy's float64 inversion errs far less.
+    assert certificate.radius.max() <= 0.25 * norm.ppf(0.001 ** (1 / 200)) * (1 + float32_sum_tolerance(1))
     assert (predictions[predictions != ABSTAIN] == y[predictions != ABSTAIN]).float().mean() > 0.9
 
 
