@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.stats import beta
 
 
 def hoeffding_bounds(
@@ -59,6 +58,10 @@ def clopper_pearson_bounds(
     (Cohen et al.'s smoothing passes ``alpha`` here for its one-sided lower bound). NaN where
     ``trials`` is 0 (no draws bound nothing).
     """
+    # Imported here: scipy.stats costs about a second to import, which a command that fails on
+    # bad input before any certificate should not pay.
+    from scipy.stats import beta
+
     k = np.asarray(successes, dtype=np.float64)
     n = np.asarray(trials, dtype=np.float64)
     level = alpha / hypotheses

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from scipy.stats import binomtest, norm
 from torch import nn
 
 from bench.errors import BenchError
@@ -32,6 +31,8 @@ def smoothing_radius(count: int, draws: int, sigma: float, alpha: float) -> floa
     """Cohen et al.'s CERTIFY radius from ``count`` of ``draws`` votes for the selected class:
     sigma * Phi^-1(p_lower) with the one-sided Clopper-Pearson bound at ``alpha``; 0 (abstain)
     when p_lower <= 0.5."""
+    from scipy.stats import norm  # here, not at import: bad input fails before scipy.stats loads
+
     lower = float(clopper_pearson_bounds(count, draws, alpha)[0])
     return sigma * float(norm.ppf(lower)) if lower > 0.5 else 0.0
 
@@ -96,6 +97,8 @@ class Smoothing(Defense):
     def predict_from_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Cohen et al.'s PREDICT: the top class if a two-sided binomial test says it beats the
         runner-up at level alpha, else ``ABSTAIN``."""
+        from scipy.stats import binomtest  # here, not at import: bad input fails before scipy.stats loads
+
         top2 = counts.topk(2, dim=1)
         labels = []
         for (first, second), label in zip(top2.values.tolist(), top2.indices[:, 0].tolist()):
