@@ -7,6 +7,7 @@ One table of bad inputs, command-line flags and TOML configs alike, run in-proce
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -229,6 +230,23 @@ def test_the_console_script_exits_2_with_one_line(tmp_path):
                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert process.returncode == 2 and process.stderr.startswith("bench: error: device 'banana'")
     assert process.stderr.count("\n") == 1 and not (tmp_path / "results").exists()
+
+
+def test_a_read_only_file_system_is_a_one_line_error(tmp_path):
+    """A read-only tmpfs mounted in a private mount namespace (needs ``unshare -m``: root with
+    CAP_SYS_ADMIN, as in this project's containers; skipped elsewhere)."""
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    mount = f"mount -t tmpfs -o ro tmpfs {readonly}"
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only file system here (unshare -m needs CAP_SYS_ADMIN)")
+    for argv in (["run", "--out", f"{readonly}/results"], ["report", "--out", f"{readonly}/report"]):
+        process = subprocess.run(["unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', "sh", sys.executable, "-m",
+                                  "bench.cli", *argv], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert process.returncode == 2 and process.stderr.count("\n") == 1, process.stderr
+        assert process.stderr.startswith(f"bench: error: {'report --out' if argv[0] == 'report' else '--out'} {readonly}/")
+        assert "is not writable" in process.stderr and "Read-only file system" in process.stderr
+    assert not list(tmp_path.rglob("results.sqlite"))
 
 
 def test_validate_request_is_the_api_entry_point(tmp_path):
