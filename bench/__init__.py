@@ -6,14 +6,14 @@ The public API, from one import::
     results = bench.evaluate(model, "digits", ["pgd-linf"], epsilons=[0.05, 0.1])
     results.accuracy_under_attack          # a pandas DataFrame with 95% intervals
 
-``evaluate``, ``train``, ``wrap``, ``load_results``, ``load_dataset`` and ``Results`` live in
+``evaluate``, ``train``, ``wrap``, ``load_results``, ``load_model``, ``load_dataset`` and ``Results`` live in
 :mod:`bench.api`; they load on first use, so ``import bench`` (and the CLI's bad-input errors)
 stay fast.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["Results", "evaluate", "load_dataset", "load_results", "train", "wrap"]
+__all__ = ["Results", "evaluate", "load_dataset", "load_model", "load_results", "train", "wrap"]
 
 
 def __getattr__(name: str):

@@ -37,7 +37,7 @@ from bench.defenses.base import Certificate, Defense
 from bench.errors import BenchError
 from bench.metrics import THRESHOLD_GRID, sanity_warnings
 from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
-from bench.spec import DEFAULT_EPOCHS, RunSpec, check_epsilon_keys, epsilons_for, scoped
+from bench.spec import DEFAULT_EPOCHS, RunSpec, check_epsilon_keys, epsilons_for, scoped, unclaimed
 from bench.store import Run, Store, owner_info
 from bench.training import TrainConfig
 from bench.types import RECORD_COLUMNS, Record
@@ -126,11 +126,95 @@ def defense_name(defense: Defense) -> str:
 
 
 def model_name(defense: Defense) -> str:
-    """The zoo name a runner recorded, else ``ClassName@fingerprint`` for an outside model."""
+    """The zoo name a runner recorded, else ``SPEC@fingerprint`` for an outside model
+    (``SPEC`` is ``MODULE:CALLABLE`` for :func:`load_model`'s models, else the class name)."""
     recorded = getattr(defense, "model_name", None)
     if recorded:
         return recorded
-    return f"{type(defense.model).__name__}@{fingerprint(defense.model)}"
+    source = getattr(defense.model, "model_spec", None) or type(defense.model).__name__
+    return f"{source}@{fingerprint(defense.model)}"
+
+
+def load_model(spec: str, checkpoint: Path | str | None = None) -> nn.Module:
+    """An outside model from ``MODULE:CALLABLE`` (importable; the current folder counts) or
+    ``path/to/file.py:CALLABLE``: the callable is called without arguments (a module-level
+    ``nn.Module`` instance is taken as it is). ``checkpoint`` is a state dict (also inside a
+    ``{"model": ...}`` or ``{"state_dict": ...}`` dict) loaded with ``weights_only=True``, so
+    nothing in the file can run code. The model's own code is the user's, and runs."""
+    import importlib
+    import importlib.util
+    import os
+
+    target, sep, attribute = spec.rpartition(":")
+    if not sep or not target or not attribute.isidentifier():
+        raise BenchError(f"--model {spec!r}: expected MODULE:CALLABLE or path/to/file.py:CALLABLE, e.g. my_models:small_cnn")
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        path = Path(target)
+        if not path.is_file():
+            raise BenchError(f"--model {spec}: file {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"bench_outside_model_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.path.insert(0, str(path.resolve().parent))  # the file may import its neighbours
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as error:
+            raise BenchError(f"--model {spec}: running {path} failed: {_one_line(error)}") from None
+        finally:
+            sys.path.remove(str(path.resolve().parent))
+    else:
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m`: a module in the current folder is found
+        try:
+            module = importlib.import_module(target)
+        except Exception as error:
+            raise BenchError(f"--model {spec}: cannot import {target} ({_one_line(error)})") from None
+    factory = getattr(module, attribute, None)
+    if factory is None:
+        raise BenchError(f"--model {spec}: {target} has no attribute {attribute!r}")
+    if isinstance(factory, nn.Module):
+        model = factory
+    elif callable(factory):
+        try:
+            model = factory()
+        except Exception as error:
+            raise BenchError(f"--model {spec}: calling {attribute}() failed: {_one_line(error)}") from None
+    else:
+        raise BenchError(f"--model {spec}: {attribute} is a {type(factory).__name__}, not a callable or nn.Module")
+    if not isinstance(model, nn.Module):
+        raise BenchError(f"--model {spec}: {attribute}() returned a {type(model).__name__}, not a torch nn.Module")
+    if checkpoint is not None:
+        load_weights(model, checkpoint, spec)
+    model.eval()
+    model.model_spec = spec  # recorded in specs, with the weights' fingerprint
+    return model
+
+
+def load_weights(model: nn.Module, checkpoint: Path | str, what: str = "the model") -> None:
+    """Load a state dict into ``model`` with ``weights_only=True``; one-line errors."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise BenchError(f"--checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise BenchError(f"--checkpoint {path} is not a weights-only torch file (tensors and plain values; "
+                         f"nothing in it may run code): {_one_line(error)}") from None
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BenchError(f"--checkpoint {path} holds no state dict (names -> tensors)")
+    try:
+        model.load_state_dict(state)
+    except Exception as error:
+        raise BenchError(f"--checkpoint {path} does not fit {what}: {_one_line(error)}") from None
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = "; ".join(lines) or type(error).__name__
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(error).__name__}: {text}"
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -271,6 +355,8 @@ def attack_steps(
     """
     steps, names = [], set()
     attack_params = dict(attack_params or {})
+    named = {entry: {f.name for f in dataclasses.fields(ATTACKS.get(entry).Params)} for entry in attacks if isinstance(entry, str)}
+    unclaimed(attack_params, named, "attack parameter")
     for entry in attacks:
         if isinstance(entry, str):
             attack_class = ATTACKS.get(entry)
@@ -617,6 +703,10 @@ def evaluate(
     test = evaluation_data(data, test_size=test_size, seed=seed, data_dir=data_dir, download=download)
     name = defense_name(defense)
     check_model(defense.model, test, f"model ({type(defense.model).__name__})", device)
+    try:
+        defense.attack_model()  # a defense that still needs training says so here, before any work
+    except BenchError as error:
+        raise BenchError(f"{error}: train it first, e.g. bench.train(defense, data, epochs=...)") from None
     models = model_name(defense)
     default_label, params = describe(defense, name, models)
     label = label or default_label
@@ -647,8 +737,7 @@ def evaluate(
         info = {
             "eval_seconds": eval_seconds, "num_test": len(test.y), "device": device,
             "data_official": test.provenance, "randomized": defense.randomized, "certifies": defense.certifies,
-            "resumed": writer.resumed, "outside_model": getattr(defense, "model_name", None) is None,
-            "argv": sys.argv,
+            "resumed": writer.resumed, "argv": sys.argv,
         }
         writer.finish(info, warnings)
     except BaseException:

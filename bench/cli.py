@@ -1,4 +1,4 @@
-"""``bench run``, ``bench list``, ``bench report``."""
+"""``bench run``, ``bench eval``, ``bench list``, ``bench report``: shells over :mod:`bench.api`."""
 from __future__ import annotations
 
 import argparse
@@ -115,6 +115,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="results directory (default ./results)")
     run.add_argument("--device", help="torch device (default cpu)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    evaluation = commands.add_parser(
+        "eval", help="evaluate your own model (MODULE:CALLABLE or FILE.py:CALLABLE) under attacks",
+        description="Evaluate an outside model (any nn.Module mapping [0,1] images to logits), as it is or inside "
+                    "a defense that wraps it, on a dataset's test split: the Python call bench.evaluate(...) from "
+                    "the command line. Prints the tables; stores the run only with --out.")
+    evaluation.add_argument("--model", required=True, metavar="MODULE:CALLABLE",
+                            help="my_package.models:small_cnn or path/to/file.py:factory; called without arguments")
+    evaluation.add_argument("--checkpoint", type=Path, metavar="FILE",
+                            help="the model's state dict (torch.save), loaded with weights_only=True")
+    evaluation.add_argument("--defense", default="baseline",
+                            help="defense around the model (default baseline: the model as it is; smoothing); "
+                                 "defenses that must be trained first: from Python, bench.train")
+    evaluation.add_argument("--param", action="append", default=None, metavar="KEY=VALUE", help="defense parameter (repeatable)")
+    evaluation.add_argument("--dataset", default="digits", help="dataset name (default digits)")
+    evaluation.add_argument("--attack", action="append", default=None, help="attack name (repeatable)")
+    evaluation.add_argument("--epsilons", type=_keyed_numbers, action="append", metavar="[NORM|ATTACK=]LIST",
+                            help="attack sizes, as for bench run (default: each attack's own grid)")
+    evaluation.add_argument("--attack-param", action="append", default=None, metavar="KEY=VALUE",
+                            help="attack parameter (repeatable); ATTACK.KEY=VALUE targets one attack")
+    evaluation.add_argument("--attack-backend", choices=["foolbox", "art"], default="foolbox")
+    evaluation.add_argument("--eot-draws", type=_integer, default=20,
+                            help="noise draws per attack step on randomized defenses (default 20)")
+    evaluation.add_argument("--seed", type=_integer, default=0, help="seed of every step and of --test-size (default 0)")
+    evaluation.add_argument("--test-size", type=_integer, help="seeded class-balanced test subset (default: all)")
+    evaluation.add_argument("--data-dir", type=Path, help="where dataset files are (default ./data)")
+    evaluation.add_argument("--download", action="store_true", help="download missing dataset files")
+    evaluation.add_argument("--out", type=Path, help="results directory to store the run in (default: not stored)")
+    evaluation.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    evaluation.add_argument("--format", choices=["md", "json"], default="md", help="how to print the tables (default md)")
+    evaluation.add_argument("--quiet", action="store_true", help="no progress lines")
 
     commands.add_parser("list", help="registered defenses, attacks and datasets")
 
@@ -309,6 +340,46 @@ def command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_eval(args: argparse.Namespace) -> int:
+    """``bench eval``: the checks that need no model first, then ``bench.api`` does the rest."""
+    epsilons = _epsilon_option(args.epsilons) if args.epsilons else None
+    validate_options({"seed": args.seed, "test_size": args.test_size, "eot_draws": args.eot_draws,
+                      "device": args.device, "epsilons": epsilons if isinstance(epsilons, list) else None})
+    if args.out is not None:
+        check_writable_dir(args.out)
+    DATASETS.get(args.dataset)
+    defense_class = DEFENSES.get(args.defense)
+    params = parse_assignments(args.param or [], "--param")
+    attack_params = parse_assignments(args.attack_param or [], "--attack-param")
+    attacks = args.attack or []
+    for name in attacks:
+        ATTACKS.get(name)
+    unclaimed(params, {args.defense: _fields(defense_class.Params)}, "defense parameter")
+    progress.QUIET = bool(args.quiet)
+    from bench.api import evaluate, load_model, wrap
+    from bench.metrics import TABLE_THRESHOLDS
+    from bench.reports.render import render
+
+    model = load_model(args.model, args.checkpoint)
+    defense = wrap(args.defense, model, device=args.device, **params)
+    results = evaluate(
+        defense, args.dataset, attacks, epsilons, store=args.out, seed=args.seed, test_size=args.test_size,
+        attack_params=attack_params, attack_backend=args.attack_backend, eot_draws=args.eot_draws,
+        data_dir=args.data_dir, download=args.download, device=args.device, log=None if args.quiet else print,
+    )
+    tables = dict(results.tables)
+    if args.format == "json":
+        print(render(tables, "json"))
+    else:
+        certified = tables["certified"]
+        if not certified.empty:
+            tables["certified"] = certified[(certified.attack == "clean") & certified.threshold.isin(TABLE_THRESHOLDS)]
+        print(render(tables, "md"))
+        if args.out is not None:
+            print(f"stored run {results.runs.run_id[0]} in {args.out / 'results.sqlite'}")
+    return 0
+
+
 def command_list(_: argparse.Namespace) -> int:
     for title, registry in (("defenses", DEFENSES), ("attacks", ATTACKS), ("datasets", DATASETS)):
         print(f"{title}:")
@@ -388,7 +459,7 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "list": command_list, "report": command_report}
+COMMANDS = {"run": command_run, "eval": command_eval, "list": command_list, "report": command_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -243,3 +243,102 @@ def test_results_write_the_html_report(tmp_path):
     assert page.is_file() and "<html" in page.read_text()[:200].lower()
     full = results.report(tmp_path / "full")
     assert full == tmp_path / "full" / "report.html" and (tmp_path / "full" / "tables.json").is_file()
+
+
+# -- bench eval: the same evaluation from the command line ---------------------------------------------
+MODEL_FILE = """
+import torch
+from torch import nn
+
+def factory():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+def five_classes():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+
+def mnist_sized():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+def not_a_model():
+    return "a string"
+"""
+
+
+class Payload:
+    """Pickled into a checkpoint: unpickling would call ``touch`` on the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "models" / "my_models.py"
+    path.parent.mkdir()
+    path.write_text(MODEL_FILE)
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    return path, tmp_path / "weights.pt", model
+
+
+def test_bench_eval_gives_the_records_of_evaluate(bench_cli, model_file, tmp_path):
+    path, weights, model = model_file
+    code, stdout, stderr = bench_cli(
+        "eval", "--model", f"{path}:factory", "--checkpoint", str(weights), "--dataset", "digits", "--test-size", "30",
+        "--attack", "pgd-linf", "--epsilons", "0.05,0.1", "--attack-param", "steps=5", "--seed", "2",
+        "--out", str(tmp_path / "cli"), "--quiet")
+    assert code == 0, stderr
+    assert "Accuracy under attack" in stdout
+    python = bench.evaluate(model, "digits", ["pgd-linf"], [0.05, 0.1], test_size=30, seed=2, attack_params={"steps": 5})
+    cli = bench.load_results(tmp_path / "cli")
+    columns = ["attack", "epsilon", "sample_index", "prediction", "true_label", "correct", "distance"]
+    ordered = lambda frame: frame[columns].sort_values(["attack", "epsilon", "sample_index"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(ordered(cli.records), ordered(python.records))
+    # the checkpoint's weights, not the factory's fresh ones
+    assert cli.runs.spec[0]["model"] == f"{path}:factory@{bench.api.fingerprint(model)}"
+
+
+def test_bench_eval_finds_a_module_in_the_current_folder(bench_cli, model_file, monkeypatch):
+    path, weights, _ = model_file
+    monkeypatch.chdir(path.parent)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(path.parent))])
+    code, stdout, stderr = bench_cli("eval", "--model", "my_models:factory", "--checkpoint", str(weights),
+                                     "--test-size", "10", "--format", "json", "--quiet")
+    assert code == 0, stderr
+    assert json.loads(stdout)["clean"][0]["n"] == 10
+
+
+@pytest.mark.parametrize(
+    "factory, checkpoint, fragment",
+    [
+        ("five_classes", None, "returns 5 logits per image; digits has 10 classes"),
+        ("mnist_sized", None, "does not accept digits images (1x8x8, values in [0,1])"),
+        ("not_a_model", None, "not_a_model() returned a str, not a torch nn.Module"),
+        ("nope", None, "has no attribute 'nope'"),
+        ("factory", "five", "does not fit"),
+        ("factory", "code", "is not a weights-only torch file"),
+        ("factory", "missing", "does not exist"),
+    ],
+)
+def test_bench_eval_refuses_a_model_that_does_not_fit_in_one_line(bench_cli, model_file, tmp_path, factory, checkpoint, fragment):
+    path, _, _ = model_file
+    args = ["eval", "--model", f"{path}:{factory}", "--test-size", "10", "--out", str(tmp_path / "out")]
+    marker = tmp_path / "ran"
+    if checkpoint == "five":
+        torch.save(nn.Sequential(nn.Flatten(), nn.Linear(64, 5)).state_dict(), tmp_path / "five.pt")
+        args += ["--checkpoint", str(tmp_path / "five.pt")]
+    elif checkpoint == "code":
+        torch.save({"model": Payload(marker)}, tmp_path / "code.pt")
+        args += ["--checkpoint", str(tmp_path / "code.pt")]
+    elif checkpoint == "missing":
+        args += ["--checkpoint", str(tmp_path / "missing.pt")]
+    code, _, stderr = bench_cli(*args)
+    assert code == 2 and stderr.startswith("bench: error:") and fragment in stderr
+    assert stderr.count("\n") == 1 and not marker.exists()
+    assert not (tmp_path / "out" / "results.sqlite").exists()
