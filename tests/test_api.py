@@ -342,3 +342,43 @@ def test_bench_eval_refuses_a_model_that_does_not_fit_in_one_line(bench_cli, mod
     assert code == 2 and stderr.startswith("bench: error:") and fragment in stderr
     assert stderr.count("\n") == 1 and not marker.exists()
     assert not (tmp_path / "out" / "results.sqlite").exists()
+
+
+# -- the README's Python example, exactly as written --------------------------------------------------
+def readme_example() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Evaluate your own model from Python", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(readme_example(), "README.md", "exec"), namespace)
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+    records, results = namespace["records"], namespace["results"]
+    assert set(records.attack) == {"clean", "pgd-linf", "pgd-l2"} and len(records) == 100 * 7
+    table = results.accuracy_under_attack
+    assert table.accuracy[table.epsilon == 0].iloc[0] > 0.8  # the trained model, evaluated clean
+    assert (table.groupby("attack").accuracy.apply(lambda a: a.is_monotonic_decreasing)).all()
+    assert "certified_accuracy" in capsys.readouterr().out
+
+
+def test_the_readme_example_runs_beside_a_users_attacks_defenses_and_reports(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    for name in ("attacks", "defenses", "reports"):
+        (tmp_path / f"{name}.py").write_text(f"raise ImportError('the user\\'s own {name}.py was imported')\n")
+    environment = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    # `python -` puts the current folder first on sys.path, as a notebook in that folder does
+    done = subprocess.run([sys.executable, "-"], input=readme_example(), cwd=tmp_path, env=environment,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "accuracy.png").is_file() and (tmp_path / "results" / "results.sqlite").is_file()
