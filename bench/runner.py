@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.api import attack_steps, describe, evaluate_steps, library_versions, now, seed_everything
+from bench.api import RunWriter, attack_steps, describe, evaluate_steps, library_versions, now, seed_everything
 from bench.datasets.base import Dataset, balanced_subset
 from bench.errors import BenchError
 from bench.metrics import sanity_warnings
@@ -72,18 +72,14 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
     test_index = balanced_subset(dataset.y_test, spec.test_size, spec.seed)
     x_test, y_test = dataset.x_test[test_index], dataset.y_test[test_index]
 
-    run_id, created, done = uuid.uuid4().hex[:12], now(), set()
-    previous = store.resumable(spec.hash())
-    if previous is not None:
-        (stored, done), run_id, created = previous, previous[0].run_id, previous[0].created
-        log(f"[{label}] resuming unfinished run {run_id}: {', '.join(sorted(done)) or 'nothing'} already stored")
-    else:
-        store.begin_run(Run(
-            run_id=run_id, created=created, dataset=dataset.name, defense=spec.defense, label=label,
-            params=params, spec=dataclasses.asdict(spec), spec_hash=spec.hash(),
-            training_hash=spec.training_hash(), seed=spec.seed, versions=library_versions(),
-            host=socket.gethostname(), info=owner_info(), warnings=[],
-        ))
+    # Registered as running, or the unfinished run of this spec resumed from its stored steps.
+    writer = RunWriter(store, Run(
+        run_id=uuid.uuid4().hex[:12], created=now(), dataset=dataset.name, defense=spec.defense, label=label,
+        params=params, spec=dataclasses.asdict(spec), spec_hash=spec.hash(),
+        training_hash=spec.training_hash(), seed=spec.seed, versions=library_versions(),
+        host=socket.gethostname(), info=owner_info(), warnings=[],
+    ), log)
+    run_id = writer.run.run_id
 
     try:
         started = time.perf_counter()
@@ -105,13 +101,12 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
         # exactly the records an uninterrupted one would have written.
         started = time.perf_counter()
         evaluate_steps(defense, steps, x_test, y_test, test_index, seed=spec.seed, eot_draws=spec.eot_draws,
-                       done=done, commit=lambda records: store.add_records(run_id, records), log=log, label=label)
+                       done=writer.done, commit=writer.commit, log=log, label=label)
         eval_seconds = time.perf_counter() - started
 
-        records = store.records([run_id])
-        stored = [Record(*tuple(row)[1:]) for row in records.itertuples(index=False)]
-        clean = records[records.attack == "clean"]
-        clean_accuracy = float(clean.correct.mean())
+        stored = writer.records()
+        clean = [r.correct for r in stored if r.attack == "clean"]
+        clean_accuracy = sum(clean) / len(clean)
         log(f"[{label}] clean accuracy {clean_accuracy:.4f} on {len(clean)} test images")
         warnings = sanity_warnings(
             stored, defense.randomized, spec.eot_draws if spec.attacks else None, input_dim=int(np.prod(dataset.shape))
@@ -122,7 +117,7 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
             "train_seconds": train_seconds,
             "eval_seconds": eval_seconds,
             "reused_checkpoint": state is not None,
-            "resumed": previous is not None,
+            "resumed": writer.resumed,
             "num_train": len(train_index),
             "num_test": len(test_index),
             "device": device,
@@ -131,10 +126,10 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
             "certifies": defense.certifies,
             "argv": sys.argv,
         }
-        store.finish_run(run_id, info, warnings)
+        writer.finish(info, warnings)
     except BaseException:
         # Hand the run back: stored steps stay, and the next run of this spec resumes it.
-        store.finish_run(run_id, {}, [], status="interrupted")
+        writer.abort()
         raise
     return RunResult(run_id, label, clean_accuracy, stored, info, warnings)
 
