@@ -9,6 +9,9 @@ if TYPE_CHECKING:  # torch stays out of the imports of light modules (option che
 
 Norm = Literal["linf", "l2", "l1"]
 NORMS: tuple[Norm, ...] = ("linf", "l2", "l1")
+# A threat model is a norm and a budget; RobustBench names its threat models by norm like this.
+ThreatModel = Literal["Linf", "L2", "L1"]
+THREAT_MODELS: dict[Norm, ThreatModel] = {"linf": "Linf", "l2": "L2", "l1": "L1"}
 
 ABSTAIN = -1
 """The label of a point on which a defense declines to predict or certify."""

@@ -17,8 +17,7 @@ from typing import Any
 import pandas as pd
 
 from bench.metrics import WORST_CASE
-
-THREAT_MODELS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+from bench.types import THREAT_MODELS
 
 
 def _percent(value: float) -> str:
