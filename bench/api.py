@@ -73,14 +73,23 @@ def _quiet(_: str) -> None:
     pass
 
 
-def fingerprint(model: nn.Module) -> str:
-    """A short hash of a model's parameters and buffers: the identity of an outside model in specs
-    (a resumed run must continue with the same weights)."""
+def fingerprint(state: nn.Module | Mapping[str, Any]) -> str:
+    """A short hash of a model's (or a defense's) state: names, shapes and bytes of every tensor.
+    The identity of an outside model in specs: a resumed run must continue with the same weights."""
     digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+
+    def add(value: Any, name: str) -> None:
         digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        if isinstance(value, torch.Tensor):
+            digest.update(str((tuple(value.shape), value.dtype)).encode())
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, Mapping):
+            for key in sorted(value, key=str):
+                add(value[key], f"{name}.{key}")
+        else:
+            digest.update(repr(value).encode())
+
+    add(state.state_dict() if isinstance(state, nn.Module) else state, "")
     return digest.hexdigest()[:12]
 
 
@@ -132,7 +141,8 @@ def model_name(defense: Defense) -> str:
     if recorded:
         return recorded
     source = getattr(defense.model, "model_spec", None) or type(defense.model).__name__
-    return f"{source}@{fingerprint(defense.model)}"
+    # The whole defense state: a PixelDP auto-encoder trained in front of the model counts too.
+    return f"{source}@{fingerprint(defense.state_dict())}"
 
 
 def load_model(spec: str, checkpoint: Path | str | None = None) -> nn.Module:

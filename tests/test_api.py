@@ -147,6 +147,9 @@ def test_pixeldp_autoencoder_in_front_of_a_frozen_outside_classifier():
     assert all(torch.equal(frozen[k], v) for k, v in classifier.state_dict().items())
     results = bench.evaluate(defense, "digits", test_size=10)
     assert set(results.records.certified_norm) == {"l2"} and (results.records.certified_radius >= 0).all()
+    # the trained auto-encoder is part of the identity a stored run is resumed by
+    assert results.runs.spec[0]["model"] == f"Sequential@{bench.api.fingerprint(defense.state_dict())}"
+    assert bench.api.fingerprint(defense.state_dict()) != bench.api.fingerprint({"model": classifier.state_dict()})
 
 
 @pytest.mark.parametrize(
@@ -301,7 +304,7 @@ def test_bench_eval_gives_the_records_of_evaluate(bench_cli, model_file, tmp_pat
     ordered = lambda frame: frame[columns].sort_values(["attack", "epsilon", "sample_index"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(ordered(cli.records), ordered(python.records))
     # the checkpoint's weights, not the factory's fresh ones
-    assert cli.runs.spec[0]["model"] == f"{path}:factory@{bench.api.fingerprint(model)}"
+    assert cli.runs.spec[0]["model"] == f"{path}:factory@{bench.api.fingerprint({'model': model.state_dict()})}"
 
 
 def test_bench_eval_finds_a_module_in_the_current_folder(bench_cli, model_file, monkeypatch):
@@ -382,3 +385,15 @@ def test_the_readme_example_runs_beside_a_users_attacks_defenses_and_reports(tmp
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "accuracy.png").is_file() and (tmp_path / "results" / "results.sqlite").is_file()
+
+
+def test_a_step_is_a_plain_picklable_unit_of_work():
+    import pickle
+
+    x, y = digits_test(12)
+    smoothed = bench.wrap("smoothing", mlp(8), n=30, n0=5)
+    (step,) = bench.api.attack_steps(["pgd-l2"], [0.5], {"steps": 3})
+    here = bench.api.evaluate_step(smoothed, step, x, y, torch.arange(12), seed=4, eot_draws=2)
+    step_copy, defense_copy = pickle.loads(pickle.dumps((step, smoothed)))
+    there = bench.api.evaluate_step(defense_copy, step_copy, x, y, torch.arange(12), seed=4, eot_draws=2)
+    assert there == here and len(here) == 12
