@@ -156,5 +156,7 @@ def load_config(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise BenchError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise BenchError(f"config file {path} is not valid TOML: {error}") from None
+    except OSError as error:
+        raise BenchError(f"config file {path} is not readable: {error.strerror or error}") from None

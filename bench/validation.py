@@ -94,6 +94,12 @@ def check_attack_backend(value: Any) -> None:
         raise BenchError(f"attack_backend {value!r} is not accepted; choose one of {', '.join(ATTACK_BACKENDS)}")
 
 
+def check_data_dir(value: Any) -> None:
+    _text("data_dir")(value)
+    if Path(value).exists() and not Path(value).is_dir():
+        raise BenchError(f"data_dir {value} is a file; give the folder that holds (or receives) the dataset files")
+
+
 def check_download(value: Any) -> None:
     if not isinstance(value, bool):
         raise BenchError(f"download must be true or false; got {value!r}")
@@ -158,7 +164,7 @@ OPTION_CHECKS: dict[str, Callable[[Any], None]] = {
     "train_size": _positive_int("train_size"),
     "test_size": _positive_int("test_size"),
     "image_size": _positive_int("image_size"),
-    "data_dir": _text("data_dir"),
+    "data_dir": check_data_dir,
     "download": check_download,
     "out": lambda value: (_text("out")(value), check_writable_dir(value)),
     "device": check_device,

@@ -119,6 +119,11 @@ ROWS = [
     row("run --nosuch-flag", "unrecognized arguments: --nosuch-flag"),
     row("run --config {out}/missing.toml", "missing.toml does not exist"),
     row("run --profile cpu", "give --config FILE too"),
+    row("run --config {readonly}", "is not readable: Is a directory"),
+    row("run --config /proc/self/exe", "is not valid TOML"),
+    row("run --config /proc/self/mem", "is not readable"),
+    row("run --config {file}", "is not valid TOML"),
+    row("run --dataset mnist --data-dir {file}", "a-file is a file; give the folder"),
     # -- TOML configs: the same checks as the flags ---------------------------------------------
     row("run --config {config}", "defense must be a name or a list of names", "defense = 5"),
     row("run --config {config}", "attack must be a name or a list of names", 'attack = ["pgd-linf", 3]'),
