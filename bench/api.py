@@ -38,7 +38,7 @@ from bench.errors import BenchError
 from bench.metrics import THRESHOLD_GRID, sanity_warnings
 from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
 from bench.spec import DEFAULT_EPOCHS, RunSpec, check_epsilon_keys, epsilons_for, scoped, unclaimed
-from bench.store import Run, Store, owner_info
+from bench.store import MODEL_STEPS, Run, Store
 from bench.training import TrainConfig
 from bench.types import RECORD_COLUMNS, Record
 from bench.validation import check_epsilons, check_writable_dir, validate_options
@@ -460,14 +460,16 @@ def evaluate_steps(
 class RunWriter:
     """A run's records in memory, or in a store: registered when it starts (or resumed from the
     stored steps of an unfinished run of the same spec that no live process owns), committed step
-    by step, marked complete at the end, and handed back as ``interrupted`` on any failure."""
+    by step, marked complete at the end, and handed back as ``interrupted`` on any failure.
+    While it works, this process holds a lease on the run (``Store.hold``) and each commit records
+    the seconds the step took; ``resume=False`` always starts a new run."""
 
-    def __init__(self, store: Store | None, run: Run, log: Log = _quiet):
+    def __init__(self, store: Store | None, run: Run, log: Log = _quiet, resume: bool = True):
         self.store, self.run, self.done, self.resumed = store, run, set(), False
         self._records: list[Record] = []
         if store is None:
             return
-        previous = store.resumable(run.spec_hash)
+        previous = store.resumable(run.spec_hash) if resume else None
         if previous is not None:
             stored, self.done = previous
             self.run = dataclasses.replace(run, run_id=stored.run_id, created=stored.created)
@@ -475,11 +477,17 @@ class RunWriter:
             log(f"[{run.label}] resuming unfinished run {stored.run_id}: {', '.join(sorted(self.done)) or 'nothing'} already stored")
         else:
             store.begin_run(run)
+        self.lease = store.hold(self.run.run_id)  # renewed while this process works; times each step
 
     def commit(self, records: list[Record]) -> None:
         if self.store is not None:
-            self.store.add_records(self.run.run_id, records)
+            self.lease.commit(records)
         self._records += records
+
+    def work(self, step: str) -> None:
+        """Record the seconds since the last commit as ``step`` (``train`` or ``load``)."""
+        if self.store is not None:
+            self.lease.work(step)
 
     def records(self) -> list[Record]:
         if self.store is None:
@@ -488,13 +496,21 @@ class RunWriter:
         return [Record(*tuple(row)[1:]) for row in frame.itertuples(index=False)]
 
     def finish(self, info: dict[str, Any], warnings: list[str]) -> None:
+        if self.store is not None:
+            # Every process that worked on the run (a resumed one's earlier ones too) is charged.
+            work = self.store.work(self.run.run_id)
+            info = {**info, "eval_seconds": float(work.seconds[~work.step.isin(MODEL_STEPS)].sum())}
         self.run = dataclasses.replace(self.run, info=info, warnings=warnings, status="complete")
         if self.store is not None:
-            self.store.finish_run(self.run.run_id, info, warnings)
+            try:
+                self.store.finish_run(self.run.run_id, info, warnings)
+            finally:
+                self.lease.stop()
 
     def abort(self) -> None:
         if self.store is not None:
-            self.store.finish_run(self.run.run_id, {}, [], status="interrupted")
+            self.store.release(self.run.run_id)
+            self.lease.stop()
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -731,7 +747,7 @@ def evaluate(
     run = Run(
         run_id=uuid.uuid4().hex[:12], created=now(), dataset=test.name, defense=name, label=label, params=params,
         spec=dataclasses.asdict(spec), spec_hash=spec.hash(), training_hash=spec.training_hash(), seed=seed,
-        versions=library_versions(), host=socket.gethostname(), info=owner_info(), warnings=[],
+        versions=library_versions(), host=socket.gethostname(), info={}, warnings=[],
     )
     writer = RunWriter(store, run, log)
     try:

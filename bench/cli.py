@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="results directory (default ./results)")
     run.add_argument("--device", help="torch device (default cpu)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--force", action="store_true",
+                     help="start a new run even where a run of the same spec is complete or unfinished "
+                          "(default: skip complete ones, resume unfinished ones); checkpoints are still reused")
 
     evaluation = commands.add_parser(
         "eval", help="evaluate your own model (MODULE:CALLABLE or FILE.py:CALLABLE) under attacks",
@@ -328,7 +331,7 @@ def command_run(args: argparse.Namespace) -> int:
     dataset = load_dataset(specs[0], Path(data_dir) if data_dir else None, bool(options.get("download")))
     run_ids = []
     for spec in specs:
-        result = execute(spec, dataset, store, device=options.get("device", "cpu"))
+        result = execute(spec, dataset, store, device=options.get("device", "cpu"), force=args.force)
         run_ids.append(result.run_id)
     tables = build_tables(store)
     shown = {name: table[table.run_id.isin(run_ids)] if not table.empty else table for name, table in tables.items()}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import socket
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from bench.metrics import sanity_warnings
 from bench.models import build_model, default_model
 from bench.registry import DATASETS, DEFENSES, build_params
 from bench.spec import DEFAULT_EPOCHS, RunSpec, scoped
-from bench.store import Run, Store, owner_info
+from bench.store import MODEL_STEPS, Run, Store
 from bench.training import TrainConfig
 from bench.types import Record
 from bench.defenses.base import Defense
@@ -56,8 +55,15 @@ class RunResult:
     warnings: list[str]
 
 
-def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", log=print) -> RunResult:
-    """Train (or reuse the checkpoint), evaluate clean and under every attack, store the records."""
+def execute(
+    spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", log=print, force: bool = False
+) -> RunResult:
+    """Train (or reuse the checkpoint), evaluate clean and under every attack, store the records.
+
+    A spec whose run is already complete is not run again (its stored result is returned) unless
+    ``force``, which starts a new run; an unfinished run of the spec whose process is gone is
+    resumed from its stored steps.
+    """
     defense, model_name = build_defense(spec, dataset, device)
     label, params = describe(defense, spec.defense, model_name)
     # The stored spec and its hashes carry every resolved value, defaults included, so a changed
@@ -66,6 +72,13 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
         spec, model=model_name, epochs=spec.epochs or DEFAULT_EPOCHS.get(spec.dataset, 30),
         params=dataclasses.asdict(defense.params),
     )
+    if not force:
+        complete = store.complete_run(spec.hash())
+        if complete is not None:
+            log(f"[{label}] already complete: run {complete.run_id}; --force starts a new one")
+            stored = [Record(*tuple(row)[1:]) for row in store.records([complete.run_id]).itertuples(index=False)]
+            clean = [r.correct for r in stored if r.attack == "clean"]
+            return RunResult(complete.run_id, label, sum(clean) / len(clean), stored, complete.info, complete.warnings)
     steps = attack_steps(spec.attacks, spec.epsilons, spec.attack_params, spec.attack_backend)
 
     train_index = balanced_subset(dataset.y_train, spec.train_size, spec.seed)
@@ -77,12 +90,11 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
         run_id=uuid.uuid4().hex[:12], created=now(), dataset=dataset.name, defense=spec.defense, label=label,
         params=params, spec=dataclasses.asdict(spec), spec_hash=spec.hash(),
         training_hash=spec.training_hash(), seed=spec.seed, versions=library_versions(),
-        host=socket.gethostname(), info=owner_info(), warnings=[],
-    ), log)
+        host=socket.gethostname(), info={}, warnings=[],
+    ), log, resume=not force)
     run_id = writer.run.run_id
 
     try:
-        started = time.perf_counter()
         training_hash = spec.training_hash()
         state = store.load_checkpoint(training_hash)
         if state is not None:
@@ -95,14 +107,12 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
             seed_everything(spec.seed)
             defense.fit(dataset.x_train[train_index], dataset.y_train[train_index], config)
             store.save_checkpoint(training_hash, defense.state_dict())
-        train_seconds = time.perf_counter() - started
+        writer.work("load" if state is not None else "train")
 
-        # Each step is seeded on its own and committed on its own, so a resumed run reproduces
-        # exactly the records an uninterrupted one would have written.
-        started = time.perf_counter()
+        # Each step is seeded on its own and committed on its own (with the seconds it took), so a
+        # resumed run reproduces exactly the records an uninterrupted one would have written.
         evaluate_steps(defense, steps, x_test, y_test, test_index, seed=spec.seed, eot_draws=spec.eot_draws,
                        done=writer.done, commit=writer.commit, log=log, label=label)
-        eval_seconds = time.perf_counter() - started
 
         stored = writer.records()
         clean = [r.correct for r in stored if r.attack == "clean"]
@@ -114,9 +124,7 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
         for warning in warnings:
             log(f"[{label}] warning: {warning}")
         info = {
-            "train_seconds": train_seconds,
-            "eval_seconds": eval_seconds,
-            "reused_checkpoint": state is not None,
+            **costs(store, run_id, training_hash),
             "resumed": writer.resumed,
             "num_train": len(train_index),
             "num_test": len(test_index),
@@ -134,3 +142,16 @@ def execute(spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", 
     return RunResult(run_id, label, clean_accuracy, stored, info, warnings)
 
 
+def costs(store: Store, run_id: str, training_hash: str) -> dict[str, Any]:
+    """Seconds summed over every process that worked on the run (a resumed run's earlier ones
+    too): ``train_seconds`` (training, or loading the checkpoint), ``eval_seconds`` (clean and
+    attack steps), and ``model_train_seconds``, the training of its model by whichever run did it."""
+    work = store.work(run_id)
+    model = work.step.isin(MODEL_STEPS)
+    return {
+        "train_seconds": float(work.seconds[model].sum()),
+        "eval_seconds": float(work.seconds[~model].sum()),
+        "model_train_seconds": store.training_seconds(training_hash),
+        "reused_checkpoint": not bool((work.step == "train").any()),
+        "processes": len(work[["host", "pid"]].drop_duplicates()),
+    }

@@ -6,6 +6,18 @@ crash or ``kill -9`` therefore leaves whole steps only, tables read complete run
 next run of the same spec resumes from the stored steps. WAL journaling keeps earlier runs
 readable throughout. Checkpoints are
 written to a temporary file and renamed into place, so a half-written one never exists.
+
+Ownership: the process writing a run holds a lease on it (``owner_host``, ``owner_pid``,
+``lease_until``). It renews the lease with every committed step and from a heartbeat thread
+every HEARTBEAT_SECONDS during long steps (``Store.hold``); a run is taken over only when
+its owner is gone: on this host, its pid has ended or its lease expired; on another host (a
+shared results folder), its lease expired, so hosts sharing a folder need clocks that agree
+to well within LEASE_SECONDS. Claiming is one ``BEGIN IMMEDIATE`` transaction that checks and
+sets the owner, and every step's insert checks that this process still owns the run; a unique
+key on (run, sample, attack, epsilon) makes a duplicate record impossible whatever happens.
+
+Cost: each step also commits a ``work`` row (step, seconds, host, pid), so a run's training
+and evaluation seconds are summed over every process that worked on it.
 """
 from __future__ import annotations
 
@@ -15,16 +27,24 @@ import os
 import socket
 import sqlite3
 import tempfile
-from contextlib import closing
+import threading
+import time
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pandas as pd
 import torch
 
 from bench.errors import BenchError
 from bench.types import RECORD_COLUMNS, Record
+
+# A run's owner renews its lease every HEARTBEAT_SECONDS; one whose lease is LEASE_SECONDS
+# old is gone (killed, hung or disconnected) and its run may be taken over. Five minutes
+# outlasts a stalled shared file system; a crashed run on this host is resumed at once (pid).
+LEASE_SECONDS = 300.0
+HEARTBEAT_SECONDS = 60.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -61,7 +81,20 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE INDEX IF NOT EXISTS records_by_run ON records(run_id);
 """
-
+# Added to stores written before them (see Store._migrate).
+OWNER_COLUMNS = {"owner_host": "TEXT", "owner_pid": "INTEGER", "lease_until": "REAL"}
+WORK_TABLE = """
+CREATE TABLE IF NOT EXISTS work (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    step TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL
+)"""
+UNIQUE_RECORDS = "CREATE UNIQUE INDEX IF NOT EXISTS records_unique ON records(run_id, sample_index, attack, epsilon)"
+# Steps of the work table that are not evaluation: training the model, or loading its checkpoint.
+MODEL_STEPS = ("train", "load")
+JSON_COLUMNS = {"params": dict, "spec": dict, "versions": dict, "info": dict, "warnings": list}
 
 # Evaluation steps and checkpoints this process has committed: after a failure the CLI says
 # whether completed steps are stored (and the same command resumes) or nothing was.
@@ -97,6 +130,49 @@ class Run:
     status: str = "running"
 
 
+RUN_FIELDS = [f.name for f in dataclasses.fields(Run)]
+
+
+class RunLease:
+    """A run this process owns: a background thread renews its lease every ``every`` seconds
+    (long training or attack steps), and each commit records the seconds since the previous one,
+    the step's own time. A failed renewal is retried at the next beat; a run lost meanwhile is
+    caught by the next commit's ownership check."""
+
+    def __init__(self, store: "Store", run_id: str, every: float = HEARTBEAT_SECONDS):
+        self.store, self.run_id = store, run_id
+        self._since = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(every,), name=f"lease-{run_id}", daemon=True)
+        self._thread.start()
+
+    def _beat(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                self.store.renew(self.run_id)
+            except Exception:  # noqa: BLE001 - reported by the next commit
+                pass
+
+    def commit(self, records: list[Record]) -> None:
+        """Commit one evaluation step's records with the seconds it took."""
+        self.store.add_records(self.run_id, records, seconds=time.perf_counter() - self._since)
+        self._since = time.perf_counter()
+
+    def work(self, step: str) -> None:
+        """Record the seconds since the previous commit as ``step`` (training: ``train``/``load``)."""
+        self.store.add_work(self.run_id, step, time.perf_counter() - self._since)
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def claim_hook(run_id: str) -> None:
+    """Called inside the claim transaction, between reading a run and claiming it (tests widen
+    that gap here to check that a concurrent claim waits)."""
+
+
 class Store:
     def __init__(self, directory: Path | str):
         self.directory = Path(directory)
@@ -105,78 +181,226 @@ class Store:
     def _connect(self, create: bool) -> sqlite3.Connection:
         if not create and not self.path.is_file():
             raise BenchError(f"no results store at {self.path}; run 'bench run --out {self.directory}' first")
-        if create:
-            self.directory.mkdir(parents=True, exist_ok=True)
         try:
-            connection = sqlite3.connect(self.path, timeout=30)
+            if create:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            # Autocommit mode: every write is an explicit BEGIN IMMEDIATE ... COMMIT (_writing).
+            connection = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        except (OSError, sqlite3.Error) as error:
+            raise self._error(error, "opening it") from None
+        try:
             connection.execute("PRAGMA journal_mode=WAL")
             if create:
                 connection.executescript(SCHEMA)
-            columns = {row[1] for row in connection.execute("PRAGMA table_info(runs)")}
-            if columns and "status" not in columns:
-                # Stores written before runs had a status held complete runs only.
-                with connection:
-                    connection.execute("ALTER TABLE runs ADD COLUMN status TEXT NOT NULL DEFAULT 'complete'")
-            _add_certified_column(connection)
-        except sqlite3.DatabaseError as error:
-            raise BenchError(f"results store {self.path} is not readable: {error}") from None
+            self._migrate(connection)
+        except sqlite3.Error as error:
+            connection.close()
+            raise self._error(error, "opening it") from None
+        except BaseException:
+            connection.close()
+            raise
         return connection
 
-    def begin_run(self, run: Run) -> None:
-        with closing(self._connect(create=True)) as connection, connection:
-            _insert_run(connection, run)
+    def _migrate(self, connection: sqlite3.Connection) -> None:
+        """Bring a store written by an earlier version up to this schema."""
 
-    def add_records(self, run_id: str, records: Iterable[Record]) -> None:
-        """Append one evaluation step's records atomically."""
-        with closing(self._connect(create=True)) as connection, connection:
-            _insert_records(connection, run_id, records)
+        def missing() -> tuple[set[str], set[str], bool]:
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(runs)")}
+            record_columns = {row[1] for row in connection.execute("PRAGMA table_info(records)")}
+            present = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+            up_to_date = not columns or (columns >= {"status", *OWNER_COLUMNS} and "certified" in record_columns
+                                         and present >= {"work", "records_unique"})
+            return columns, record_columns, up_to_date
+
+        if missing()[2]:
+            return
+        with _writing(connection):
+            columns, record_columns, up_to_date = missing()  # again under the lock: another process may have migrated it
+            if up_to_date:
+                return
+            if record_columns and "certified" not in record_columns:
+                # Stores written before records had ``certified``: derive it by the one convention of
+                # ``bench.types.Certificate`` (abstention, a failed test and radius 0 are not certified).
+                connection.execute("ALTER TABLE records ADD COLUMN certified INTEGER")
+                connection.execute(
+                    "UPDATE records SET certified = (certified_label != -1 AND certified_radius > 0) "
+                    "WHERE certified_radius IS NOT NULL"
+                )
+            if "status" not in columns:
+                # Stores written before runs had a status held complete runs only.
+                connection.execute("ALTER TABLE runs ADD COLUMN status TEXT NOT NULL DEFAULT 'complete'")
+            for name, kind in OWNER_COLUMNS.items():
+                if name not in columns:
+                    connection.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+            connection.execute(WORK_TABLE)
+            try:
+                connection.execute(UNIQUE_RECORDS)
+            except sqlite3.IntegrityError:
+                duplicated = connection.execute(
+                    "SELECT run_id, SUM(n - 1) FROM (SELECT run_id, COUNT(*) AS n FROM records "
+                    "GROUP BY run_id, sample_index, attack, epsilon HAVING n > 1) GROUP BY run_id ORDER BY run_id"
+                ).fetchall()
+                raise BenchError(
+                    f"results store {self.path} holds {sum(n for _, n in duplicated)} duplicate records (same run, sample, "
+                    f"attack and epsilon) in run(s) {', '.join(r for r, _ in duplicated)}, written by two processes that "
+                    "resumed one run (an earlier version allowed it); tables would count them twice. Keep the first copy of each: "
+                    f"sqlite3 {self.path} \"DELETE FROM records WHERE rowid NOT IN (SELECT MIN(rowid) FROM records "
+                    "GROUP BY run_id, sample_index, attack, epsilon)\""
+                ) from None
+
+    def _error(self, error: Exception, doing: str) -> BenchError:
+        """One line naming what failed: a damaged file, or a write the disk or permissions refused."""
+        if getattr(error, "sqlite_errorname", "") in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+            return BenchError(f"results store {self.path} is not readable: {error}")
+        return BenchError(f"results store {self.path}: {doing} failed: {error}; steps committed before are kept")
+
+    @contextmanager
+    def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction; a refused write (disk full, read-only) is one BenchError."""
+        with closing(self._connect(create=True)) as connection:
+            try:
+                with _writing(connection):
+                    yield connection
+            except sqlite3.Error as error:
+                raise self._error(error, doing) from None
+
+    def begin_run(self, run: Run) -> None:
+        """Register a run, owned by this process."""
+        with self._write(f"registering run {run.run_id}") as connection:
+            _insert_run(connection, run)
+            _set_owner(connection, run.run_id)
+
+    def add_records(self, run_id: str, records: Iterable[Record], step: str | None = None, seconds: float | None = None) -> None:
+        """Append one evaluation step's records, and the seconds this process spent on it,
+        atomically; only the process that owns the run may, and never twice."""
+        records = list(records)
+        step = step or (records[0].attack if records else "?")
+        with self._write(f"writing step {step} of run {run_id}") as connection:
+            _renew(connection, run_id, f"step {step}")
+            try:
+                _insert_records(connection, run_id, records)
+            except sqlite3.IntegrityError:
+                raise BenchError(
+                    f"run {run_id}: step {step} already has records for some of these samples and epsilons; "
+                    "not written twice (did another process write this run?)"
+                ) from None
+            if seconds is not None:
+                _insert_work(connection, run_id, step, seconds)
         _count_commit()
+
+    def add_work(self, run_id: str, step: str, seconds: float) -> None:
+        """Record seconds this process spent on a step that writes no records (training)."""
+        with self._write(f"writing step {step} of run {run_id}") as connection:
+            _renew(connection, run_id, f"step {step}")
+            _insert_work(connection, run_id, step, seconds)
 
     def save_run(self, run: Run, records: Iterable[Record]) -> None:
         """Write a finished run and all its records in one transaction (imports, tests)."""
-        with closing(self._connect(create=True)) as connection, connection:
+        with self._write(f"writing run {run.run_id}") as connection:
             _insert_run(connection, dataclasses.replace(run, status="complete"))
-            _insert_records(connection, run.run_id, records)
+            try:
+                _insert_records(connection, run.run_id, records)
+            except sqlite3.IntegrityError:
+                raise BenchError(f"run {run.run_id}: two records share a sample, attack and epsilon") from None
         _count_commit()
 
     def finish_run(self, run_id: str, info: dict[str, Any], warnings: list[str], status: str = "complete") -> None:
-        with closing(self._connect(create=True)) as connection, connection:
+        """Store the run's summary and status and give up its ownership."""
+        with self._write(f"finishing run {run_id}") as connection:
+            _renew(connection, run_id, "finishing")
             connection.execute(
-                "UPDATE runs SET info = ?, warnings = ?, status = ? WHERE run_id = ?",
+                "UPDATE runs SET info = ?, warnings = ?, status = ?, owner_host = NULL, owner_pid = NULL, "
+                "lease_until = NULL WHERE run_id = ?",
                 (json.dumps(info), json.dumps(warnings), status, run_id),
             )
 
+    def release(self, run_id: str) -> None:
+        """Hand an unfinished run back (stored steps stay; the next run of its spec resumes it).
+        Best effort: a process that cannot write leaves a dead pid or an expiring lease instead."""
+        try:
+            with closing(self._connect(create=False)) as connection, _writing(connection):
+                connection.execute(
+                    "UPDATE runs SET status = 'interrupted', owner_host = NULL, owner_pid = NULL, lease_until = NULL "
+                    "WHERE run_id = ? AND status != 'complete' AND owner_host = ? AND owner_pid = ?",
+                    (run_id, socket.gethostname(), os.getpid()),
+                )
+        except (BenchError, sqlite3.Error):
+            pass
+
+    def renew(self, run_id: str) -> None:
+        with self._write(f"renewing the lease on run {run_id}") as connection:
+            _renew(connection, run_id, "renewing its lease")
+
+    def hold(self, run_id: str, every: float = HEARTBEAT_SECONDS) -> "RunLease":
+        """This process's hold on a run it owns (``begin_run`` or ``resumable``), until ``stop``."""
+        return RunLease(self, run_id, every)
+
     def resumable(self, spec_hash: str) -> tuple[Run, set[str]] | None:
-        """The latest unfinished run of this spec that no live process is working on, claimed for
-        this process, and the evaluation steps it already stored."""
+        """The latest unfinished run of this spec whose owner is gone, claimed for this process
+        in the same transaction that checked it, and the evaluation steps it already stored."""
         if not self.path.is_file():
             return None
-        unfinished = [
-            r for r in self.runs(complete_only=False)
-            if r.spec_hash == spec_hash and r.status != "complete" and not _owner_alive(r.info)
-        ]
-        if not unfinished:
+        with self._write("claiming an unfinished run") as connection:
+            rows = connection.execute(
+                f"SELECT {', '.join(RUN_FIELDS)}, owner_host, owner_pid, lease_until FROM runs "
+                "WHERE spec_hash = ? AND status != 'complete' ORDER BY rowid DESC",
+                (spec_hash,),
+            ).fetchall()
+            for row in rows:
+                run = self._run(row[: len(RUN_FIELDS)])
+                claim_hook(run.run_id)
+                if not _owner_alive(*row[len(RUN_FIELDS):]):
+                    _set_owner(connection, run.run_id)
+                    connection.execute("UPDATE runs SET status = 'running' WHERE run_id = ?", (run.run_id,))
+                    steps = {r[0] for r in connection.execute("SELECT DISTINCT attack FROM records WHERE run_id = ?", (run.run_id,))}
+                    return run, steps
+        return None
+
+    def complete_run(self, spec_hash: str) -> Run | None:
+        """The latest complete run of this spec, if any."""
+        if not self.path.is_file():
             return None
-        run = unfinished[-1]
-        with closing(self._connect(create=False)) as connection, connection:
-            connection.execute("UPDATE runs SET info = ? WHERE run_id = ?", (json.dumps(owner_info()), run.run_id))
-            steps = {row[0] for row in connection.execute("SELECT DISTINCT attack FROM records WHERE run_id = ?", (run.run_id,))}
-        return run, steps
+        runs = [run for run in self.runs() if run.spec_hash == spec_hash]
+        return runs[-1] if runs else None
+
+    def work(self, run_id: str) -> pd.DataFrame:
+        """Seconds spent on each step of a run, one row per step and process that did it."""
+        with closing(self._connect(create=False)) as connection:
+            return pd.read_sql_query("SELECT step, seconds, host, pid FROM work WHERE run_id = ? ORDER BY rowid",
+                                     connection, params=(run_id,))
+
+    def training_seconds(self, training_hash: str) -> float | None:
+        """Seconds the latest training of this model took (whichever run did it), if known."""
+        with closing(self._connect(create=False)) as connection:
+            row = connection.execute(
+                "SELECT work.seconds FROM work JOIN runs ON runs.run_id = work.run_id "
+                "WHERE runs.training_hash = ? AND work.step = 'train' ORDER BY work.rowid DESC LIMIT 1",
+                (training_hash,),
+            ).fetchone()
+        return None if row is None else float(row[0])
 
     def runs(self, complete_only: bool = True) -> list[Run]:
         """Stored runs in the order they started; unfinished ones only when asked."""
         with closing(self._connect(create=False)) as connection:
             try:
-                rows = connection.execute("SELECT * FROM runs ORDER BY rowid").fetchall()
-            except sqlite3.DatabaseError as error:
-                raise BenchError(f"results store {self.path} is not readable: {error}") from None
-        runs = []
-        for row in rows:
-            values = list(row)
-            for i in (5, 6, 10, 12, 13):
-                values[i] = json.loads(values[i])
-            runs.append(Run(*values))
+                rows = connection.execute(f"SELECT {', '.join(RUN_FIELDS)} FROM runs ORDER BY rowid").fetchall()
+            except sqlite3.Error as error:
+                raise self._error(error, "reading its runs") from None
+        runs = [self._run(row) for row in rows]
         return [run for run in runs if run.status == "complete" or not complete_only]
+
+    def _run(self, row: tuple) -> Run:
+        values = dict(zip(RUN_FIELDS, row))
+        for name, kind in JSON_COLUMNS.items():
+            try:
+                values[name] = json.loads(values[name])
+            except (TypeError, ValueError, RecursionError) as error:
+                raise BenchError(f"results store {self.path}: run {values['run_id']} has malformed JSON in column "
+                                 f"{name} ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+            if not isinstance(values[name], kind):
+                raise BenchError(f"results store {self.path}: run {values['run_id']} column {name} holds "
+                                 f"{type(values[name]).__name__}, expected a JSON {'object' if kind is dict else 'array'}")
+        return Run(**values)
 
     def records(self, run_ids: list[str] | None = None) -> pd.DataFrame:
         with closing(self._connect(create=False)) as connection:
@@ -202,28 +426,50 @@ class Store:
 
     def save_checkpoint(self, training_hash: str, state: dict[str, Any]) -> Path:
         path = self.checkpoint_path(training_hash)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(handle)
+        temporary = None
         try:
-            torch.save(state, temporary)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with open(descriptor, "wb") as handle:
+                # Through a Python file, a refused write surfaces as the OSError that says why
+                # (torch's own writer only reports "unexpected pos").
+                torch.save(state, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
             os.replace(temporary, path)
             _count_commit()
+        except (OSError, RuntimeError) as error:
+            cause = error if isinstance(error, OSError) else error.__context__ or error
+            reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+            raise BenchError(f"could not write checkpoint {path}: {reason}; the trained model is not kept, "
+                             "steps committed before are") from None
         finally:
-            if os.path.exists(temporary):
+            if temporary is not None and os.path.exists(temporary):
                 os.unlink(temporary)
         return path
 
 
+@contextmanager
+def _writing(connection: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction on an autocommit connection: ``BEGIN IMMEDIATE`` takes the write
+    lock before the first read, so what a transaction checks still holds when it writes."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if connection.in_transaction:  # SQLite ends the transaction itself on some errors (disk full)
+            connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
 def _insert_run(connection: sqlite3.Connection, run: Run) -> None:
+    values = dataclasses.asdict(run)
+    for name in JSON_COLUMNS:
+        values[name] = json.dumps(values[name], sort_keys=name in ("params", "spec"))
     connection.execute(
-        "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        (
-            run.run_id, run.created, run.dataset, run.defense, run.label,
-            json.dumps(run.params, sort_keys=True), json.dumps(run.spec, sort_keys=True),
-            run.spec_hash, run.training_hash, run.seed, json.dumps(run.versions),
-            run.host, json.dumps(run.info), json.dumps(run.warnings), run.status,
-        ),
+        f"INSERT INTO runs ({', '.join(RUN_FIELDS)}) VALUES ({','.join('?' * len(RUN_FIELDS))})",
+        tuple(values[name] for name in RUN_FIELDS),
     )
 
 
@@ -234,32 +480,42 @@ def _insert_records(connection: sqlite3.Connection, run_id: str, records: Iterab
     )
 
 
-def _add_certified_column(connection: sqlite3.Connection) -> None:
-    """Stores written before records had ``certified``: derive it by the one convention of
-    ``bench.types.Certificate`` (abstention, a failed test and radius 0 are not certified)."""
-    columns = {row[1] for row in connection.execute("PRAGMA table_info(records)")}
-    if columns and "certified" not in columns:
-        with connection:
-            connection.execute("ALTER TABLE records ADD COLUMN certified INTEGER")
-            connection.execute(
-                "UPDATE records SET certified = (certified_label != -1 AND certified_radius > 0) "
-                "WHERE certified_radius IS NOT NULL"
-            )
+def _insert_work(connection: sqlite3.Connection, run_id: str, step: str, seconds: float) -> None:
+    connection.execute("INSERT INTO work VALUES (?, ?, ?, ?, ?)", (run_id, step, float(seconds), socket.gethostname(), os.getpid()))
 
 
-def owner_info() -> dict[str, Any]:
-    """Who is writing a run: an unfinished run whose owner still lives is not resumed by another."""
-    return {"owner": {"host": socket.gethostname(), "pid": os.getpid()}}
+def _set_owner(connection: sqlite3.Connection, run_id: str) -> None:
+    connection.execute(
+        "UPDATE runs SET owner_host = ?, owner_pid = ?, lease_until = ? WHERE run_id = ?",
+        (socket.gethostname(), os.getpid(), time.time() + LEASE_SECONDS, run_id),
+    )
 
 
-def _owner_alive(info: dict[str, Any]) -> bool:
-    owner = info.get("owner")
-    if not owner or owner.get("host") != socket.gethostname():
-        return False  # another host's liveness cannot be checked; its run is resumable
-    try:
-        os.kill(owner["pid"], 0)
-    except ProcessLookupError:
+def _renew(connection: sqlite3.Connection, run_id: str, doing: str) -> None:
+    """Extend this process's lease on the run; a run another process has taken over is an error."""
+    renewed = connection.execute(
+        "UPDATE runs SET lease_until = ? WHERE run_id = ? AND owner_host = ? AND owner_pid = ?",
+        (time.time() + LEASE_SECONDS, run_id, socket.gethostname(), os.getpid()),
+    ).rowcount
+    if not renewed:
+        owner = connection.execute("SELECT owner_host, owner_pid FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        held = f"by process {owner[1]} on {owner[0]}" if owner and owner[0] else "by no process"
+        raise BenchError(f"run {run_id} is now held {held}, not this one (its lease expired?); {doing} not written")
+
+
+def _owner_alive(host: str | None, pid: int | None, lease_until: float | None) -> bool:
+    """Whether a run's owner may still be writing it: its lease is current and, on this host,
+    its process still exists (a crashed run here is resumed at once, without waiting)."""
+    if host is None or lease_until is None or lease_until < time.time():
         return False
-    except PermissionError:
+    if host != socket.gethostname():
         return True
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True  # another user's process
+    except (ProcessLookupError, OverflowError):
+        return False
     return True

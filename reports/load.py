@@ -134,7 +134,12 @@ def _training_seconds(runs: pd.DataFrame) -> pd.Series:
     for _, run in runs.iterrows():
         if run["info"].get("reused_checkpoint") is False and "train_seconds" in run["info"]:
             trained.setdefault(run.training_hash, float(run["info"]["train_seconds"]))
-    return runs.apply(lambda run: trained.get(run.training_hash), axis=1) if not runs.empty else pd.Series(dtype=float)
+
+    def seconds(run: pd.Series) -> float | None:
+        own = run["info"].get("model_train_seconds")  # stored by the runner, from every run's work in its store
+        return own if own is not None else trained.get(run.training_hash)
+
+    return runs.apply(seconds, axis=1) if not runs.empty else pd.Series(dtype=float)
 
 
 def latest_runs(store: Store) -> pd.DataFrame:

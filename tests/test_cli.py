@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def test_same_spec_and_seed_give_identical_predictions(bench, tmp_path):
 
 def test_checkpoint_is_reused_for_the_same_training_spec(bench, tmp_path):
     bench("run", *FAST, "--out", str(tmp_path))
-    code, stdout, _ = bench("run", *FAST, "--out", str(tmp_path))
+    code, stdout, _ = bench("run", *FAST, "--force", "--out", str(tmp_path))
     first, second = Store(tmp_path).runs()
     assert code == 0 and "reusing checkpoint" in stdout
     assert not first.info["reused_checkpoint"] and second.info["reused_checkpoint"]
@@ -167,7 +168,6 @@ def test_a_failed_run_resumes_from_its_stored_steps(bench, tmp_path, monkeypatch
 def test_a_run_still_being_written_is_not_resumed_by_another_process(bench, tmp_path, monkeypatch):
     from bench.attacks.base import Attack
     from bench.registry import ATTACKS
-    from bench.store import owner_info
 
     class Crash(Attack):
         """Always fails."""
@@ -183,7 +183,8 @@ def test_a_run_still_being_written_is_not_resumed_by_another_process(bench, tmp_
     assert unfinished.status == "interrupted"
     # Pretend a live process (this one) is still writing it: a second run must start afresh.
     with sqlite3.connect(Store(tmp_path).path) as connection:
-        connection.execute("UPDATE runs SET info = ?", (json.dumps(owner_info()),))
+        connection.execute("UPDATE runs SET owner_host = ?, owner_pid = ?, lease_until = ?",
+                           (socket.gethostname(), os.getpid(), time.time() + 60))
     with pytest.raises(RuntimeError):
         bench("run", *FAST, "--attack", "crash", "--epsilons", "0.1", "--out", str(tmp_path))
     runs = Store(tmp_path).runs(complete_only=False)
