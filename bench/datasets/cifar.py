@@ -4,6 +4,7 @@ from __future__ import annotations
 import pickle
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,22 +36,152 @@ CIFAR100 = {
 }
 
 
-def _unpickle(path: Path, name: str) -> dict:
+# -- reading the pickles without running them ----------------------------------------------------
+# pickle.load runs whatever callables a file names, so a planted test_batch could run code. The
+# official files name only numpy's array reconstruction (and, re-pickled by Python 3, the bytes
+# codec); this unpickler maps exactly those names to inert stand-ins that record the pickled
+# state, refuses every other name, and builds the arrays itself from checked raw bytes, so
+# numpy never sees pickle state either.
+ARRAY_DTYPES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8", "b1"}
+
+
+class _PickledArray:
+    """An ndarray as pickled: shape, dtype, memory order and raw bytes, checked in ``array``."""
+
+    def __init__(self, state: tuple | None = None) -> None:
+        self.state = state
+
+    def __setstate__(self, state: tuple) -> None:  # the pickle's BUILD step of _reconstruct
+        self.state = state
+
+    def array(self) -> np.ndarray:
+        state = self.state
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise ValueError("malformed array state")
+        shape, dtype, fortran, raw = state[-4:]
+        if not isinstance(dtype, _PickledDType) or not isinstance(raw, (bytes, bytearray, str)):
+            raise ValueError("arrays must hold numbers")
+        if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise ValueError(f"malformed array shape {shape!r}")
+        raw = raw.encode("latin1") if isinstance(raw, str) else bytes(raw)
+        kind = dtype.numpy()
+        count = int(np.prod(shape, dtype=np.int64))
+        if len(raw) != count * kind.itemsize:
+            raise ValueError(f"array of shape {shape} needs {count * kind.itemsize} bytes, found {len(raw)}")
+        return np.frombuffer(raw, dtype=kind, count=count).reshape(shape, order="F" if fortran else "C")
+
+
+class _PickledDType:
+    """A numpy dtype as pickled; only plain numeric types are accepted."""
+
+    def __init__(self, name: Any, align: Any = False, copy: Any = False) -> None:
+        self.name = name.decode("latin1") if isinstance(name, bytes) else name
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def numpy(self) -> np.dtype:
+        order = self.state[1] if isinstance(self.state, tuple) and len(self.state) > 1 else "|"
+        order = order.decode("latin1") if isinstance(order, bytes) else order
+        if self.name not in ARRAY_DTYPES or order not in ("<", ">", "|", "="):
+            raise ValueError(f"dtype {self.name!r} is not a plain numeric type")
+        return np.dtype(self.name).newbyteorder("=" if order == "|" else order)
+
+
+_NDARRAY = object()  # numpy.ndarray: only _reconstruct's first argument, never callable
+
+
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _PickledArray:
+    if cls is not _NDARRAY:
+        raise pickle.UnpicklingError("_reconstruct of something other than numpy.ndarray")
+    return _PickledArray()
+
+
+def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> _PickledArray:
+    """numpy's protocol-5 array reduction."""
+    return _PickledArray((shape, dtype, order in ("F", b"F"), buffer))
+
+
+def _scalar(dtype: Any, raw: Any) -> int | float:
+    """A numpy scalar (e.g. labels re-pickled as a list of numpy integers), as a Python number."""
+    return _PickledArray(((), dtype, False, raw)).array()[()].item()
+
+
+def _encode(text: Any, encoding: Any = "latin1") -> bytes:
+    """How Python 3 pickles bytes at protocols 0-2: _codecs.encode(text, "latin1")."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode other than text to latin1 bytes")
+    return text.encode("latin1")
+
+
+ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # numpy 1 (the official files)
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # numpy 2
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,  # protocol 5
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _PickledDType,
+    ("_codecs", "encode"): _encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return ALLOWED_GLOBALS[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}; CIFAR pickles may name only numpy arrays and dtypes"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids are not part of CIFAR pickles")
+
+
+def _unpickle(path: Path, name: str) -> Any:
     try:
         with open(path, "rb") as handle:
-            return pickle.load(handle, encoding="bytes")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
-        raise corrupt(name, path, f"not a readable CIFAR pickle: {error}") from None
+            return _CifarUnpickler(handle, encoding="bytes").load()
+    except Exception as error:  # noqa: BLE001 - whatever a damaged or hostile file raises, one line
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise corrupt(name, path, f"not a readable CIFAR pickle: {reason}") from None
 
 
-def _read_batches(directory: Path, files: list[str], label_key: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _numbers(value: Any) -> np.ndarray:
+    if isinstance(value, _PickledArray):
+        return value.array()
+    if isinstance(value, list) and all(isinstance(v, int) for v in value):
+        return np.asarray(value, dtype=np.int64)
+    raise ValueError(f"found {type(value).__name__}")
+
+
+def _read_classes(path: Path, key: bytes, name: str) -> list[str]:
+    meta = _unpickle(path, name)
+    names = meta.get(key) if isinstance(meta, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(c, (bytes, str)) for c in names):
+        raise corrupt(name, path, f"expected a dict whose {key!r} is a list of class names")
+    return [c.decode("utf-8", "replace") if isinstance(c, bytes) else c for c in names]
+
+
+def _read_batches(
+    directory: Path, files: list[str], label_key: bytes, name: str, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
+    expected = f"expected a dict with b'data' (N x 3072 uint8) and {label_key!r} (N integers below {num_classes})"
     for file in files:
         batch = _unpickle(directory / file, name)
-        data = np.asarray(batch.get(b"data", []), dtype=np.uint8)
-        batch_labels = np.asarray(batch.get(label_key, []), dtype=np.int64)
-        if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(batch_labels) or len(data) == 0:
-            raise corrupt(name, directory / file, f"expected b'data' N x 3072 uint8 and {label_key!r} of length N")
+        if not isinstance(batch, dict):
+            raise corrupt(name, directory / file, f"{expected}, found a {type(batch).__name__}")
+        try:
+            data, batch_labels = _numbers(batch.get(b"data")), _numbers(batch.get(label_key)).astype(np.int64)
+        except (ValueError, TypeError, OverflowError) as error:
+            raise corrupt(name, directory / file, f"{expected}: {error}") from None
+        if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) == 0
+                or batch_labels.shape != (len(data),) or batch_labels.min() < 0 or batch_labels.max() >= num_classes):
+            raise corrupt(name, directory / file, expected)
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(batch_labels)
     return np.concatenate(images), np.concatenate(labels)
@@ -75,10 +206,10 @@ def load_cifar(spec: dict, name: str, data_dir: Path, download: bool, splits: tu
         raise missing_files_error(name, directory, needed)
     checksums = {**spec["test"], **(spec["train"] if "train" in splits else {})}
     provenance = {f: md5(directory / f) == c for f, c in checksums.items()}
-    classes = [c.decode() for c in _unpickle(directory / meta_file, name)[meta_key]]
-    x_test, y_test = _read_batches(directory, list(spec["test"]), spec["label_key"], name)
+    classes = _read_classes(directory / meta_file, meta_key, name)
+    x_test, y_test = _read_batches(directory, list(spec["test"]), spec["label_key"], name, len(classes))
     if "train" in splits:
-        x_train, y_train = _read_batches(directory, list(spec["train"]), spec["label_key"], name)
+        x_train, y_train = _read_batches(directory, list(spec["train"]), spec["label_key"], name, len(classes))
     else:
         x_train, y_train = x_test[:0], y_test[:0]
     return Dataset(
