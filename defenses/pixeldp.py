@@ -33,6 +33,7 @@ from torch import nn
 from bench.errors import BenchError
 from bench.models import ZooModel
 from bench.registry import DEFENSES
+from bench.store import load_weights
 from bench.training import TrainConfig, batches, train_classifier
 from bench.defenses.base import Certificate, Defense
 from bench.confidence import bernstein_bounds, clopper_pearson_bounds, hoeffding_bounds
@@ -421,7 +422,7 @@ class PixelDP(Defense):
         if path:
             if not Path(path).is_file():
                 raise BenchError(f"pixeldp classifier_checkpoint {path} does not exist")
-            state = torch.load(path, map_location=self.device, weights_only=True)
+            state = load_weights(path, self.device, "pixeldp classifier_checkpoint")
             try:
                 self.model.load_state_dict(state["model"] if "model" in state else state)
             except (RuntimeError, KeyError) as error:

@@ -141,3 +141,62 @@ def test_meta_of_the_wrong_structure_is_a_one_line_error(tmp_path):
     (folder / "batches.meta").write_bytes(pickle.dumps([b"airplane"]))
     with pytest.raises(BenchError, match=r"batches.meta is corrupt \(expected a dict whose b'label_names' is a list"):
         DATASETS.get("cifar10")(data_dir=tmp_path)
+
+
+def test_an_idx_file_is_never_decompressed_past_its_declared_size(tmp_path):
+    import gzip
+
+    from test_datasets import write_mnist
+
+    write_mnist(tmp_path)
+    # 10^12 declared bytes: refused from the header alone, nothing more is read.
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as handle:
+        handle.write(bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (10**6, 1000, 1000)))
+    with pytest.raises(BenchError, match="header declares 1,000,000,000,016 bytes"):
+        DATASETS.get("mnist")(data_dir=tmp_path)
+    # A payload longer than declared (a stream that goes on expanding) stops one byte past it.
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as handle:
+        handle.write(bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (20, 28, 28)) + bytes(20 * 784 + 10**6))
+    with pytest.raises(BenchError, match=f"expected {16 + 20 * 784} bytes after decompression, found more"):
+        DATASETS.get("mnist")(data_dir=tmp_path)
+
+
+def test_an_svhn_file_of_the_wrong_structure_is_refused_from_its_headers(tmp_path):
+    from scipy.io import savemat
+
+    labels = np.array([[1], [2]])
+    savemat(tmp_path / "train_32x32.mat", {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": labels})
+    savemat(tmp_path / "test_32x32.mat", {"X": {"nested": np.zeros(3)}, "y": labels})
+    with pytest.raises(BenchError, match=r"test_32x32.mat is corrupt \(expected keys X \(32x32x3xN") as error:
+        DATASETS.get("svhn")(data_dir=tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_an_image_file_is_read_only_by_the_jpeg_and_png_decoders(tmp_path, monkeypatch):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        folder = tmp_path / split / "cat"
+        folder.mkdir(parents=True)
+        Image.new("RGB", (12, 12), (10, 20, 30)).save(folder / "a.png")
+    Image.new("RGB", (12, 12)).save(tmp_path / "val" / "cat" / "b.jpg", format="GIF")  # a GIF named .jpg
+    with pytest.raises(BenchError, match=r"b.jpg is corrupt \(not a readable JPEG/PNG image"):
+        DATASETS.get("imagenet")(data_dir=tmp_path, image_size=8)
+    (tmp_path / "val" / "cat" / "b.jpg").unlink()
+    # Past PIL's pixel limit an image is a decompression bomb: an error, not PIL's warning.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(BenchError, match="decompression bomb"):
+        DATASETS.get("imagenet")(data_dir=tmp_path, image_size=8)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_on_one_line(tmp_path):
+    from bench.store import Store
+
+    store = Store(tmp_path)
+    marker = tmp_path / "ran"
+    path = store.checkpoint_path("abc")
+    path.parent.mkdir()
+    path.write_bytes(pickle.dumps(Reduces(os.system, f"touch {marker}"), protocol=2))
+    with pytest.raises(BenchError, match=r"is not loadable \(it holds more than tensors: .*; delete it to retrain") as error:
+        store.load_checkpoint("abc")
+    assert not marker.exists() and "\n" not in str(error.value)

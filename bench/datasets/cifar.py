@@ -176,14 +176,15 @@ def _read_batches(
         if not isinstance(batch, dict):
             raise corrupt(name, directory / file, f"{expected}, found a {type(batch).__name__}")
         try:
-            data, batch_labels = _numbers(batch.get(b"data")), _numbers(batch.get(label_key)).astype(np.int64)
+            data, batch_labels = _numbers(batch.get(b"data")), _numbers(batch.get(label_key))
         except (ValueError, TypeError, OverflowError) as error:
             raise corrupt(name, directory / file, f"{expected}: {error}") from None
         if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) == 0
-                or batch_labels.shape != (len(data),) or batch_labels.min() < 0 or batch_labels.max() >= num_classes):
+                or batch_labels.dtype.kind not in "iu" or batch_labels.shape != (len(data),)
+                or batch_labels.min() < 0 or batch_labels.max() >= num_classes):
             raise corrupt(name, directory / file, expected)
         images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(batch_labels)
+        labels.append(batch_labels.astype(np.int64))
     return np.concatenate(images), np.concatenate(labels)
 
 

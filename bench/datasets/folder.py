@@ -1,6 +1,7 @@
 """An ImageNet-style folder tree: ``DIR/train/<class>/*.jpg`` and ``DIR/val/<class>/*.jpg``."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG"}
 
 
 def read_split(directory: Path, classes: list[str], image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     images, labels = [], []
     for index, name in enumerate(classes):
@@ -22,21 +23,34 @@ def read_split(directory: Path, classes: list[str], image_size: int) -> tuple[np
             if file.suffix not in IMAGE_SUFFIXES:
                 continue
             try:
-                with Image.open(file) as image:
-                    image = image.convert("RGB")
-                    # Resize the short side, then centre-crop: the usual ImageNet evaluation transform.
-                    scale = image_size / min(image.size)
-                    width, height = max(image_size, round(image.width * scale)), max(image_size, round(image.height * scale))
-                    image = image.resize((width, height), Image.BILINEAR)
-                    left, top = (width - image_size) // 2, (height - image_size) // 2
-                    image = image.crop((left, top, left + image_size, top + image_size))
-                    images.append(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
-            except (OSError, UnidentifiedImageError) as error:
-                raise corrupt("imagenet", file, f"not a readable image: {error}") from None
+                # Only the JPEG and PNG decoders, whatever the bytes claim (PIL would otherwise pick
+                # any plugin, EPS through Ghostscript included); an image past PIL's pixel limit is
+                # a decompression bomb, an error rather than PIL's warning.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    image = _resized(file, image_size)
+            except Exception as error:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ...)
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise corrupt("imagenet", file, f"not a readable JPEG/PNG image: {reason}") from None
+            images.append(image)
             labels.append(index)
     if not images:
         raise BenchError(f"imagenet: no JPEG/PNG images under {directory}/<class>/")
     return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def _resized(file: Path, image_size: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(file, formats=["JPEG", "PNG"]) as image:
+        image = image.convert("RGB")
+        # Resize the short side, then centre-crop: the usual ImageNet evaluation transform.
+        scale = image_size / min(image.size)
+        width, height = max(image_size, round(image.width * scale)), max(image_size, round(image.height * scale))
+        image = image.resize((width, height), Image.BILINEAR)
+        left, top = (width - image_size) // 2, (height - image_size) // 2
+        image = image.crop((left, top, left + image_size, top + image_size))
+        return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
 @DATASETS.register("imagenet")

@@ -34,23 +34,33 @@ MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 
 
+# MNIST's largest file holds 47 MB; an IDX file declaring more than this is refused, and no file
+# is decompressed past what its header declares (a small .gz can expand to gigabytes).
+MAX_IDX_BYTES = 1 << 30
+
+
 def read_idx(path: Path, name: str) -> np.ndarray:
     """Parse an IDX file (uint8 payload), checking the magic number and the exact size."""
     try:
         with gzip.open(path, "rb") as handle:
-            raw = handle.read()
+            raw = handle.read(4)
+            if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+                raise corrupt(name, path, "bad IDX magic number; expected unsigned-byte IDX data")
+            ndim = raw[3]
+            header = 4 + 4 * ndim
+            raw += handle.read(header - 4)
+            if len(raw) < header:
+                raise corrupt(name, path, "truncated IDX header")
+            dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+            expected = header + int(np.prod(dims, dtype=object))
+            if expected > MAX_IDX_BYTES:
+                raise corrupt(name, path, f"its header declares {expected:,} bytes, more than any IDX dataset here")
+            raw += handle.read(expected + 1 - header)  # one byte more reveals trailing data
     except (OSError, EOFError, zlib.error) as error:
         raise corrupt(name, path, f"not a complete gzip file: {error}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise corrupt(name, path, "bad IDX magic number; expected unsigned-byte IDX data")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise corrupt(name, path, "truncated IDX header")
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected = header + int(np.prod(dims))
     if len(raw) != expected:
-        raise corrupt(name, path, f"expected {expected} bytes after decompression, found {len(raw)}")
+        found = len(raw) if len(raw) < expected else "more"
+        raise corrupt(name, path, f"expected {expected} bytes after decompression, found {found}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 

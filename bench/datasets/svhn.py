@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from bench.datasets.base import Dataset, corrupt, require_files, to_float_images
+from bench.errors import BenchError
 from bench.registry import DATASETS
 
 SVHN_MD5 = {
@@ -16,16 +17,34 @@ SVHN_MD5 = {
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
 
 
+# The official files hold 73,257 (train), 26,032 (test) and 531,131 (extra) images; a file that
+# declares far more is refused before its arrays are read (a compressed .mat can be a zip bomb).
+MAX_IMAGES = 1_000_000
+
+
 def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    from scipy.io import loadmat
+    """``X`` and ``y`` of a MATLAB v5 file; scipy's reader builds arrays only (it runs no code),
+    and the declared shapes are checked from the headers before any data is decompressed."""
+    from scipy.io import loadmat, whosmat
 
     try:
-        mat = loadmat(path)
+        declared = {name: (shape, kind) for name, shape, kind in whosmat(path)}
+        images_shape, _ = declared.get("X", ((), ""))
+        labels_shape, _ = declared.get("y", ((), ""))
+        if (len(images_shape) != 4 or tuple(images_shape[:3]) != (32, 32, 3) or images_shape[3] > MAX_IMAGES
+                or int(np.prod(labels_shape)) != images_shape[3]):
+            raise corrupt("svhn", path, f"expected keys X (32x32x3xN, N <= {MAX_IMAGES:,}) and y (N)")
+        mat = loadmat(path, variable_names=["X", "y"])
+    except BenchError:
+        raise
     except Exception as error:  # scipy raises several types for damaged files
-        raise corrupt("svhn", path, f"not a readable MATLAB file: {error}") from None
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise corrupt("svhn", path, f"not a readable MATLAB file: {reason}") from None
     images, labels = mat.get("X"), mat.get("y")
     if images is None or labels is None or images.ndim != 4 or images.shape[:3] != (32, 32, 3):
         raise corrupt("svhn", path, "expected keys X (32x32x3xN) and y (N)")
+    if images.dtype.kind not in "uif" or labels.dtype.kind not in "uif":
+        raise corrupt("svhn", path, "X and y must be numeric arrays")
     labels = labels.reshape(-1).astype(np.int64)
     if len(labels) != images.shape[3] or labels.min() < 1 or labels.max() > 10:
         raise corrupt("svhn", path, "labels must be N values in 1..10")
