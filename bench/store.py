@@ -409,7 +409,10 @@ class Store:
             if run_ids is not None:
                 query += f" WHERE run_id IN ({','.join('?' * len(run_ids))})"
                 args = tuple(run_ids)
-            return pd.read_sql_query(query, connection, params=args)
+            try:
+                return pd.read_sql_query(query, connection, params=args)
+            except (sqlite3.Error, pd.errors.DatabaseError) as error:
+                raise self._error(error.__cause__ or error, "reading its records") from None
 
     # -- checkpoints ------------------------------------------------------------------------
     def checkpoint_path(self, training_hash: str) -> Path:
