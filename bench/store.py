@@ -37,6 +37,7 @@ from typing import Any, Iterable, Iterator
 import pandas as pd
 import torch
 
+from bench.checkpoint import load_weights
 from bench.errors import BenchError
 from bench.types import RECORD_COLUMNS, Record
 
@@ -447,23 +448,6 @@ class Store:
             if temporary is not None and os.path.exists(temporary):
                 os.unlink(temporary)
         return path
-
-
-def load_weights(path: Path | str, device: str = "cpu", what: str = "checkpoint", hint: str = "") -> Any:
-    """``torch.load`` with ``weights_only``: tensors and plain containers, so nothing in the file
-    can run code; whatever fails is one BenchError line."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch raises many types; its messages span lines
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        if lines and lines[0].startswith("Weights only load failed"):
-            # torch's refusal: its first line advises loading unsafely, the reason comes after.
-            details = [line.split("WeightsUnpickler error:")[-1].strip() for line in lines[1:]
-                       if not line.startswith("Check the documentation")]
-            reason = "it holds more than tensors: " + next((d for d in details if d), "refused by torch")
-        else:
-            reason = lines[0] if lines else type(error).__name__
-        raise BenchError(f"{what} {path} is not loadable ({reason}){hint}") from None
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from torch import nn
 from bench.errors import BenchError
 from bench.models import ZooModel
 from bench.registry import DEFENSES
-from bench.store import load_weights
+from bench.checkpoint import load_weights
 from bench.training import TrainConfig, batches, train_classifier
 from bench.defenses.base import Certificate, Defense
 from bench.confidence import bernstein_bounds, clopper_pearson_bounds, hoeffding_bounds
