@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bench.errors import BenchError
+from bench.progress import progress
 
 BACKENDS = ("foolbox", "art")
 
@@ -120,7 +121,7 @@ class Attack:
     def _fixed_budget(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float]) -> list[torch.Tensor]:
         results: list[list[torch.Tensor]] = [[] for _ in epsilons]
         nonzero = [i for i, eps in enumerate(epsilons) if eps > 0]
-        for start in range(0, len(x), self.chunk_size):
+        for start in progress(range(0, len(x), self.chunk_size), f"{self.name or type(self).__name__} batches"):
             xc, yc = x[start:start + self.chunk_size], y[start:start + self.chunk_size]
             for i, eps in enumerate(epsilons):
                 if eps <= 0:  # a zero budget is the clean input; ART refuses eps = 0
@@ -139,7 +140,7 @@ class Attack:
 
     def _minimal(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         parts = []
-        for start in range(0, len(x), self.chunk_size):
+        for start in progress(range(0, len(x), self.chunk_size), f"{self.name or type(self).__name__} batches"):
             xc, yc = x[start:start + self.chunk_size], y[start:start + self.chunk_size]
             x_adv = self.minimize(model, xc, yc).detach().to(xc).clamp(0.0, 1.0)
             # Libraries differ in what they return for a failed point (foolbox's CW: an all-zero

@@ -7,18 +7,23 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-from bench import progress
+from bench import log
 from bench.errors import BenchError
 from bench.registry import ATTACKS, DATASETS, DEFENSES
-from bench.spec import RunSpec, flatten, load_config, parse_assignments, unclaimed
+from bench.spec import (
+    DEFAULT_ATTACK_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_EVAL_BATCH_SIZE, RunSpec, flatten, load_config, parse_assignments,
+    unclaimed,
+)
 from bench.validation import check_epsilons, check_writable_dir, validate_options, validate_request
 
 # TOML keys accepted by --config: the long options, with "_" for "-".
 CONFIG_KEYS = {
     "defense", "dataset", "model", "attack", "epsilons", "attack_backend", "eot_draws", "epochs",
     "batch_size", "lr", "seed", "train_size", "test_size", "image_size", "data_dir", "download",
-    "out", "device", "param", "attack_param",
+    "out", "device", "param", "attack_param", "eval_batch_size", "attack_batch_size",
 }
+# The parts of `bench perf` (bench.perf.SECTIONS; not imported here, it imports torch).
+PERF_SECTIONS = ("attacks", "pixeldp", "training", "grid")
 
 
 # Option types only turn text into numbers; ranges are checked by bench.validation, the same way
@@ -82,42 +87,77 @@ class ArgumentParser(argparse.ArgumentParser):
         raise BenchError(f"{message} (see {self.prog} --help)")
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("robustness-bench")
+    except PackageNotFoundError:
+        from bench import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="bench", description="Benchmark adversarial-robustness defenses.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s (robustness-bench) {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    # Defaults are written into the help text: the options themselves default to None, so that a
+    # value from --config is only overridden by an option actually given.
+    spec = RunSpec(defense="baseline")
+    epochs = ", ".join(f"{name} {count}" for name, count in DEFAULT_EPOCHS.items())
     run = commands.add_parser("run", help="train/evaluate defenses and store per-sample records")
-    run.add_argument("--config", type=Path, help="TOML file with the same keys as these options; options win")
-    run.add_argument("--profile", help="profile of the config to use, e.g. cpu or paper ([profiles.NAME] tables)")
-    run.add_argument("--defense", action="append", help="defense name (repeatable); default baseline")
-    run.add_argument("--dataset", help="dataset name; default digits (ships with scikit-learn)")
-    run.add_argument("--model", help="model zoo name (digits-cnn, mnist-cnn, wrn-DEPTH-WIDTH, resnet18); default per dataset")
-    run.add_argument("--attack", action="append", help="attack name (repeatable)")
+    run.add_argument("--config", type=Path, help="TOML file with the same keys as these options; options win (default: none)")
+    run.add_argument("--profile", help="profile of the config to use, e.g. cpu or paper ([profiles.NAME] tables; default: none)")
+    run.add_argument("--defense", action="append", help="defense name (repeatable: one run per defense; default baseline)")
+    run.add_argument("--dataset", action="append",
+                     help=f"dataset name (repeatable: one run per defense x dataset x seed; default {spec.dataset}, "
+                          "which ships with scikit-learn)")
+    run.add_argument("--model", help="model zoo name: digits-cnn, mnist-cnn, wrn-DEPTH-WIDTH, resnet18 "
+                                     "(default: the defense's, else the dataset's)")
+    run.add_argument("--attack", action="append", help="attack name (repeatable; default: none, clean evaluation only)")
     run.add_argument("--epsilons", type=_keyed_numbers, action="append", metavar="[NORM|ATTACK=]LIST",
                      help="comma-separated attack sizes in [0,1] pixel units, for every attack (0.05,0.1) or per "
                           "norm or attack, repeatable (--epsilons linf=0.05,0.1 --epsilons l2=0.5,1); "
                           "default: each attack's own grid")
-    run.add_argument("--attack-backend", choices=["foolbox", "art"])
-    run.add_argument("--eot-draws", type=_integer, help="noise draws per attack step on randomized defenses (default 20)")
-    run.add_argument("--epochs", type=_integer)
-    run.add_argument("--batch-size", type=_integer)
-    run.add_argument("--lr", type=_number)
-    run.add_argument("--seed", type=_integer)
-    run.add_argument("--train-size", type=_integer, help="seeded class-balanced training subset")
-    run.add_argument("--test-size", type=_integer, help="seeded class-balanced test subset")
-    run.add_argument("--image-size", type=_integer, help="imagenet: resize to this size (default 224)")
+    run.add_argument("--attack-backend", choices=["foolbox", "art"], help=f"attack library (default {spec.attack_backend})")
+    run.add_argument("--eot-draws", type=_integer,
+                     help=f"noise draws per attack step on randomized defenses (default {spec.eot_draws})")
+    run.add_argument("--epochs", type=_integer, help=f"training epochs (default per dataset: {epochs}; else 30)")
+    run.add_argument("--batch-size", type=_integer, help=f"training batch size (default {spec.batch_size})")
+    run.add_argument("--lr", type=_number, help=f"training learning rate (default {spec.lr})")
+    run.add_argument("--seed", type=_integer, action="append",
+                     help=f"seed of subsets, training, noise and attacks (repeatable: one run per seed; default {spec.seed})")
+    run.add_argument("--train-size", type=_integer, help="seeded class-balanced training subset (default: all)")
+    run.add_argument("--test-size", type=_integer, help="seeded class-balanced test subset (default: all)")
+    run.add_argument("--image-size", type=_integer, help=f"imagenet: resize to this size (default {spec.image_size})")
+    run.add_argument("--eval-batch-size", type=_integer,
+                     help=f"rows per forward pass when predicting and certifying (images, or image x noise draw); "
+                          f"raise it on a GPU (default {DEFAULT_EVAL_BATCH_SIZE}, tuned for CPU)")
+    run.add_argument("--attack-batch-size", type=_integer,
+                     help=f"images per attack batch; raise it on a GPU (default {DEFAULT_ATTACK_BATCH_SIZE}, tuned for CPU)")
     run.add_argument("--param", action="append", default=None, metavar="KEY=VALUE",
-                     help="defense parameter (repeatable); DEFENSE.KEY=VALUE targets one defense")
+                     help="defense parameter (repeatable); DEFENSE.KEY=VALUE targets one defense "
+                          "(default: the defense's own; see bench list)")
     run.add_argument("--attack-param", action="append", default=None, metavar="KEY=VALUE",
-                     help="attack parameter (repeatable); ATTACK.KEY=VALUE targets one attack")
+                     help="attack parameter (repeatable); ATTACK.KEY=VALUE targets one attack (default: the attack's own)")
     run.add_argument("--data-dir", type=Path, help="where dataset files are (default ./data)")
-    run.add_argument("--download", action="store_true", default=None, help="download missing dataset files")
+    run.add_argument("--download", action="store_true", default=None, help="download missing dataset files (default: off)")
     run.add_argument("--out", type=Path, help="results directory (default ./results)")
     run.add_argument("--device", help="torch device (default cpu)")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--jobs", type=_positive_int, default=1,
+                     help="worker processes on this machine: training and evaluation jobs run in parallel, "
+                          "with the records of a serial run (default 1: in this process)")
+    run.add_argument("--scheduler", metavar="ADDRESS",
+                     help="run the jobs on a Dask distributed cluster, e.g. tcp://HOST:8786; needs "
+                          "pip install 'robustness-bench[dask]' (default: none, local)")
+    run.add_argument("--worker-threads", type=_positive_int, default=1,
+                     help="torch threads per job in a worker process (default 1)")
     run.add_argument("--force", action="store_true",
-                     help="start a new run even where a run of the same spec is complete or unfinished "
-                          "(default: skip complete ones, resume unfinished ones); checkpoints are still reused")
+                     help="start new runs even where a complete run of the same spec is stored (default: off, skip "
+                          "complete runs, resume unfinished ones); checkpoints are still reused")
+    _add_verbosity(run)
 
     evaluation = commands.add_parser(
         "eval", help="evaluate your own model (MODULE:CALLABLE or FILE.py:CALLABLE) under attacks",
@@ -148,9 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--out", type=Path, help="results directory to store the run in (default: not stored)")
     evaluation.add_argument("--device", default="cpu", help="torch device (default cpu)")
     evaluation.add_argument("--format", choices=["md", "json"], default="md", help="how to print the tables (default md)")
-    evaluation.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_verbosity(evaluation)
 
     commands.add_parser("list", help="registered defenses, attacks and datasets")
+
+    perf = commands.add_parser(
+        "perf", help="our attacks, PixelDP and parallel grids against their floors, side by side",
+        description="Times each code path of the harness against a reference doing the same work on the same "
+                    "model and batch, interleaved, and prints a table with ratios, targets and peak memory.")
+    perf.add_argument("--only", action="append", choices=PERF_SECTIONS, help="measure only this part (repeatable; default: all)")
+    perf.add_argument("--repeats", type=_positive_int, default=3, help="interleaved rounds; the best counts (default 3)")
+    perf.add_argument("--images", type=_positive_int, default=128, help="images per attack comparison (default 128)")
+    perf.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's own)")
+    _add_verbosity(perf)
 
     report = commands.add_parser(
         "report", help="tables, plots and an HTML report from results directories",
@@ -178,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--title", default="Robustness benchmark report", help="title of the HTML report")
     report.add_argument("--dpi", type=_positive_int, default=150, help="resolution of the PNG plots (default 150)")
     return parser
+
+
+def _add_verbosity(command: argparse.ArgumentParser) -> None:
+    noise = command.add_mutually_exclusive_group()
+    noise.add_argument("-q", "--quiet", action="store_true", help="no progress bars or progress lines, warnings only (default: off)")
+    noise.add_argument("-v", "--verbose", action="store_true",
+                       help="more detail on stderr: every progress update, each step's figures (default: off)")
 
 
 def merged_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -252,8 +309,8 @@ def _with_command_line(config: dict[str, Any], args: argparse.Namespace) -> dict
     for key, value in vars(args).items():
         if key in CONFIG_KEYS and key not in ("param", "attack_param") and value is not None:
             options[key] = _epsilon_option(value) if key == "epsilons" else value
-    for key in ("defense", "attack"):
-        if isinstance(options.get(key), str):
+    for key in ("defense", "attack", "dataset", "seed"):  # the axes of a grid: one or several values
+        if key in options and not isinstance(options[key], list):
             options[key] = [options[key]]
     return options
 
@@ -279,9 +336,6 @@ def specs_from(options: dict[str, Any]) -> list[RunSpec]:
                 others = everywhere[owner] - names[owner]
                 entry[key] = {k: v for k, v in entry[key].items() if "." not in k or k.partition(".")[0] not in others}
             specs.extend(specs_from(entry))
-        if len({(spec.dataset, spec.image_size) for spec in specs}) > 1:
-            raise BenchError("the [[runs]] of one config must share one dataset (it is loaded once); "
-                             "write one config file per dataset")
         return specs
     defenses = options.get("defense") or ["baseline"]
     attacks = options.get("attack") or []
@@ -289,7 +343,10 @@ def specs_from(options: dict[str, Any]) -> list[RunSpec]:
         DEFENSES.get(name)
     for name in attacks:
         ATTACKS.get(name)
-    DATASETS.get(options.get("dataset", "digits"))
+    datasets = options.get("dataset") or ["digits"]
+    seeds = options.get("seed") or [0]
+    for name in datasets:
+        DATASETS.get(name)
     unclaimed(options["param"], {d: _fields(DEFENSES.get(d).Params) for d in defenses}, "defense parameter",
               {name: _fields(obj.Params) for name, obj in DEFENSES.items()},
               default=None if options.get("defense") else "baseline")
@@ -297,14 +354,14 @@ def specs_from(options: dict[str, Any]) -> list[RunSpec]:
               {name: _fields(obj.Params) for name, obj in ATTACKS.items()})
     common = {
         key: options[key]
-        for key in ("dataset", "model", "epsilons", "attack_backend", "eot_draws", "epochs", "batch_size",
-                    "lr", "seed", "train_size", "test_size", "image_size")
+        for key in ("model", "epsilons", "attack_backend", "eot_draws", "epochs", "batch_size",
+                    "lr", "train_size", "test_size", "image_size", "eval_batch_size", "attack_batch_size")
         if key in options
     }
     return [
-        RunSpec(defense=name, params=dict(options["param"]), attacks=list(attacks),
+        RunSpec(defense=name, dataset=dataset, seed=seed, params=dict(options["param"]), attacks=list(attacks),
                 attack_params=dict(options["attack_param"]), **common)
-        for name in defenses
+        for dataset in datasets for name in defenses for seed in seeds
     ]
 
 
@@ -314,32 +371,52 @@ def _fields(params_class: type) -> set[str]:
 
 def command_run(args: argparse.Namespace) -> int:
     options = merged_options(args)
-    progress.QUIET = bool(args.quiet)
     specs = specs_from(options)
+    if args.scheduler and args.jobs > 1:
+        raise BenchError("--jobs sets local worker processes and --scheduler a Dask cluster; give one of them")
     out = options.get("out", Path("results"))
     # The whole request, every spec of it, before any data is loaded or anything trained.
     for warning in validate_request(specs, device=options.get("device", "cpu"), out=out):
         print(f"bench: warning: {warning}", file=sys.stderr)
+    from bench.jobs import DaskCluster, LocalProcesses, Serial, run_grid
     from bench.metrics import TABLE_THRESHOLDS
     from bench.reports.render import render
     from bench.reports.tables import build_tables
-    from bench.runner import execute, load_dataset
+    from bench.runner import load_dataset
     from bench.store import Store
 
     store = Store(out)
     data_dir = options.get("data_dir")
-    dataset = load_dataset(specs[0], Path(data_dir) if data_dir else None, bool(options.get("download")))
-    run_ids = []
+    datasets = {}
     for spec in specs:
-        result = execute(spec, dataset, store, device=options.get("device", "cpu"), force=args.force)
-        run_ids.append(result.run_id)
+        if (spec.dataset, spec.image_size) not in datasets:
+            datasets[(spec.dataset, spec.image_size)] = load_dataset(
+                spec, Path(data_dir) if data_dir else None, bool(options.get("download")))
+    if args.scheduler:
+        executor = DaskCluster(args.scheduler, args.worker_threads)
+    elif args.jobs > 1:
+        executor = LocalProcesses(args.jobs, args.worker_threads)
+    else:
+        executor = Serial()
+    try:
+        outcome = run_grid(specs, datasets, store, executor, device=options.get("device", "cpu"), force=args.force)
+    finally:
+        if hasattr(executor, "close"):
+            executor.close()
+    run_ids = outcome.run_ids
     tables = build_tables(store)
     shown = {name: table[table.run_id.isin(run_ids)] if not table.empty else table for name, table in tables.items()}
     if not shown["certified"].empty:
         certified = shown["certified"]
         shown["certified"] = certified[(certified.attack == "clean") & certified.threshold.isin(TABLE_THRESHOLDS)]
     print(render(shown, "md"))
-    print(f"stored {len(run_ids)} run(s) in {store.path}")
+    if outcome.failures:
+        print(f"bench: {len(outcome.failures)} of {outcome.jobs} job(s) failed; their runs are marked failed, "
+              "the others are stored, and the same command retries the failed jobs:", file=sys.stderr)
+        for failure in outcome.failures:
+            print(f"  {failure}", file=sys.stderr)
+        return 1
+    log.LOGGER.info(f"{len(run_ids)} run(s) in {store.path}")
     return 0
 
 
@@ -358,7 +435,6 @@ def command_eval(args: argparse.Namespace) -> int:
     for name in attacks:
         ATTACKS.get(name)
     unclaimed(params, {args.defense: _fields(defense_class.Params)}, "defense parameter")
-    progress.QUIET = bool(args.quiet)
     from bench.api import evaluate, load_model, wrap
     from bench.metrics import TABLE_THRESHOLDS
     from bench.reports.render import render
@@ -368,7 +444,7 @@ def command_eval(args: argparse.Namespace) -> int:
     results = evaluate(
         defense, args.dataset, attacks, epsilons, store=args.out, seed=args.seed, test_size=args.test_size,
         attack_params=attack_params, attack_backend=args.attack_backend, eot_draws=args.eot_draws,
-        data_dir=args.data_dir, download=args.download, device=args.device, log=None if args.quiet else print,
+        data_dir=args.data_dir, download=args.download, device=args.device, log=log.LOGGER.info,
     )
     tables = dict(results.tables)
     if args.format == "json":
@@ -462,13 +538,28 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "eval": command_eval, "list": command_list, "report": command_report}
+def command_perf(args: argparse.Namespace) -> int:
+    import torch
+
+    from bench.perf import render, run_perf
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, before, after = run_perf(tuple(args.only or PERF_SECTIONS), repeats=args.repeats, images=args.images)
+    print(f"machine: {before}")
+    print(render(rows))
+    print(f"after: load average {after.rsplit('load average ', 1)[-1]}")
+    return 0
+
+
+COMMANDS = {"run": command_run, "eval": command_eval, "list": command_list, "report": command_report, "perf": command_perf}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     committed_before = _committed_steps()
     try:
         args = build_parser().parse_args(argv)
+        log.configure(log.QUIET if getattr(args, "quiet", False) else log.VERBOSE if getattr(args, "verbose", False) else log.NORMAL)
         return COMMANDS[args.command](args)
     except BenchError as error:
         print(f"bench: error: {error}", file=sys.stderr)

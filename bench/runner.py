@@ -12,13 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from bench.api import RunWriter, attack_steps, describe, evaluate_steps, library_versions, now, seed_everything
+from bench.api import RunWriter, Step, attack_steps, describe, evaluate_steps, library_versions, now, seed_everything
 from bench.datasets.base import Dataset, balanced_subset
 from bench.errors import BenchError
+from bench.log import LOGGER
 from bench.metrics import sanity_warnings
 from bench.models import build_model, default_model
 from bench.registry import DATASETS, DEFENSES, build_params
-from bench.spec import DEFAULT_EPOCHS, RunSpec, scoped
+from bench.spec import DEFAULT_ATTACK_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_EVAL_BATCH_SIZE, RunSpec, scoped
 from bench.store import MODEL_STEPS, Run, Store
 from bench.training import TrainConfig
 from bench.types import Record
@@ -42,7 +43,25 @@ def build_defense(spec: RunSpec, dataset: Dataset, device: str) -> tuple[Defense
     model = build_model(model_name, dataset.shape, dataset.num_classes, dataset.mean, dataset.std)
     defense = defense_class(model, params, device=device)
     defense.model_name = model_name  # the zoo name, recorded in specs instead of a weight fingerprint
+    defense.eval_batch_size = spec.eval_batch_size or DEFAULT_EVAL_BATCH_SIZE
     return defense, model_name
+
+
+def resolved(spec: RunSpec, defense: Defense, model_name: str) -> RunSpec:
+    """``spec`` with every resolved value spelled out, defaults included: the stored spec and its
+    hashes then carry them, so a changed default never reuses a checkpoint trained under the old one."""
+    return dataclasses.replace(
+        spec, model=model_name, epochs=spec.epochs or DEFAULT_EPOCHS.get(spec.dataset, 30),
+        params=dataclasses.asdict(defense.params),
+    )
+
+
+def spec_steps(spec: RunSpec) -> list[Step]:
+    """The spec's attacks as evaluation steps, attacking ``--attack-batch-size`` images at a time."""
+    steps = attack_steps(spec.attacks, spec.epsilons, spec.attack_params, spec.attack_backend)
+    for step in steps:
+        step.attack.chunk_size = spec.attack_batch_size or DEFAULT_ATTACK_BATCH_SIZE
+    return steps
 
 
 @dataclass
@@ -56,7 +75,7 @@ class RunResult:
 
 
 def execute(
-    spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", log=print, force: bool = False
+    spec: RunSpec, dataset: Dataset, store: Store, device: str = "cpu", log=LOGGER.info, force: bool = False
 ) -> RunResult:
     """Train (or reuse the checkpoint), evaluate clean and under every attack, store the records.
 
@@ -66,12 +85,7 @@ def execute(
     """
     defense, model_name = build_defense(spec, dataset, device)
     label, params = describe(defense, spec.defense, model_name)
-    # The stored spec and its hashes carry every resolved value, defaults included, so a changed
-    # default never reuses a checkpoint trained under the old one.
-    spec = dataclasses.replace(
-        spec, model=model_name, epochs=spec.epochs or DEFAULT_EPOCHS.get(spec.dataset, 30),
-        params=dataclasses.asdict(defense.params),
-    )
+    spec = resolved(spec, defense, model_name)
     if not force:
         complete = store.complete_run(spec.hash())
         if complete is not None:
@@ -79,7 +93,7 @@ def execute(
             stored = [Record(*tuple(row)[1:]) for row in store.records([complete.run_id]).itertuples(index=False)]
             clean = [r.correct for r in stored if r.attack == "clean"]
             return RunResult(complete.run_id, label, sum(clean) / len(clean), stored, complete.info, complete.warnings)
-    steps = attack_steps(spec.attacks, spec.epsilons, spec.attack_params, spec.attack_backend)
+    steps = spec_steps(spec)
 
     train_index = balanced_subset(dataset.y_train, spec.train_size, spec.seed)
     test_index = balanced_subset(dataset.y_test, spec.test_size, spec.seed)

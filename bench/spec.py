@@ -17,6 +17,13 @@ from bench.types import NORMS
 Epsilons = Union[list[float], dict[str, list[float]]]
 
 DEFAULT_EPOCHS = {"digits": 30, "mnist": 8, "fashion-mnist": 8}
+# Batch sizes tuned for CPUs (DESIGN.md: batches above about 128 rows are slower per image on 2
+# cores); a GPU user raises them with --eval-batch-size / --attack-batch-size.
+DEFAULT_EVAL_BATCH_SIZE = 128
+DEFAULT_ATTACK_BATCH_SIZE = 64
+# Fields added after stores existed: left out of the spec hash while unset, so that the runs of
+# older stores keep their hash.
+_HASHED_WHEN_SET = ("eval_batch_size", "attack_batch_size")
 
 
 @dataclass
@@ -39,6 +46,10 @@ class RunSpec:
     train_size: int | None = None
     test_size: int | None = None
     image_size: int = 224
+    # Batch sizes can change randomized results (noise and random starts are drawn per batch),
+    # so they are part of the spec, though not of the training key. None: the CPU defaults.
+    eval_batch_size: int | None = None
+    attack_batch_size: int | None = None
 
     def training_key(self) -> dict[str, Any]:
         """The fields a trained model depends on: equal keys mean a checkpoint can be reused."""
@@ -49,7 +60,11 @@ class RunSpec:
         return stable_hash(self.training_key())
 
     def hash(self) -> str:
-        return stable_hash(dataclasses.asdict(self))
+        fields = dataclasses.asdict(self)
+        for key in _HASHED_WHEN_SET:
+            if fields[key] is None:
+                del fields[key]
+        return stable_hash(fields)
 
 
 def epsilons_for(epsilons: Epsilons | None, attack: str, norm: str, default: Sequence[float]) -> list[float]:

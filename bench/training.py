@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from bench.progress import progress
+from bench.progress import Progress
 
 
 @dataclass
@@ -60,21 +60,23 @@ def train_classifier(
     for module in modules:
         module.train()
     history = []
-    for _ in progress(range(config.epochs), desc=desc):
-        running, seen = 0.0, 0
-        for index in batches(len(x), config.batch_size, generator):
-            x_batch = x[index].to(config.device, non_blocking=True)
-            y_batch = y[index].to(config.device, non_blocking=True)
-            loss = loss_fn(x_batch, y_batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if after_step is not None:
-                after_step()
-            running += float(loss.detach()) * len(index)
-            seen += len(index)
-        history.append(running / max(1, seen))
+    with Progress(config.epochs, f"{desc} training", unit="epoch") as bar:
+        for _ in range(config.epochs):
+            running, seen = 0.0, 0
+            for index in batches(len(x), config.batch_size, generator):
+                x_batch = x[index].to(config.device, non_blocking=True)
+                y_batch = y[index].to(config.device, non_blocking=True)
+                loss = loss_fn(x_batch, y_batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                if after_step is not None:
+                    after_step()
+                running += float(loss.detach()) * len(index)
+                seen += len(index)
+            history.append(running / max(1, seen))
+            bar.update(loss=history[-1])
     for module in modules:
         module.eval()
     return history

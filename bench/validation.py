@@ -64,6 +64,14 @@ def _positive_int(key: str) -> Callable[[Any], None]:
     return check
 
 
+def _each(check: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A grid axis (dataset, seed): one value or a non-empty list of values, each checked."""
+    def check_all(value: Any) -> None:
+        for item in value if isinstance(value, list) and value else [value]:
+            check(item)
+    return check_all
+
+
 def check_seed(value: Any) -> None:
     if not _is_int(value) or not 0 <= value <= SEED_MAX:
         raise BenchError(f"seed must be an integer from 0 to 2**63-1 ({SEED_MAX}); got {value!r}")
@@ -152,7 +160,7 @@ def check_writable_dir(path: Any, what: str = "--out") -> None:
 OPTION_CHECKS: dict[str, Callable[[Any], None]] = {
     "defense": _name_list("defense"),
     "attack": _name_list("attack"),
-    "dataset": _text("dataset"),
+    "dataset": _each(_text("dataset")),
     "model": _text("model"),
     "epsilons": check_epsilons,
     "attack_backend": check_attack_backend,
@@ -160,10 +168,12 @@ OPTION_CHECKS: dict[str, Callable[[Any], None]] = {
     "epochs": _positive_int("epochs"),
     "batch_size": _positive_int("batch_size"),
     "lr": check_lr,
-    "seed": check_seed,
+    "seed": _each(check_seed),
     "train_size": _positive_int("train_size"),
     "test_size": _positive_int("test_size"),
     "image_size": _positive_int("image_size"),
+    "eval_batch_size": _positive_int("eval_batch_size"),
+    "attack_batch_size": _positive_int("attack_batch_size"),
     "data_dir": check_data_dir,
     "download": check_download,
     "out": lambda value: (_text("out")(value), check_writable_dir(value)),

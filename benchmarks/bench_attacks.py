@@ -1,4 +1,5 @@
-"""Attack speed, side by side in one process on the same model and batch (not a test).
+"""Attack speed, side by side in one process on the same model and batch (not a test); the
+references and the measuring live in bench/perf.py, which `bench perf` also uses.
 
     python benchmarks/bench_attacks.py [--images 256] [--repeats 3] [--threads N] [--no-mnist]
 
@@ -13,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 import warnings
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # foolbox imports scipy.ndimage.filters
 
 from bench.attacks.base import DEFAULT_CHUNK  # noqa: E402
+from bench.perf import foolbox_cw_direct as _foolbox_cw_direct, interleaved, torch_pgd as _torch_pgd  # noqa: E402
 from bench.attacks.cw import CarliniWagnerL2, CWL2Params  # noqa: E402
 from bench.attacks.pgd import LinfPGD, PGDParams  # noqa: E402
 from bench.datasets.digits import load_digits  # noqa: E402
@@ -34,49 +33,17 @@ from bench.defenses.baseline import Baseline  # noqa: E402
 STEPS = 20
 
 
-def torch_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = STEPS) -> torch.Tensor:
-    """The reference: L-inf PGD with a uniform random start, written directly in torch."""
-    step = 2.5 * eps / steps
-    out = []
-    for start in range(0, len(x), DEFAULT_CHUNK):
-        xc, yc = x[start:start + DEFAULT_CHUNK], y[start:start + DEFAULT_CHUNK]
-        x_adv = (xc + torch.empty_like(xc).uniform_(-eps, eps)).clamp(0, 1)
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            loss = F.cross_entropy(model(x_adv), yc)
-            (grad,) = torch.autograd.grad(loss, x_adv)
-            x_adv = x_adv.detach() + step * grad.sign()
-            x_adv = torch.min(torch.max(x_adv, xc - eps), xc + eps).clamp(0, 1)
-        out.append(x_adv)
-    return torch.cat(out)
+def torch_pgd(model, x, y, eps):
+    return _torch_pgd(model, x, y, eps, DEFAULT_CHUNK, STEPS)
 
 
-def foolbox_cw_direct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: CWL2Params) -> torch.Tensor:
-    """foolbox's CW-L2 called as its documentation shows, on the same chunks."""
-    import foolbox
-
-    fmodel = foolbox.PyTorchModel(model, bounds=(0, 1))
-    attack = foolbox.attacks.L2CarliniWagnerAttack(
-        binary_search_steps=p.binary_search_steps, steps=p.steps, stepsize=p.learning_rate,
-        confidence=p.confidence, initial_const=p.initial_const, abort_early=p.abort_early,
-    )
-    out = []
-    for start in range(0, len(x), DEFAULT_CHUNK):
-        _, clipped, _ = attack(fmodel, x[start:start + DEFAULT_CHUNK], y[start:start + DEFAULT_CHUNK], epsilons=None)
-        out.append(clipped)
-    return torch.cat(out)
+def foolbox_cw_direct(model, x, y, params):
+    return _foolbox_cw_direct(model, x, y, params, DEFAULT_CHUNK)
 
 
 def best_of(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Best wall time of each function over ``repeats`` rounds, run interleaved."""
-    times = {name: float("inf") for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            torch.manual_seed(0)
-            started = time.perf_counter()
-            function()
-            times[name] = min(times[name], time.perf_counter() - started)
-    return times
+    """Best wall time of each function over ``repeats`` interleaved rounds (bench.perf's measure)."""
+    return {name: seconds for name, (seconds, _) in interleaved(functions, repeats).items()}
 
 
 def report(title: str, times: dict[str, float], reference: str) -> None:

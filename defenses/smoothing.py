@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import BenchError
+from bench.progress import progress
 from bench.registry import DEFENSES
 from bench.defenses.base import ABSTAIN, Certificate, Defense
 from bench.confidence import clopper_pearson_bounds
@@ -75,7 +76,7 @@ class Smoothing(Defense):
         per_pass = min(draws, self.params.draw_batch)  # copies of one image per pass
         group = max(1, self.params.draw_batch // per_pass)  # images per pass
         parts = []
-        for start in range(0, len(x), group):
+        for start in progress(range(0, len(x), group), f"smoothing {draws} draws"):
             xs = x[start:start + group].to(self.device)
             total = None
             remaining = draws

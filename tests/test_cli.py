@@ -24,7 +24,7 @@ def report(bench, out: Path) -> dict:
 
 def test_run_stores_per_sample_records_and_reports_clean_accuracy(bench, tmp_path):
     code, stdout, _ = bench("run", *FAST, "--out", str(tmp_path))
-    assert code == 0 and "clean" in stdout
+    assert code == 0 and "Clean accuracy" in stdout
     (run,) = Store(tmp_path).runs()
     records = Store(tmp_path).records()
     assert len(records) == 60 and set(records.attack) == {"clean"}
@@ -47,9 +47,11 @@ def test_same_spec_and_seed_give_identical_predictions(bench, tmp_path):
 
 def test_checkpoint_is_reused_for_the_same_training_spec(bench, tmp_path):
     bench("run", *FAST, "--out", str(tmp_path))
-    code, stdout, _ = bench("run", *FAST, "--force", "--out", str(tmp_path))
+    code, _, stderr = bench("run", *FAST[:-1], "--out", str(tmp_path))
+    assert code == 0 and "nothing to do" in stderr and len(Store(tmp_path).runs()) == 1
+    code, _, stderr = bench("run", *FAST[:-1], "--force", "--out", str(tmp_path))
     first, second = Store(tmp_path).runs()
-    assert code == 0 and "reusing checkpoint" in stdout
+    assert code == 0 and "reusing checkpoint" in stderr
     assert not first.info["reused_checkpoint"] and second.info["reused_checkpoint"]
     records = Store(tmp_path).records()
     by_run = [group.prediction.tolist() for _, group in records.groupby("run_id", sort=False)]
@@ -149,14 +151,15 @@ def test_a_failed_run_resumes_from_its_stored_steps(bench, tmp_path, monkeypatch
 
     ATTACKS.names()
     monkeypatch.setitem(ATTACKS._items, "flaky", Flaky)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        bench("run", *FAST, "--attack", "flaky", "--out", str(tmp_path))
+    code, _, stderr = bench("run", *FAST, "--attack", "flaky", "--out", str(tmp_path))
+    assert code == 1 and "simulated crash" in stderr and "1 of 3 job(s) failed" in stderr
     assert Store(tmp_path).runs() == []
     (unfinished,) = Store(tmp_path).runs(complete_only=False)
+    assert unfinished.status == "failed" and "simulated crash" in unfinished.info["errors"][0]
     assert set(Store(tmp_path).records().attack) == {"clean"}
 
-    code, stdout, _ = bench("run", *FAST, "--attack", "flaky", "--out", str(tmp_path))
-    assert code == 0 and "resuming unfinished run" in stdout
+    code, _, stderr = bench("run", *FAST[:-1], "--attack", "flaky", "--out", str(tmp_path))
+    assert code == 0 and "resuming unfinished run" in stderr
     (run,) = Store(tmp_path).runs()
     assert run.run_id == unfinished.run_id and run.info["resumed"]
     records = Store(tmp_path).records()
@@ -177,16 +180,13 @@ def test_a_run_still_being_written_is_not_resumed_by_another_process(bench, tmp_
 
     ATTACKS.names()
     monkeypatch.setitem(ATTACKS._items, "crash", Crash)
-    with pytest.raises(RuntimeError):
-        bench("run", *FAST, "--attack", "crash", "--epsilons", "0.1", "--out", str(tmp_path))
+    assert bench("run", *FAST, "--attack", "crash", "--epsilons", "0.1", "--out", str(tmp_path))[0] == 1
     (unfinished,) = Store(tmp_path).runs(complete_only=False)
-    assert unfinished.status == "interrupted"
+    assert unfinished.status == "failed"
     # Pretend a live process (this one) is still writing it: a second run must start afresh.
     with sqlite3.connect(Store(tmp_path).path) as connection:
-        connection.execute("UPDATE runs SET owner_host = ?, owner_pid = ?, lease_until = ?",
-                           (socket.gethostname(), os.getpid(), time.time() + 60))
-    with pytest.raises(RuntimeError):
-        bench("run", *FAST, "--attack", "crash", "--epsilons", "0.1", "--out", str(tmp_path))
+        connection.execute("UPDATE runs SET info = ?", (json.dumps(owner_info()),))
+    assert bench("run", *FAST, "--attack", "crash", "--epsilons", "0.1", "--out", str(tmp_path))[0] == 1
     runs = Store(tmp_path).runs(complete_only=False)
     assert len(runs) == 2 and runs[0].run_id == unfinished.run_id
     counts = Store(tmp_path).records().groupby("run_id").size().to_dict()
@@ -216,7 +216,7 @@ def test_a_changed_default_does_not_reuse_the_old_checkpoint(bench, tmp_path, mo
     assert first.spec["params"] == {"smoothing": 0.1}
     # Same command, new default: the training hash differs, so the model is retrained.
     monkeypatch.setattr(my_defense.LabelSmoothing.Params.__init__, "__defaults__", (0.3,))
-    code, stdout, _ = bench("run", *FAST, "--defense", "label-smoothing", "--out", str(tmp_path / "r"))
+    code, _, stderr = bench("run", *FAST[:-1], "--defense", "label-smoothing", "--out", str(tmp_path / "r"))
     second = Store(tmp_path / "r").runs()[-1]
-    assert code == 0 and "reusing checkpoint" not in stdout
+    assert code == 0 and "reusing checkpoint" not in stderr
     assert second.spec["params"] == {"smoothing": 0.3} and second.training_hash != first.training_hash

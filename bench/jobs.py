@@ -1,0 +1,544 @@
+"""A grid of runs as jobs, run in this process, on local worker processes or on a Dask cluster.
+
+A grid (defenses x datasets x seeds, each run facing its attacks) becomes two kinds of job:
+
+- one ``TrainJob`` per distinct training spec (runs that share one reuse its checkpoint);
+- one ``EvalJob`` per (run, evaluation step, shard): the clean step and each attack, on a shard
+  of at most ``SHARD_SIZE`` test samples.
+
+A job is a plain, picklable description that carries its data (tensors, and the trained weights
+for an evaluation) and needs no global state: ``run_job`` builds the defense from the spec,
+seeds itself from the spec (and the shard), and returns its result. Workers never open the
+results store; the driver (``run_grid``) is its one writer: it saves each checkpoint and
+commits each evaluation job's records in one transaction as they arrive, so a serial, a
+``--jobs N`` and a cluster run write the same records, and a killed driver or worker loses no
+committed job and leaves no duplicate (the next run of the same command resumes the missing
+jobs).
+
+Executors: ``Serial`` (in this process), ``LocalProcesses`` (joblib's loky backend) and
+``DaskCluster`` (joblib's dask backend over a ``distributed.Client``). joblib drives both
+parallel executors, so local and cluster runs go through one code path and return results as
+they finish (``return_as="generator_unordered"``); Dask places the work and retries a job whose
+worker died on another worker.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import socket
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from bench import progress
+from bench.datasets.base import Dataset, balanced_subset
+from bench.errors import BenchError
+from bench.log import LOGGER
+from bench.spec import RunSpec
+from bench.types import Record
+
+# Test samples per evaluation job: large test sets split into shards that run in parallel and
+# resume one by one. Part of what a record depends on (each shard seeds itself), so fixed.
+SHARD_SIZE = 500
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model is built from: the dataset's name, image shape, classes and normalisation."""
+
+    name: str
+    shape: tuple[int, ...]
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> "DataInfo":
+        return cls(dataset.name, tuple(dataset.shape), tuple(dataset.classes), tuple(dataset.mean), tuple(dataset.std))
+
+    def empty_dataset(self) -> Dataset:
+        empty = torch.zeros(0, *self.shape)
+        return Dataset(self.name, empty, torch.zeros(0, dtype=torch.long), empty, torch.zeros(0, dtype=torch.long),
+                       list(self.classes), self.mean, self.std)
+
+
+@dataclass
+class TrainJob:
+    """Train ``spec``'s defense on ``x, y`` (its training subset); returns the state dict."""
+
+    spec: RunSpec
+    data: DataInfo
+    x: torch.Tensor
+    y: torch.Tensor
+    label: str
+    device: str = "cpu"
+    threads: int | None = None  # torch threads in a worker; None: leave as it is (in-process)
+
+    @property
+    def key(self) -> tuple:
+        return ("train", self.spec.training_hash())
+
+    def describe(self) -> str:
+        return f"train {self.label}"
+
+
+@dataclass
+class EvalJob:
+    """Evaluate one step (``clean`` or an attack) of ``spec``'s run on one shard of test samples."""
+
+    spec: RunSpec
+    data: DataInfo
+    step: str
+    shard: int
+    shards: int
+    sample_index: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    state: dict[str, Any]
+    label: str
+    device: str = "cpu"
+    threads: int | None = None
+
+    @property
+    def key(self) -> tuple:
+        return ("eval", self.spec.hash(), self.step, self.shard)
+
+    def describe(self) -> str:
+        shard = f" shard {self.shard + 1}/{self.shards}" if self.shards > 1 else ""
+        return f"{self.label} {self.step}{shard}"
+
+
+@dataclass
+class JobResult:
+    key: tuple
+    seconds: float
+    records: list[Record] | None = None
+    state: dict[str, Any] | None = None
+    error: str | None = None
+    host: str = field(default_factory=socket.gethostname)
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """Shard 0 keeps the run's seed (a one-shard run equals an unsharded one); others derive theirs."""
+    if shard == 0:
+        return seed
+    return int(hashlib.sha256(f"{seed}/{shard}".encode()).hexdigest()[:15], 16)
+
+
+def shards_of(count: int) -> list[slice]:
+    return [slice(start, min(start + SHARD_SIZE, count)) for start in range(0, count, SHARD_SIZE)] or [slice(0, 0)]
+
+
+# -- running one job (anywhere) ------------------------------------------------------------------
+def run_job(job: TrainJob | EvalJob) -> JobResult:
+    """Run one job; exceptions come back as the result's ``error``, so other jobs go on."""
+    import bench.runner  # noqa: F401 - a fresh worker's first imports are not the job's cost
+
+    started = time.perf_counter()
+    if job.threads:
+        torch.set_num_threads(job.threads)
+        progress.QUIET = True  # a worker's stderr is not the user's terminal
+    try:
+        if isinstance(job, TrainJob):
+            state = _train(job)
+            return JobResult(job.key, time.perf_counter() - started, state=state)
+        records = _evaluate(job)
+        return JobResult(job.key, time.perf_counter() - started, records=records)
+    except Exception as error:  # noqa: BLE001 - any failure of one job is recorded, not fatal
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        message = f"{type(error).__name__}: {error}".splitlines()[0]
+        return JobResult(job.key, time.perf_counter() - started,
+                         error=f"{message} (at {Path(where.filename).name}:{where.lineno})")
+
+
+def _train(job: TrainJob) -> dict[str, Any]:
+    from bench.api import seed_everything
+    from bench.runner import build_defense
+    from bench.training import TrainConfig
+
+    spec = job.spec
+    defense, _ = build_defense(spec, job.data.empty_dataset(), job.device)
+    config = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed, device=job.device)
+    seed_everything(spec.seed)
+    defense.fit(job.x, job.y, config)
+    return defense.state_dict()
+
+
+def _evaluate(job: EvalJob) -> list[Record]:
+    """One step of the public API's evaluation loop (``bench.api.evaluate_step``) on one shard."""
+    from bench.api import Step, evaluate_step
+    from bench.runner import build_defense, spec_steps
+
+    spec = job.spec
+    defense, _ = build_defense(spec, job.data.empty_dataset(), job.device)
+    defense.load_state_dict(job.state)
+    step = Step("clean") if job.step == "clean" else next(s for s in spec_steps(spec) if s.name == job.step)
+    return evaluate_step(defense, step, job.x, job.y, job.sample_index, seed=shard_seed(spec.seed, job.shard),
+                         eot_draws=spec.eot_draws)
+
+
+# -- executors -----------------------------------------------------------------------------------
+class Serial:
+    """Jobs one after another in this process (the default)."""
+
+    name = "serial"
+    threads: int | None = None
+
+    def run(self, jobs: list) -> Iterator[JobResult]:
+        for job in jobs:
+            yield run_job(job)
+
+
+class LocalProcesses:
+    """``--jobs N``: joblib's loky backend, N worker processes on this machine."""
+
+    def __init__(self, workers: int, threads: int = 1):
+        self.workers, self.threads = workers, threads
+        self.name = f"{workers} local worker processes"
+
+    def run(self, jobs: list) -> Iterator[JobResult]:
+        import joblib
+
+        with joblib.parallel_config(backend="loky", inner_max_num_threads=self.threads):
+            parallel = joblib.Parallel(n_jobs=self.workers, return_as="generator_unordered", pre_dispatch="all")
+            yield from parallel(joblib.delayed(run_job)(job) for job in jobs)
+
+
+class DaskCluster:
+    """``--scheduler ADDRESS``: joblib's dask backend on a Dask distributed cluster."""
+
+    def __init__(self, address: str, threads: int = 1):
+        try:
+            from distributed import Client
+        except ImportError:
+            raise BenchError("--scheduler needs Dask: pip install 'robustness-bench[dask]'") from None
+        try:
+            self.client = Client(address, timeout="10s")
+        except (OSError, TimeoutError) as error:
+            raise BenchError(f"cannot reach the Dask scheduler at {address} ({error}); start one with "
+                             "'dask scheduler' and workers with 'dask worker ADDRESS'") from None
+        self.threads = threads
+        self.name = f"Dask cluster at {address}"
+
+    def run(self, jobs: list) -> Iterator[JobResult]:
+        import joblib
+
+        with joblib.parallel_config(backend="dask", wait_for_workers_timeout=60):
+            parallel = joblib.Parallel(n_jobs=-1, return_as="generator_unordered", pre_dispatch="all")
+            yield from parallel(joblib.delayed(run_job)(job) for job in jobs)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _robust(executor, jobs: list) -> Iterator[JobResult]:
+    """``executor.run(jobs)``; when the pool itself breaks (a worker killed), the jobs without a
+    result run once more on a fresh pool, and then come back as failed."""
+    pending = {id(job): job for job in jobs}
+    for attempt in range(2):
+        try:
+            for result in executor.run(list(pending.values())):
+                for key, job in list(pending.items()):
+                    if job.key == result.key:
+                        del pending[key]
+                        break
+                yield result
+            return
+        except (KeyboardInterrupt, BenchError):
+            raise
+        except Exception as error:  # noqa: BLE001 - the pool broke, not a job
+            reason = f"{type(error).__name__}: {error}".splitlines()[0]
+            LOGGER.warning(f"a worker died ({reason}); {len(pending)} job(s) without a result"
+                           + (" run again" if attempt == 0 else " fail"))
+    for job in pending.values():
+        yield JobResult(job.key, 0.0, error=f"its worker died ({reason})")
+
+
+# -- the driver -----------------------------------------------------------------------------------
+@dataclass
+class Planned:
+    """One run of the grid as the driver tracks it."""
+
+    spec: RunSpec
+    label: str
+    params: dict[str, Any]
+    dataset: Dataset
+    train_index: torch.Tensor
+    test_index: torch.Tensor
+    run_id: str = ""
+    resumed: bool = False
+    done: dict[str, set[int]] = field(default_factory=dict)  # step -> stored sample indices
+    jobs_left: int = 0
+    errors: list[str] = field(default_factory=list)
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    reused_checkpoint: bool = True
+    lease: Any = None
+    device: str = "cpu"
+
+
+@dataclass
+class GridOutcome:
+    run_ids: list[str]
+    skipped: int
+    jobs: int
+    failures: list[str]
+
+
+def plan_runs(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], device: str) -> list[Planned]:
+    """Each spec resolved (model, epochs and every parameter spelled out), with its subsets."""
+    from bench.api import describe
+    from bench.runner import build_defense, resolved
+
+    planned = []
+    for spec in specs:
+        dataset = datasets[(spec.dataset, spec.image_size)]
+        defense, model_name = build_defense(spec, dataset, device)
+        label, params = describe(defense, spec.defense, model_name)
+        spec = resolved(spec, defense, model_name)
+        planned.append(Planned(
+            spec, label, params, dataset,
+            balanced_subset(dataset.y_train, spec.train_size, spec.seed),
+            balanced_subset(dataset.y_test, spec.test_size, spec.seed), device=device,
+        ))
+    return planned
+
+
+def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], store, executor=None,
+             device: str = "cpu", force: bool = False) -> GridOutcome:
+    """Run every spec of the grid through ``executor`` (default: in this process), skipping
+    complete runs (unless ``force``), resuming unfinished ones at job granularity, and storing
+    as jobs finish."""
+    from bench.api import library_versions, now
+    from bench.store import Run
+
+    executor = executor or Serial()
+    threads = getattr(executor, "threads", None)
+    runs = plan_runs(specs, datasets, device)
+    complete = {run.spec_hash: run.run_id for run in store.runs()} if store.path.is_file() and not force else {}
+    active: list[Planned] = []
+    run_ids: list[str] = []
+    for run in runs:
+        if run.spec.hash() in complete:
+            run_ids.append(complete[run.spec.hash()])
+            LOGGER.debug(f"[{run.label}] complete run {complete[run.spec.hash()]} of this spec: skipped")
+            continue
+        previous = store.resumable(run.spec.hash())
+        if previous is not None:
+            (stored, steps), run.run_id, run.resumed = previous, previous[0].run_id, True
+            records = store.records([run.run_id])
+            run.done = {step: set(group.sample_index.tolist()) for step, group in records.groupby("attack")}
+            LOGGER.info(f"[{run.label}] resuming unfinished run {run.run_id}: "
+                        f"{', '.join(f'{k} ({len(v)} samples)' for k, v in sorted(run.done.items())) or 'nothing'} already stored")
+        else:
+            run.run_id = uuid.uuid4().hex[:12]
+            store.begin_run(Run(
+                run_id=run.run_id, created=now(), dataset=run.dataset.name, defense=run.spec.defense, label=run.label,
+                params=run.params, spec=dataclasses.asdict(run.spec), spec_hash=run.spec.hash(),
+                training_hash=run.spec.training_hash(), seed=run.spec.seed, versions=library_versions(),
+                host=socket.gethostname(), info={}, warnings=[],
+            ))
+        run_ids.append(run.run_id)
+        run.lease = store.hold(run.run_id)  # a heartbeat: other processes see the run is being worked on
+        active.append(run)
+    skipped = len(runs) - len(active)
+    if not active:
+        LOGGER.info(f"nothing to do: all {len(runs)} run(s) of this grid are complete in {store.path}")
+        return GridOutcome(run_ids, skipped, 0, [])
+    if skipped:
+        LOGGER.info(f"{skipped} of {len(runs)} run(s) already complete: skipped")
+
+    # Wave 1: training jobs, one per distinct training spec without a checkpoint; evaluation
+    # jobs of runs whose model is already trained go along. Wave 2: the remaining evaluations.
+    states: dict[str, dict[str, Any]] = {}
+    training: dict[str, TrainJob] = {}
+    for run in active:
+        training_hash = run.spec.training_hash()
+        if training_hash in states or training_hash in training:
+            continue
+        state = store.load_checkpoint(training_hash)
+        if state is not None:
+            states[training_hash] = state
+            LOGGER.info(f"[{run.label}] reusing checkpoint {store.checkpoint_path(training_hash)}")
+        else:
+            if len(run.train_index) == 0:
+                raise BenchError(f"dataset {run.dataset.name} has no training split here; train elsewhere or pass a checkpoint")
+            training[training_hash] = TrainJob(
+                run.spec, DataInfo.of(run.dataset), run.dataset.x_train[run.train_index],
+                run.dataset.y_train[run.train_index], run.label, device, threads)
+    evaluations = {run.run_id: _evaluation_jobs(run, device, threads) for run in active}
+    for run in active:
+        run.jobs_left = len(evaluations[run.run_id])
+        run.reused_checkpoint = run.spec.training_hash() not in training
+    total = len(training) + sum(len(jobs) for jobs in evaluations.values())
+    LOGGER.info(f"{total} job(s) for {len(active)} run(s) on {executor.name}: "
+                f"{len(training)} training, {total - len(training)} evaluation")
+
+    by_key: dict[tuple, tuple[Planned, EvalJob]] = {}
+    failures: list[str] = []
+    # A bar in a terminal; elsewhere the "done" lines below say as much.
+    bar = progress.Progress(total, "grid", unit="job", every=math.inf, leave=True)
+    started = time.monotonic()
+
+    def done_line(text: str) -> str:
+        count = bar.done + 1
+        left = (time.monotonic() - started) / count * (total - count)
+        return f"[{count}/{total}{f', about {left:.0f} s left' if count < total else ''}] {text}"
+
+    def evaluation_wave(runs: Iterable[Planned]) -> list[EvalJob]:
+        wave = []
+        for run in runs:
+            state = states.get(run.spec.training_hash())
+            if state is None:
+                continue
+            for job in evaluations.pop(run.run_id, []):
+                job.state = state
+                by_key[job.key] = (run, job)
+                wave.append(job)
+        # Costly steps first (attacks, randomized defenses), so no worker is left with the long one.
+        return sorted(wave, key=lambda job: (job.step == "clean", -len(job.x)))
+
+    def finish(run: Planned) -> None:
+        _finish_run(store, run, threads)
+
+    try:
+        first = list(training.values()) + evaluation_wave(active)
+        second: list[EvalJob] = []
+        for wave_number in (1, 2):
+            wave = first if wave_number == 1 else second
+            for result in _robust(executor, wave):
+                if result.key[0] == "train":
+                    job = training[result.key[1]]
+                    owners = [run for run in active if run.spec.training_hash() == result.key[1]]
+                    if result.error:
+                        failures.append(f"{job.describe()}: {result.error}")
+                        LOGGER.warning(done_line(f"failed: {job.describe()}: {result.error}"))
+                        for run in owners:
+                            run.errors.append(f"training: {result.error}")
+                            skipped_jobs = evaluations.pop(run.run_id, [])
+                            bar.update(len(skipped_jobs))
+                            finish(run)
+                    else:
+                        path = store.save_checkpoint(result.key[1], result.state)
+                        states[result.key[1]] = result.state
+                        for run in owners:
+                            run.train_seconds = result.seconds
+                        LOGGER.info(done_line(f"done: {job.describe()} in {result.seconds:.1f} s (checkpoint {path.name})"))
+                        second += evaluation_wave(owners)
+                    bar.update(1)
+                    continue
+                run, job = by_key[result.key]
+                if result.error:
+                    failures.append(f"{job.describe()}: {result.error}")
+                    run.errors.append(f"{job.step}: {result.error}")
+                    LOGGER.warning(done_line(f"failed: {job.describe()}: {result.error}"))
+                else:
+                    # One transaction per job, with the seconds its worker spent (costs add up across resumes).
+                    store.add_records(run.run_id, result.records, step=job.step, seconds=result.seconds)
+                    run.eval_seconds += result.seconds
+                    LOGGER.info(done_line(f"done: {job.describe()} in {result.seconds:.1f} s: {_summary(result.records)}"))
+                bar.update(1)
+                run.jobs_left -= 1
+                if run.jobs_left == 0:
+                    finish(run)
+        for run in active:
+            if run.jobs_left > 0 and not run.errors:  # its training job never came back
+                run.errors.append("training did not finish")
+                finish(run)
+    except BaseException:
+        # Hand unfinished runs back: their stored jobs stay, and the same command resumes them.
+        for run in active:
+            if run.lease is not None:
+                run.lease.stop()
+            if run.jobs_left > 0 and not run.errors:
+                store.finish_run(run.run_id, {"eval_seconds": run.eval_seconds}, [], status="interrupted")
+        raise
+    finally:
+        bar.close()
+    return GridOutcome(run_ids, skipped, total, failures)
+
+
+def _evaluation_jobs(run: Planned, device: str, threads: int | None) -> list[EvalJob]:
+    """The (step, shard) jobs of ``run`` whose records are not stored yet."""
+    dataset, index = run.dataset, run.test_index
+    steps = ["clean", *run.spec.attacks]
+    parts = shards_of(len(index))
+    jobs = []
+    for step in steps:
+        stored = run.done.get(step, set())
+        for number, part in enumerate(parts):
+            samples = index[part]
+            if len(samples) and int(samples[0]) in stored:
+                continue  # a shard commits in one transaction: one stored sample means all are
+            jobs.append(EvalJob(run.spec, DataInfo.of(dataset), step, number, len(parts), samples,
+                                dataset.x_test[samples], dataset.y_test[samples], {}, run.label, device, threads))
+    return jobs
+
+
+def _summary(records: list[Record]) -> str:
+    by_epsilon: dict[float, list[int]] = {}
+    for record in records:
+        by_epsilon.setdefault(record.epsilon, []).append(record.correct)
+    return ", ".join(f"eps {eps:g} accuracy {np.mean(values):.3f}" for eps, values in sorted(by_epsilon.items()))
+
+
+def _finish_run(store, run: Planned, threads: int | None) -> None:
+    from bench.metrics import sanity_warnings
+    from bench.registry import DEFENSES
+
+    if run.lease is not None:
+        run.lease.stop()
+        run.lease = None
+    defense_class = DEFENSES.get(run.spec.defense)
+    info = {
+        "train_seconds": run.train_seconds,
+        "eval_seconds": run.eval_seconds,
+        "reused_checkpoint": run.reused_checkpoint,
+        "resumed": run.resumed,
+        "num_train": len(run.train_index),
+        "num_test": len(run.test_index),
+        "data_official": run.dataset.provenance,
+        "randomized": defense_class.randomized,
+        "certifies": defense_class.certifies,
+        "device": run.device,
+        "argv": sys.argv,
+        "worker_threads": threads,
+    }
+    if run.errors:
+        info["errors"] = run.errors
+        store.finish_run(run.run_id, info, [], status="failed")
+        return
+    records = store.records([run.run_id])
+    stored = [Record(*tuple(row)[1:]) for row in records.itertuples(index=False)]
+    clean = records[records.attack == "clean"]
+    input_dim = int(math.prod(run.dataset.shape))
+    warnings = sanity_warnings(stored, defense_class.randomized, run.spec.eot_draws if run.spec.attacks else None,
+                               input_dim=input_dim)
+    for warning in warnings:
+        LOGGER.warning(f"[{run.label}] warning: {warning}")
+    LOGGER.info(f"[{run.label}] complete: clean accuracy {float(clean.correct.mean()):.4f} on {len(clean)} test images")
+    store.finish_run(run.run_id, info, warnings)
+
+
+def grid_seconds(out: Path, workers: int) -> float:
+    """Wall time of the ``bench perf`` grid: baseline and pixeldp x seeds 0 and 1 on digits,
+    clean and PGD-Linf, through ``workers`` worker processes (1: in this process)."""
+    from bench.datasets.digits import load_digits
+    from bench.store import Store
+
+    started = time.perf_counter()
+    dataset = load_digits()
+    specs = [RunSpec(defense=name, dataset="digits", seed=seed, epochs=4, train_size=600, test_size=100,
+                     attacks=["pgd-linf"], epsilons=[0.1], params={"draws": 100} if name == "pixeldp" else {})
+             for name in ("baseline", "pixeldp") for seed in (0, 1)]
+    executor = Serial() if workers == 1 else LocalProcesses(workers)
+    run_grid(specs, {("digits", 224): dataset}, Store(out), executor)
+    return time.perf_counter() - started

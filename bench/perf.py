@@ -1,0 +1,345 @@
+"""``bench perf``: the harness's costs against the floor each one could reach, side by side in one run.
+
+Each row times one of our code paths and a reference doing the same work on the same model and
+batch, interleaved (ABAB...) so that a shared machine slows both alike, best of ``repeats``:
+
+- PGD-Linf-20 (``pgd-linf``, foolbox backend) against a hand-written torch PGD loop;
+- CW-L2 (``cw-l2``) against foolbox's ``L2CarliniWagnerAttack`` called directly;
+- PixelDP prediction and certification with 300 draws against its floor: the layers before the
+  noise once per image, the layers after it 300 times, at the best batch size of a sweep, and
+  nothing else (no bounds, no bookkeeping);
+- PixelDP and Madry training steps against the undefended baseline's step.
+
+Peak memory is the largest rise of the process's resident set during the first timed call,
+sampled every millisecond after returning freed memory to the system (Linux; "n/a" elsewhere).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.log import LOGGER
+
+PGD_STEPS = 20
+PIXELDP_DRAWS = 300
+TARGETS = {"pgd": 1.05, "cw": 1.05, "pixeldp-predict": 1.10, "pixeldp-train": 1.10, "grid": 1 / 1.6}
+
+
+# -- references ------------------------------------------------------------------------------------
+def torch_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, chunk: int, steps: int = PGD_STEPS) -> torch.Tensor:
+    """The reference: L-inf PGD with a uniform random start, written directly in torch."""
+    step = 2.5 * eps / steps
+    out = []
+    for start in range(0, len(x), chunk):
+        xc, yc = x[start:start + chunk], y[start:start + chunk]
+        x_adv = (xc + torch.empty_like(xc).uniform_(-eps, eps)).clamp(0, 1)
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            loss = F.cross_entropy(model(x_adv), yc)
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach() + step * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, xc - eps), xc + eps).clamp(0, 1)
+        out.append(x_adv)
+    return torch.cat(out)
+
+
+def foolbox_cw_direct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params, chunk: int) -> torch.Tensor:
+    """foolbox's CW-L2 called as its documentation shows, on the same chunks."""
+    import foolbox
+
+    fmodel = foolbox.PyTorchModel(model, bounds=(0, 1))
+    attack = foolbox.attacks.L2CarliniWagnerAttack(
+        binary_search_steps=params.binary_search_steps, steps=params.steps, stepsize=params.learning_rate,
+        confidence=params.confidence, initial_const=params.initial_const, abort_early=params.abort_early,
+    )
+    out = []
+    for start in range(0, len(x), chunk):
+        _, clipped, _ = attack(fmodel, x[start:start + chunk], y[start:start + chunk], epsilons=None)
+        out.append(clipped)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def pixeldp_floor(net, x: torch.Tensor, draws: int, rows: int) -> torch.Tensor:
+    """The least work PixelDP prediction needs: ``net.pre`` once per image, then ``draws`` noisy
+    passes through ``net.post`` in batches of ``rows``; returns the mean softmax."""
+    h = net.pre(x)
+    repeated = h.repeat_interleave(draws, dim=0)
+    total = torch.zeros(len(x), net.post(h[:1]).shape[1])
+    for start in range(0, len(repeated), rows):
+        part = repeated[start:start + rows]
+        probs = F.softmax(net.post(net.add_noise(part)), dim=1)
+        total.index_add_(0, torch.arange(start, start + len(part)) // draws, probs)
+    return total / draws
+
+
+def make_step(defense, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One optimiser step of ``defense``'s training loss, as the shared training loop takes it."""
+    optimizer = torch.optim.SGD(defense.model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def step() -> None:
+        loss = defense.training_loss(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        defense.after_step()
+
+    return step
+
+
+def repeated(function: Callable[[], object], times: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(times):
+            function()
+
+    return run
+
+
+# -- measuring -------------------------------------------------------------------------------------
+def _resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the system, so the next rise of RSS is the next call's."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Largest rise of the resident set over its value at entry, sampled every millisecond."""
+
+    def __enter__(self) -> "PeakMemory":
+        _trim()
+        self.start = _resident_bytes()
+        self.peak = self.start
+        self.running = self.start is not None
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        if self.running:
+            self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            value = _resident_bytes()
+            if value is not None and value > self.peak:
+                self.peak = value
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.running:
+            self.running = False
+            self.thread.join()
+            value = _resident_bytes()
+            self.peak = max(self.peak, value or 0)
+
+    @property
+    def megabytes(self) -> float | None:
+        return None if self.start is None else (self.peak - self.start) / 2**20
+
+
+def interleaved(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float | None]]:
+    """Best wall time of each function over ``repeats`` interleaved rounds, and its peak memory
+    (first call). Every call starts from the same torch seed."""
+    best = {name: float("inf") for name in functions}
+    memory: dict[str, float | None] = {}
+    for round_index in range(repeats):
+        order = list(functions) if round_index % 2 == 0 else list(functions)[::-1]  # ABBA: no order bias
+        for name in order:
+            torch.manual_seed(0)
+            with PeakMemory() as peak:
+                started = time.perf_counter()
+                functions[name]()
+                elapsed = time.perf_counter() - started
+            best[name] = min(best[name], elapsed)
+            memory.setdefault(name, peak.megabytes)
+    return {name: (best[name], memory[name]) for name in functions}
+
+
+@dataclass
+class Row:
+    what: str
+    ours: str
+    reference: str
+    seconds: float
+    reference_seconds: float
+    memory: float | None
+    reference_memory: float | None
+    target: float | None  # the largest acceptable ratio, None where there is no target
+
+    @property
+    def ratio(self) -> float:
+        return self.seconds / self.reference_seconds
+
+    @property
+    def verdict(self) -> str:
+        if self.target is None:
+            return ""
+        return "ok" if self.ratio <= self.target else "ABOVE TARGET"
+
+
+def _row(what: str, ours: str, reference: str, times: dict, target: float | None) -> Row:
+    return Row(what, ours, reference, times[ours][0], times[reference][0], times[ours][1], times[reference][1], target)
+
+
+# -- the comparisons -------------------------------------------------------------------------------
+def attack_rows(images: int, repeats: int, chunk: int) -> list[Row]:
+    from bench.attacks.cw import CarliniWagnerL2
+    from bench.attacks.pgd import LinfPGD
+    from bench.datasets.digits import load_digits
+    from bench.defenses.baseline import Baseline
+    from bench.models import build_model
+    from bench.training import TrainConfig
+
+    rows = []
+    torch.manual_seed(0)
+    mnist = build_model("mnist-cnn", (1, 28, 28), 10, (0.1307,), (0.3081,)).eval()
+    x = torch.rand(images, 1, 28, 28)
+    y = mnist(x).argmax(1).detach()  # PGD's cost does not depend on the weights or the inputs
+    pgd = LinfPGD(LinfPGD.Params(steps=PGD_STEPS), chunk_size=chunk)
+    eps = 0.1
+    times = interleaved({
+        "hand-written torch loop": lambda: torch_pgd(mnist, x, y, eps, chunk),
+        "pgd-linf (foolbox)": lambda: pgd.run(mnist, x, y, [eps]),
+    }, repeats)
+    rows.append(_row(f"PGD-Linf-{PGD_STEPS}, MNIST CNN, {images} images", "pgd-linf (foolbox)",
+                     "hand-written torch loop", times, TARGETS["pgd"]))
+
+    # CW stops early once it has converged, so it needs a trained model to do representative work.
+    digits = load_digits()
+    torch.manual_seed(0)
+    defense = Baseline(build_model("digits-cnn", digits.shape, 10, digits.mean, digits.std))
+    defense.fit(digits.x_train, digits.y_train, TrainConfig(epochs=5))
+    model = defense.attack_model().eval()
+    xd, yd = digits.x_test[:images], digits.y_test[:images]
+    cw = CarliniWagnerL2(CarliniWagnerL2.Params(), chunk_size=chunk)
+    times = interleaved({
+        "foolbox direct": lambda: foolbox_cw_direct(model, xd, yd, cw.params, chunk),
+        "cw-l2 (foolbox)": lambda: cw.minimal(model, xd, yd),
+    }, repeats)
+    rows.append(_row(f"CW-L2, digits CNN, {len(xd)} images", "cw-l2 (foolbox)", "foolbox direct", times, TARGETS["cw"]))
+    return rows
+
+
+def pixeldp_prediction_rows(images: int, repeats: int) -> list[Row]:
+    from bench.defenses.pixeldp import PixelDP
+    from bench.models import build_model
+
+    shape = (1, 28, 28)
+    torch.manual_seed(0)
+    defense = PixelDP(build_model("mnist-cnn", shape, 10, (0.1307,), (0.3081,)), PixelDP.Params(draws=PIXELDP_DRAWS))
+    net = defense._build(shape).eval()
+    defense.measure_sensitivity()
+    x = torch.rand(images, *shape)
+    # The floor at its best batch size: a quick sweep first.
+    sweep = interleaved({str(rows): (lambda rows=rows: pixeldp_floor(net, x[:16], PIXELDP_DRAWS, rows))
+                         for rows in (64, 128, 256, 512)}, repeats)
+    best_rows = int(min(sweep, key=lambda k: sweep[k][0]))
+    floor = f"floor ({best_rows} rows per pass)"
+    times = interleaved({
+        floor: lambda: pixeldp_floor(net, x, PIXELDP_DRAWS, best_rows),
+        "pixeldp evaluate": lambda: defense.evaluate(x),
+    }, repeats)
+    return [_row(f"PixelDP predict+certify, {PIXELDP_DRAWS} draws, MNIST CNN, {images} images",
+                 "pixeldp evaluate", floor, times, TARGETS["pixeldp-predict"])]
+
+
+def training_rows(batch_size: int, steps: int, repeats: int) -> list[Row]:
+    from bench.defenses.baseline import Baseline
+    from bench.defenses.madry import Madry
+    from bench.defenses.pixeldp import PixelDP
+    from bench.models import build_model
+
+    shape, mean, std = (1, 28, 28), (0.1307,), (0.3081,)
+    torch.manual_seed(0)
+    x = torch.rand(batch_size, *shape)
+    y = torch.randint(0, 10, (batch_size,))
+    baseline = Baseline(build_model("mnist-cnn", shape, 10, mean, std))
+    pixeldp = PixelDP(build_model("mnist-cnn", shape, 10, mean, std), PixelDP.Params())
+    pixeldp._build(shape)
+    madry = Madry(build_model("mnist-cnn", shape, 10, mean, std), Madry.Params(epsilon=0.1))
+    for defense in (baseline, pixeldp, madry):
+        defense.model.train()
+    functions = {
+        "baseline step": repeated(make_step(baseline, x, y), steps),
+        "pixeldp step": repeated(make_step(pixeldp, x, y), steps),
+        "madry step (PGD-7)": repeated(make_step(madry, x, y), max(1, steps // 8)),
+    }
+    for function in functions.values():
+        function()  # warm-up
+    times = interleaved(functions, repeats)
+    # Madry runs fewer steps (each costs about 8 baseline steps); compare per step.
+    madry_seconds, madry_memory = times["madry step (PGD-7)"]
+    times["madry step (PGD-7)"] = (madry_seconds * steps / max(1, steps // 8), madry_memory)
+    what = f"training step, MNIST CNN, batch {batch_size} (time per {steps} steps)"
+    return [
+        _row(what, "pixeldp step", "baseline step", times, TARGETS["pixeldp-train"]),
+        _row(what, "madry step (PGD-7)", "baseline step", times, None),
+    ]
+
+
+# -- the report --------------------------------------------------------------------------------------
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s); "
+            f"load average {load}")
+
+
+def render(rows: list[Row]) -> str:
+    def mb(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.0f}"
+
+    lines = [
+        "| what | ours | reference | ours s | reference s | ratio | target | ours peak MB | reference peak MB | |",
+        "|:--|:--|:--|--:|--:|--:|--:|--:|--:|:--|",
+    ]
+    for row in rows:
+        target = "" if row.target is None else (f"<= {row.target:.2f}" if row.target >= 1 else f"<= {row.target:.3f}")
+        lines.append(
+            f"| {row.what} | {row.ours} | {row.reference} | {row.seconds:.3f} | {row.reference_seconds:.3f} | "
+            f"{row.ratio:.3f} | {target} | {mb(row.memory)} | {mb(row.reference_memory)} | {row.verdict} |"
+        )
+    return "\n".join(lines)
+
+
+SECTIONS = ("attacks", "pixeldp", "training")
+
+
+def run_perf(sections: tuple[str, ...] = SECTIONS, repeats: int = 3, images: int = 128, chunk: int = 64,
+             batch_size: int = 64, steps: int = 16) -> tuple[list[Row], str, str]:
+    """Measure ``sections``; returns the rows, the machine before and the machine after (load)."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # foolbox imports scipy.ndimage.filters
+    before = machine()
+    rows: list[Row] = []
+    if "attacks" in sections:
+        LOGGER.info("perf: attacks")
+        rows += attack_rows(images, repeats, chunk)
+    if "pixeldp" in sections:
+        LOGGER.info("perf: pixeldp prediction")
+        rows += pixeldp_prediction_rows(min(images, 64), repeats)
+    if "training" in sections:
+        LOGGER.info("perf: training steps")
+        rows += training_rows(batch_size, steps, repeats)
+    return rows, before, machine()

@@ -1,0 +1,114 @@
+"""Grids as jobs: --jobs N and a Dask cluster write exactly the serial run's records; complete
+grids are not run again; failed jobs are isolated; shards resume one by one."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from bench.cli import main
+from bench.store import Store
+
+# Two defenses x two seeds, clean and PGD: 4 runs, 4 training and 8 evaluation jobs.
+GRID = [
+    "--dataset", "digits", "--defense", "baseline", "--defense", "pixeldp", "--param", "pixeldp.draws=10",
+    "--seed", "0", "--seed", "1", "--epochs", "1", "--train-size", "100", "--test-size", "20",
+    "--attack", "pgd-linf", "--epsilons", "0.1", "--attack-param", "steps=3", "--eot-draws", "2", "--quiet",
+]
+
+
+def records_by_run(out) -> pd.DataFrame:
+    """Every record, keyed by (defense, seed) instead of the random run id, in a fixed order."""
+    store = Store(out)
+    names = {run.run_id: f"{run.defense}/{run.seed}" for run in store.runs()}
+    records = store.records()
+    records["run"] = records.pop("run_id").map(names)
+    return records.sort_values(["run", "attack", "epsilon", "sample_index"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serial")
+    assert main(["run", *GRID, "--out", str(out)]) == 0
+    records = records_by_run(out)
+    assert len(records) == 4 * 2 * 20 and records.run.nunique() == 4
+    return records
+
+
+def test_jobs_2_writes_the_serial_records_and_a_rerun_does_nothing(serial, bench, tmp_path):
+    code, _, _ = bench("run", *GRID, "--jobs", "2", "--out", str(tmp_path))
+    assert code == 0
+    pd.testing.assert_frame_equal(records_by_run(tmp_path), serial)
+    runs = Store(tmp_path).runs()
+    assert len(runs) == 4 and all(run.info["worker_threads"] == 1 for run in runs)
+
+    code, out, err = bench("run", *GRID[:-1], "--jobs", "2", "--out", str(tmp_path))
+    assert code == 0 and "nothing to do: all 4 run(s) of this grid are complete" in err
+    assert "| baseline [seed=0]" in out and len(Store(tmp_path).runs(complete_only=False)) == 4
+
+
+def test_a_dask_local_cluster_writes_the_serial_records(serial, bench, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None) as cluster:
+        code, _, _ = bench("run", *GRID, "--scheduler", cluster.scheduler_address, "--out", str(tmp_path))
+    assert code == 0
+    pd.testing.assert_frame_equal(records_by_run(tmp_path), serial)
+
+
+def test_shards_resume_one_by_one_and_match_an_uninterrupted_run(bench, tmp_path, monkeypatch):
+    from bench import jobs
+    from bench.attacks.base import Attack
+    from bench.registry import ATTACKS
+
+    class Noisy(Attack):
+        """Seeded random noise of size eps (so each shard's seed matters); its third call fails once."""
+
+        norm = "linf"
+        default_epsilons = (0.1,)
+        calls = 0
+
+        def run(self, model, x, y, epsilons):
+            import torch
+
+            Noisy.calls += 1
+            if Noisy.calls == 3:
+                raise RuntimeError("shard crash")
+            return [(x + eps * torch.rand_like(x)).clamp(0, 1) for eps in epsilons]
+
+    ATTACKS.names()
+    monkeypatch.setitem(ATTACKS._items, "noisy", Noisy)
+    monkeypatch.setattr(jobs, "SHARD_SIZE", 8)  # 30 test samples: shards of 8, 8, 8 and 6
+    args = ["--dataset", "digits", "--epochs", "1", "--train-size", "100", "--test-size", "30", "--attack", "noisy", "--quiet"]
+    code, _, err = bench("run", *args, "--out", str(tmp_path / "a"))
+    assert code == 1 and "noisy shard 3/4: RuntimeError: shard crash" in err
+    stored = Store(tmp_path / "a").records()
+    assert (stored.attack == "noisy").sum() == 22 and (stored.attack == "clean").sum() == 30
+
+    code, _, err = bench("run", *args[:-1], "--out", str(tmp_path / "a"))
+    assert code == 0 and "1 job(s) for 1 run(s)" in err  # only the missing shard runs again
+    assert bench("run", *args, "--out", str(tmp_path / "b"))[0] == 0
+    resumed, fresh = records_by_run(tmp_path / "a"), records_by_run(tmp_path / "b")
+    assert len(resumed) == 60 and not resumed.duplicated(["attack", "epsilon", "sample_index"]).any()
+    pd.testing.assert_frame_equal(resumed, fresh)
+
+
+def test_a_failed_training_job_fails_its_runs_only(bench, tmp_path, monkeypatch):
+    from bench.defenses.baseline import Baseline
+    from bench.registry import DEFENSES
+
+    class Broken(Baseline):
+        """Raises while training, as a broken third-party adapter would."""
+
+        name = "broken"
+
+        def fit(self, x, y, config):
+            raise ValueError("adapter bug")
+
+    DEFENSES.names()
+    monkeypatch.setitem(DEFENSES._items, "broken", Broken)
+    code, out, err = bench("run", "--defense", "broken", "--defense", "baseline", "--dataset", "digits", "--epochs", "1",
+                           "--train-size", "100", "--test-size", "20", "--quiet", "--out", str(tmp_path))
+    assert code == 1 and "train broken: ValueError: adapter bug" in err and "1 of 4 job(s) failed" in err
+    statuses = {run.defense: run.status for run in Store(tmp_path).runs(complete_only=False)}
+    assert statuses == {"broken": "failed", "baseline": "complete"}
+    assert "| baseline" in out
