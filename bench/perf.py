@@ -8,7 +8,8 @@ batch, interleaved (ABAB...) so that a shared machine slows both alike, best of 
 - PixelDP prediction and certification with 300 draws against its floor: the layers before the
   noise once per image, the layers after it 300 times, at the best batch size of a sweep, and
   nothing else (no bounds, no bookkeeping);
-- PixelDP and Madry training steps against the undefended baseline's step.
+- PixelDP and Madry training steps against the undefended baseline's step;
+- a 4-run digits grid (``bench.jobs``) with 2 worker processes against 1 (in this process).
 
 Peak memory is the largest rise of the process's resident set during the first timed call,
 sampled every millisecond after returning freed memory to the system (Linux; "n/a" elsewhere).
@@ -294,6 +295,23 @@ def training_rows(batch_size: int, steps: int, repeats: int) -> list[Row]:
     ]
 
 
+def grid_rows(repeats: int) -> list[Row]:
+    """The same 4-run digits grid through ``bench.jobs`` with 2 worker processes and with 1."""
+    import tempfile
+    from pathlib import Path
+
+    from bench.jobs import grid_seconds
+
+    with tempfile.TemporaryDirectory() as scratch:
+        counter = iter(range(10**6))
+        times = interleaved({
+            "2 workers": lambda: grid_seconds(Path(scratch) / f"w2-{next(counter)}", workers=2),
+            "1 worker": lambda: grid_seconds(Path(scratch) / f"w1-{next(counter)}", workers=1),
+        }, repeats)
+    return [_row("4-run digits grid (baseline, pixeldp x seeds 0, 1; pgd-linf)", "2 workers", "1 worker", times,
+                 TARGETS["grid"])]
+
+
 # -- the report --------------------------------------------------------------------------------------
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
@@ -324,7 +342,7 @@ def render(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("attacks", "pixeldp", "training")
+SECTIONS = ("attacks", "pixeldp", "training", "grid")
 
 
 def run_perf(sections: tuple[str, ...] = SECTIONS, repeats: int = 3, images: int = 128, chunk: int = 64,
@@ -342,4 +360,7 @@ def run_perf(sections: tuple[str, ...] = SECTIONS, repeats: int = 3, images: int
     if "training" in sections:
         LOGGER.info("perf: training steps")
         rows += training_rows(batch_size, steps, repeats)
+    if "grid" in sections:
+        LOGGER.info("perf: grid, 2 workers against 1")
+        rows += grid_rows(max(1, repeats - 1))
     return rows, before, machine()
