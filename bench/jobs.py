@@ -530,7 +530,8 @@ def _finish_run(store, run: Planned, threads: int | None) -> None:
 
 def grid_seconds(out: Path, workers: int) -> float:
     """Wall time of the ``bench perf`` grid: baseline and pixeldp x seeds 0 and 1 on digits,
-    clean and PGD-Linf, through ``workers`` worker processes (1: in this process)."""
+    clean and PGD-Linf, through ``workers`` worker processes (1: in this process). Worker
+    processes start afresh each time, as they do for each ``bench run --jobs N``."""
     from bench.datasets.digits import load_digits
     from bench.store import Store
 
@@ -541,4 +542,8 @@ def grid_seconds(out: Path, workers: int) -> float:
              for name in ("baseline", "pixeldp") for seed in (0, 1)]
     executor = Serial() if workers == 1 else LocalProcesses(workers)
     run_grid(specs, {("digits", 224): dataset}, Store(out), executor)
+    if workers > 1:
+        from joblib.externals.loky import get_reusable_executor
+
+        get_reusable_executor().shutdown(wait=True)
     return time.perf_counter() - started

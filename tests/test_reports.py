@@ -293,7 +293,7 @@ def test_profile_merges_over_top_level_and_runs_sweep(tmp_path):
         '[[runs]]\ndefense = "baseline"\nseed = 1\n[[runs]]\ndefense = "baseline"\nseed = 2\n'
     )
     options = options_for("--config", str(config), "--profile", "cpu", "--test-size", "20")
-    assert [entry["seed"] for entry in options["runs"]] == [1, 2]
+    assert [entry["seed"] for entry in options["runs"]] == [[1], [2]]  # seed is a grid axis: a list
     for entry in options["runs"]:
         assert entry["epochs"] == 1 and entry["train_size"] == 100 and entry["test_size"] == 20
         assert entry["param"] == {"lr_unused": 2} and entry["defense"] == ["baseline"]
