@@ -313,11 +313,12 @@ def test_runs_build_one_spec_per_entry_through_the_cli(bench, tmp_path):
     assert sorted(run.seed for run in Store(tmp_path / "r").runs()) == [1, 2]
 
 
-def test_runs_must_share_the_dataset(tmp_path):
-    config = tmp_path / "bad.toml"
-    config.write_text('[[runs]]\ndataset = "digits"\n[[runs]]\ndataset = "mnist"\n')
-    with pytest.raises(BenchError, match="share one dataset"):
-        specs_from(options_for("--config", str(config)))
+def test_runs_may_span_datasets_and_seeds(tmp_path):
+    # A grid's axes: each dataset is loaded once by the driver, its jobs carry what they need.
+    config = tmp_path / "grid.toml"
+    config.write_text('seed = [0, 1]\n[[runs]]\ndataset = "digits"\n[[runs]]\ndataset = "mnist"\n')
+    specs = specs_from(options_for("--config", str(config)))
+    assert [(spec.dataset, spec.seed) for spec in specs] == [("digits", 0), ("digits", 1), ("mnist", 0), ("mnist", 1)]
 
 
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.toml"))
@@ -328,7 +329,7 @@ EXPERIMENTS = sorted((ROOT / "experiments").glob("*.toml"))
 def test_experiment_configs_parse_for_both_profiles(path, profile):
     options = options_for("--config", str(path), "--profile", profile)
     entries = options.get("runs") or [options]
-    assert len({entry.get("dataset") for entry in entries}) == 1
+    assert len({tuple(entry.get("dataset")) for entry in entries}) == 1
     for entry in entries:
         assert entry.get("defense"), f"{path.name}: a run without a defense"
     with open(path, "rb") as handle:
