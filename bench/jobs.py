@@ -26,8 +26,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 import socket
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -81,6 +83,7 @@ class TrainJob:
     label: str
     device: str = "cpu"
     threads: int | None = None  # torch threads in a worker; None: leave as it is (in-process)
+    driver_pid: int | None = None  # local workers: exit when this process is gone
 
     @property
     def key(self) -> tuple:
@@ -106,6 +109,7 @@ class EvalJob:
     label: str
     device: str = "cpu"
     threads: int | None = None
+    driver_pid: int | None = None
 
     @property
     def key(self) -> tuple:
@@ -142,6 +146,8 @@ def run_job(job: TrainJob | EvalJob) -> JobResult:
     """Run one job; exceptions come back as the result's ``error``, so other jobs go on."""
     import bench.runner  # noqa: F401 - a fresh worker's first imports are not the job's cost
 
+    if job.driver_pid is not None:
+        _exit_with(job.driver_pid)
     started = time.perf_counter()
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -157,6 +163,24 @@ def run_job(job: TrainJob | EvalJob) -> JobResult:
         message = f"{type(error).__name__}: {error}".splitlines()[0]
         return JobResult(job.key, time.perf_counter() - started,
                          error=f"{message} (at {Path(where.filename).name}:{where.lineno})")
+
+
+_watching: set[int] = set()
+
+
+def _exit_with(driver_pid: int) -> None:
+    """A local worker outlives a driver killed with ``kill -9`` (loky's idle workers wait on
+    their queue): watch the parent and leave when it is gone."""
+    if driver_pid in _watching:
+        return
+    _watching.add(driver_pid)
+
+    def watch() -> None:
+        while os.getppid() == driver_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="bench-driver-watch").start()
 
 
 def _train(job: TrainJob) -> dict[str, Any]:
@@ -207,6 +231,8 @@ class LocalProcesses:
     def run(self, jobs: list) -> Iterator[JobResult]:
         import joblib
 
+        for job in jobs:
+            job.driver_pid = os.getpid()
         with joblib.parallel_config(backend="loky", inner_max_num_threads=self.threads):
             parallel = joblib.Parallel(n_jobs=self.workers, return_as="generator_unordered", pre_dispatch="all")
             yield from parallel(joblib.delayed(run_job)(job) for job in jobs)
