@@ -457,6 +457,7 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
                         states[result.key[1]] = result.state
                         for run in owners:
                             run.train_seconds = result.seconds
+                            store.add_work(run.run_id, "train", result.seconds)
                         LOGGER.info(done_line(f"done: {job.describe()} in {result.seconds:.1f} s (checkpoint {path.name})"))
                         second += evaluation_wave(owners)
                     bar.update(1)

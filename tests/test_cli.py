@@ -185,7 +185,8 @@ def test_a_run_still_being_written_is_not_resumed_by_another_process(bench, tmp_
     assert unfinished.status == "failed"
     # Pretend a live process (this one) is still writing it: a second run must start afresh.
     with sqlite3.connect(Store(tmp_path).path) as connection:
-        connection.execute("UPDATE runs SET info = ?", (json.dumps(owner_info()),))
+        connection.execute("UPDATE runs SET owner_host = ?, owner_pid = ?, lease_until = ?",
+                           (socket.gethostname(), os.getpid(), time.time() + 60))
     assert bench("run", *FAST, "--attack", "crash", "--epsilons", "0.1", "--out", str(tmp_path))[0] == 1
     runs = Store(tmp_path).runs(complete_only=False)
     assert len(runs) == 2 and runs[0].run_id == unfinished.run_id
