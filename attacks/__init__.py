@@ -1,5 +1,6 @@
 """Attack families; each module registers its attacks in ``bench.registry.ATTACKS``."""
-from bench.attacks.base import EOT, Attack, perturbation_norm
-from bench.attacks import cw, pgd  # noqa: F401  (registers pgd-linf, pgd-l2, cw-l2, cw-linf)
+from bench.attacks.base import Attack, perturbation_norm
+from bench.attacks.eot import EOT
+from bench.attacks import autoattack, cw, fmn, pgd  # noqa: F401  (register their attacks)
 
 __all__ = ["EOT", "Attack", "perturbation_norm"]

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.attacks.base import Attack, art_classifier, foolbox_model, num_classes, to_numpy
+from bench.attacks.adapters import art_classifier, foolbox_model, num_classes, to_numpy
+from bench.attacks.base import Attack, Predict
 from bench.errors import BenchError
 from bench.registry import ATTACKS
 
@@ -57,7 +58,9 @@ class PGD(Attack):
     foolbox_class: ClassVar[str] = ""
     art_norm: ClassVar[float] = np.inf
 
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float]) -> list[torch.Tensor]:
+    def perturb_chunk(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float], predict: Predict
+    ) -> list[torch.Tensor]:
         if self.backend == "art":
             return self._art(model, x, y, epsilons)
         return self._foolbox(model, x, y, epsilons)

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from bench.attacks.base import EOT, Attack, perturbation_norm
+from bench.attacks import EOT, Attack, perturbation_norm
 from bench.datasets.base import Dataset, balanced_subset
 from bench.defenses.base import Certificate, Defense
 from bench.errors import BenchError
@@ -57,7 +57,7 @@ def seed_everything(seed: int) -> None:
 
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for package in ("robustness-bench", "torch", "numpy", "foolbox", "adversarial-robustness-toolbox"):
+    for package in ("robustness-bench", "torch", "numpy", "foolbox", "adversarial-robustness-toolbox", "pyautoattack"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -428,7 +428,9 @@ def evaluate_step(
     target = defense.attack_model()
     if defense.randomized:
         target = EOT(target, eot_draws)
-    adversarials = step.attack.run(target, x, y, list(step.epsilons))
+    # The defense's own prediction rule judges success inside the attacks too (AutoAttack's
+    # cascade, the minimisation attacks' re-judging), not the attack model's argmax.
+    adversarials = step.attack.run(target, x, y, list(step.epsilons), predict=defense.predict)
     records = []
     for epsilon, x_adv in zip(step.epsilons, adversarials):
         distance = perturbation_norm(x_adv - x, step.attack.norm)

@@ -158,6 +158,46 @@ def very_large_epsilon(norm: str, input_dim: int | None) -> float | None:
     return None
 
 
+STRENGTH_MARGIN = 0.01  # per-sample disagreement between two attacks of one norm that triggers a warning
+STRENGTH_PREFIX = "attack strength"
+
+
+def strength_warnings(frame: pd.DataFrame) -> list[str]:
+    """Where two attacks of one norm disagree per sample by more than ``STRENGTH_MARGIN``.
+
+    For every ordered pair (a, b) of attacks with the same norm and epsilon: the share of samples
+    that b breaks and a misses. Above the margin, a's figure overstates robustness; one warning
+    per pair names both accuracies at the epsilon where the gap is largest and the per-sample
+    worst case, the figure to quote. Each warning starts with ``attack strength (NORM)``.
+    """
+    attacked = frame[frame.attack != "clean"]
+    warnings = []
+    for norm, by_norm in attacked.groupby("norm", sort=True):
+        correct = by_norm.pivot_table(index=["epsilon", "sample_index"], columns="attack", values="correct", aggfunc="min")
+        names = sorted(correct.columns)
+        for a in names:
+            for b in names:
+                if a == b:
+                    continue
+                both = correct[[a, b]].dropna()
+                if both.empty:
+                    continue
+                missed = ((both[a] == 1) & (both[b] == 0)).groupby(level="epsilon").mean()
+                if missed.max() <= STRENGTH_MARGIN:
+                    continue
+                eps = float(missed.idxmax())
+                at = correct.loc[eps]
+                worst = float(at.min(axis=1).mean())
+                others = int((missed > STRENGTH_MARGIN).sum()) - 1
+                warnings.append(
+                    f"{STRENGTH_PREFIX} ({norm}): at {norm} epsilon {eps:g}, {a} leaves {float(at[a].mean()):.1%} "
+                    f"accurate but {b} breaks {float(missed.max()):.1%} of the points {a} misses ({b}: "
+                    f"{float(at[b].mean()):.1%}); quote the per-sample worst case over {norm} attacks, {worst:.1%}"
+                    + (f" (gap above {STRENGTH_MARGIN:.0%} at {others} more epsilon(s))" if others > 0 else "")
+                )
+    return warnings
+
+
 def sanity_warnings(
     records: list[tuple], randomized: bool, eot_draws: int | None, input_dim: int | None = None
 ) -> list[str]:
@@ -166,7 +206,8 @@ def sanity_warnings(
     - accuracy that rises with epsilon (the attack is too weak or unstable);
     - accuracy well above chance at a very large epsilon (see ``very_large_epsilon``; for l2/l1
       it needs ``input_dim``, the number of values per input, C*H*W);
-    - a randomized defense attacked with a single noise draw per step (non-adaptive).
+    - a randomized defense attacked with a single noise draw per step (non-adaptive);
+    - two attacks of one norm that disagree per sample by more than 1 point (``strength_warnings``).
     """
     warnings = []
     frame = records_frame(records)
@@ -191,4 +232,4 @@ def sanity_warnings(
             )
     if randomized and eot_draws == 1:
         warnings.append("randomized defense attacked with --eot-draws 1: results are non-adaptive and overstate robustness")
-    return warnings
+    return warnings + strength_warnings(frame)

@@ -95,7 +95,7 @@ def main() -> None:
     cw = CarliniWagnerL2(params)
     times = best_of({
         "foolbox L2CarliniWagnerAttack direct": lambda: foolbox_cw_direct(model, x, y, params),
-        "cw-l2 (foolbox backend)": lambda: cw.minimal(model, x, y),
+        "cw-l2 (foolbox backend)": lambda: cw.smallest_adversarials(model, x, y),
     }, args.repeats)
     report(f"CW-L2 (9 x 100, PixelDP settings), digits CNN, {len(x)} images", times, "foolbox L2CarliniWagnerAttack direct")
 

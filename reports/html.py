@@ -65,6 +65,25 @@ def _run_section(run: pd.Series) -> str:
     )
 
 
+def _strength_notes(name: str, runs: pd.DataFrame) -> str:
+    """The attack-strength warnings that concern one accuracy-under-attack table (its dataset and
+    norm), shown right under it: a reader must not quote a weak attack's figure by mistake."""
+    from bench.metrics import STRENGTH_PREFIX
+    from bench.reports.tables import NORM_NAMES
+
+    prefix = "Accuracy under attack: "
+    if not name.startswith(prefix) or runs.empty:
+        return ""
+    dataset, _, shown_norm = name[len(prefix):].rpartition(", ")
+    norms = [norm for norm, label in NORM_NAMES.items() if label == shown_norm] or [shown_norm]
+    notes = [
+        f'<div class="warning"><b>{html.escape(run.config)}</b>: {html.escape(w)}</div>'
+        for _, run in runs[runs.dataset == dataset].iterrows() for w in run.warnings
+        if any(w.startswith(f"{STRENGTH_PREFIX} ({norm})") for norm in norms)
+    ]
+    return "".join(notes)
+
+
 def build_html(
     shown: dict[str, pd.DataFrame],
     plots: Sequence[Plot],
@@ -83,6 +102,7 @@ def build_html(
     ) or '<p class="ok">No run reported a sanity warning.</p>'
     tables = "".join(
         f'<h3>{html.escape(name)}</h3>{_table(frame, "table-" + name.lower().replace(" ", "-"))}'
+        f"{_strength_notes(name, runs)}"
         for name, frame in shown.items()
     ) or "<p>No runs.</p>"
     figures = "".join(_image(plot) for plot in plots) or "<p>No data to plot.</p>"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.attacks.base import EOT, perturbation_norm
+from bench.attacks import EOT, perturbation_norm
 from bench.attacks.cw import CarliniWagnerL2, CarliniWagnerLinf, CWL2Params, CWLinfParams
 from bench.attacks.pgd import L2PGD, LinfPGD, PGDParams
 from bench.errors import BenchError
@@ -73,8 +73,8 @@ def test_foolbox_and_art_pgd_agree(model, digits):
 
 def test_cw_minimal_norms_match_thresholded_accuracy(model, digits):
     x, y = digits.x_test[:48], digits.y_test[:48]
-    attack = CarliniWagnerL2(CWL2Params(binary_search_steps=3, steps=20, learning_rate=0.05))
-    smallest = attack.minimal(model, x, y)
+    attack = CarliniWagnerL2(CWL2Params(binary_search_steps=3, steps=20, learning_rate=0.05, initial_const=0.001))
+    smallest = attack.smallest_adversarials(model, x, y)
     norms = perturbation_norm(smallest - x, "l2")
     with torch.no_grad():
         clean_correct = model(x).argmax(1) == y
@@ -93,7 +93,7 @@ def test_cw_failures_stay_clean(model, digits):
     """foolbox returns an all-zero image where CW fails; those points must stay clean (not broken)."""
     x, y = digits.x_test[:32], digits.y_test[:32]
     weak = CarliniWagnerL2(CWL2Params(binary_search_steps=1, steps=2, learning_rate=0.001, initial_const=1e-4))
-    smallest = weak.minimal(model, x, y)
+    smallest = weak.smallest_adversarials(model, x, y)
     with torch.no_grad():
         failed = model(smallest).argmax(1) == y
     assert failed.sum() > 0

@@ -143,7 +143,7 @@ def test_a_failed_run_resumes_from_its_stored_steps(bench, tmp_path, monkeypatch
         default_epsilons = (0.1,)
         calls = 0
 
-        def run(self, model, x, y, epsilons):
+        def perturb_chunk(self, model, x, y, epsilons, predict):
             Flaky.calls += 1
             if Flaky.calls == 1:
                 raise RuntimeError("simulated crash in the middle of a run")
@@ -175,7 +175,7 @@ def test_a_run_still_being_written_is_not_resumed_by_another_process(bench, tmp_
     class Crash(Attack):
         """Always fails."""
 
-        def run(self, model, x, y, epsilons):
+        def perturb_chunk(self, model, x, y, epsilons, predict):
             raise RuntimeError("crash")
 
     ATTACKS.names()
