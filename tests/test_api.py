@@ -221,7 +221,7 @@ def test_an_interrupted_evaluation_resumes_from_its_stored_steps(tmp_path):
         norm = "linf"
         calls = 0
 
-        def perturb(self, model, x, y, epsilons):
+        def perturb_chunk(self, model, x, y, epsilons, predict):
             type(self).calls += 1
             if type(self).calls == 1:
                 raise RuntimeError("boom")
