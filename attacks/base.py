@@ -15,6 +15,7 @@ from typing import Callable, ClassVar, Iterator, Sequence
 import torch
 from torch import nn
 
+from bench.attacks.eot import is_randomized
 from bench.errors import BenchError
 from bench.progress import progress
 
@@ -148,8 +149,32 @@ class Attack:
                 # Libraries differ in what they return for a failed point (foolbox's CW: an all-zero
                 # image; ART: the input), so success is re-judged here and failures become x.
                 success = predict(x_adv).to(yc.device) != yc
+                if is_randomized(model):
+                    x_adv, success = self._confirm_outward(xc, yc, x_adv, success, predict)
                 parts.append(torch.where(success.view((-1,) + (1,) * (x.dim() - 1)), x_adv, xc))
         return torch.cat(parts) if parts else x.clone()
+
+    # Scales tried along a minimal adversarial's direction when a randomized defense's own rule
+    # does not confirm it: the minimal point sits on the boundary of the expected prediction, and
+    # fresh draws flip it back about half the time.
+    OUTWARD_SCALES: ClassVar[tuple[float, ...]] = (1.05, 1.1, 1.25, 1.5, 2.0)
+
+    def _confirm_outward(
+        self, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, success: torch.Tensor, predict: Predict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Points the defense's rule does not confirm: the first of ``x + s * (x_adv - x)`` over
+        ``OUTWARD_SCALES`` that it does (kept only if the attack moved the point at all)."""
+        x_adv, success = x_adv.clone(), success.clone()
+        moved = perturbation_norm(x_adv - x, "linf") > 0
+        for scale in self.OUTWARD_SCALES:
+            index = (~success & moved).nonzero().flatten()
+            if len(index) == 0:
+                break
+            candidate = (x[index] + scale * (x_adv[index] - x[index])).clamp(0.0, 1.0)
+            confirmed = predict(candidate).to(y.device) != y[index]
+            x_adv[index[confirmed]] = candidate[confirmed]
+            success[index[confirmed]] = True
+        return x_adv, success
 
     def threshold(self, x: torch.Tensor, smallest: torch.Tensor, epsilons: Sequence[float]) -> list[torch.Tensor]:
         """Per epsilon: ``smallest`` where its perturbation has norm <= epsilon, else ``x``."""

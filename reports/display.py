@@ -40,6 +40,24 @@ def _pivot(table: pd.DataFrame, rows: list[str], column: str, cells: pd.Series, 
     return pd.concat([keys, wide, counts.rename("n")], axis=1).reset_index(drop=True)
 
 
+def _with_median_column(shown: pd.DataFrame, group: pd.DataFrame) -> pd.DataFrame:
+    """The accuracy table plus each attack's median minimal perturbation ("> max eps" where the
+    attack broke fewer than half the points; "–" on worst-case rows)."""
+    if "median_perturbation" not in group:
+        return shown
+    largest = group.epsilon.max()
+    medians = group.drop_duplicates(["configuration", "attack"]).set_index(["configuration", "attack"]).median_perturbation
+
+    def text(key: tuple) -> str:
+        value = medians.get(key)
+        if value is None or pd.isna(value):
+            return "–"
+        return f"> {largest:g}" if value == float("inf") else f"{value:.3g}"
+
+    column = [text((c, a)) for c, a in zip(shown.configuration, shown.attack)]
+    return shown.assign(**{"median min. perturbation": column})
+
+
 def display_tables(
     tables: dict[str, pd.DataFrame],
     thresholds: Sequence[float] | None = None,
@@ -68,8 +86,8 @@ def display_tables(
         attack = _order(attack, ["dataset", "norm", "_rank", "attack"]).rename(columns={"config": "configuration"})
         for (dataset, norm), group in attack.groupby(["dataset", "norm"], sort=False):
             cells = pd.Series([cell(*v) for v in zip(group.accuracy, group.ci_low, group.ci_high)])
-            shown[f"Accuracy under attack: {dataset}, {NORM_NAMES.get(norm, norm)}"] = _pivot(
-                group, ["configuration", "attack"], "epsilon", cells, group.n, "ε=")
+            shown[f"Accuracy under attack: {dataset}, {NORM_NAMES.get(norm, norm)}"] = _with_median_column(_pivot(
+                group, ["configuration", "attack"], "epsilon", cells, group.n, "ε="), group)
     certified = tables.get("certified", pd.DataFrame())
     if not certified.empty:
         clean_rows = certified[certified.attack == "clean"]

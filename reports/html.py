@@ -69,7 +69,7 @@ def _strength_notes(name: str, runs: pd.DataFrame) -> str:
     """The attack-strength warnings that concern one accuracy-under-attack table (its dataset and
     norm), shown right under it: a reader must not quote a weak attack's figure by mistake."""
     from bench.metrics import STRENGTH_PREFIX
-    from bench.reports.tables import NORM_NAMES
+    from bench.reports.labels import NORM_NAMES
 
     prefix = "Accuracy under attack: "
     if not name.startswith(prefix) or runs.empty:

@@ -62,7 +62,7 @@ def tables_from(results: Results, thresholds: Sequence[float] = metrics.THRESHOL
         return {name: pd.DataFrame() for name in TABLE_NAMES}
     records = results.records
     clean = with_interval(metrics.clean_accuracy(records), "correct", "n")
-    under_attack = with_interval(metrics.accuracy_under_attack(records), "correct", "n")
+    under_attack = with_median_perturbation(with_interval(metrics.accuracy_under_attack(records), "correct", "n"), records)
     certified = metrics.certified(records, tuple(thresholds))
     certified = with_interval(certified, "certified_correct", "n", "certified_accuracy_")
     certified = with_interval(certified, "robust_n", "n", "robust_recall_")
@@ -77,6 +77,15 @@ def tables_from(results: Results, thresholds: Sequence[float] = metrics.THRESHOL
               if not table.empty else table for name, table in tables.items()}
     return {name: table.assign(params=table.params.map(_params)) if "params" in table else table
             for name, table in tables.items()}
+
+
+def with_median_perturbation(table: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with each attack's median minimal perturbation (``metrics.median_perturbation``)
+    on its rows; empty for the worst-case rows."""
+    if table.empty:
+        return table
+    medians = metrics.median_perturbation(records).drop(columns=["n"])
+    return table.merge(medians, on=[c for c in medians.columns if c != "median_perturbation"], how="left")
 
 
 def _clean_first(column: pd.Series) -> pd.Series:

@@ -146,21 +146,24 @@ def test_fmn_distances_match_thresholded_accuracy(model, digits, attack_class, e
 
 
 def test_cw_breaks_pixeldp_at_large_l2():
-    """Through EOT, with its confidence margin and judged by PixelDP's own 50-draw prediction.
-    Labels are the image's mean brightness in thirds: an L2 step of 3 moves the mean of 64
-    pixels by 0.375, across every class boundary, so a working attack breaks every point."""
+    """Through EOT, judged by PixelDP's own 50-draw prediction. Two classes, dark and bright
+    images: their means are 0.25 apart in every pixel, so an L2 step of 3 (0.375 per pixel on
+    average) crosses from either side and a working attack can break every point. The noise keeps
+    the expected top probability near 0.53, so CW's minimal adversarials sit on a boundary that
+    fresh draws flip back about half the time: confirmed outward by the defense's rule."""
     torch.manual_seed(0)
-    defense = PixelDP(build_model("digits-cnn", (1, 8, 8), 3, (0.3,), (0.4,)), PixelDP.Params(L=0.1, draws=50))
-    x = torch.rand(96, 1, 8, 8)
-    y = ((x.mean((1, 2, 3)) - 0.5) * 40 + 1.5).long().clamp(0, 2)  # thirds of the spread around 0.5
-    defense.fit(x, y, TrainConfig(epochs=6, batch_size=16, seed=0))
-    x, y = x[:24], y[:24]
-    assert float((defense.predict(x) == y).float().mean()) >= 0.5
+    defense = PixelDP(build_model("digits-cnn", (1, 8, 8), 2, (0.5,), (0.3,)), PixelDP.Params(L=0.1, draws=50))
+    y = torch.arange(96) % 2
+    x = torch.rand(96, 1, 8, 8) * 0.5 + 0.5 * y.view(-1, 1, 1, 1)
+    defense.fit(x, y, TrainConfig(epochs=4, batch_size=16, seed=0))
+    x, y = x[:16], y[:16]
+    assert float((defense.predict(x) == y).float().mean()) >= 0.9
     attack = CarliniWagnerL2(CWL2Params(binary_search_steps=3, steps=30, learning_rate=0.05, initial_const=1.0))
     torch.manual_seed(0)
-    small, large = attack.run(EOT(defense.attack_model(), 8), x, y, [0.01, 3.0], predict=defense.predict)
-    assert float((defense.predict(large) == y).float().mean()) <= 0.1
-    assert torch.equal(small, x) or float((defense.predict(small) == y).float().mean()) >= 0.4
+    small, large = attack.run(EOT(defense.attack_model(), 8), x, y, [0.1, 3.0], predict=defense.predict)
+    # Without the outward confirmation half the points flip back (0.5 measured); with it at least 70% break.
+    assert float((defense.predict(large) == y).float().mean()) <= 0.3
+    assert float((defense.predict(small) == y).float().mean()) >= 0.9  # 0.1 is far too small to cross
 
 
 def frame(correct_by_attack: dict[str, list[int]], norm: str = "linf", eps: float = 0.1):

@@ -61,7 +61,7 @@ def test_report_renders_in_headless_chromium(fabricated_report, tmp_path):
     assert match, "the check script did not run: " + dom[:500]
     check = json.loads(unescape(match.group(1)))
     plots = {image["plot"]: image for image in check["images"]}
-    assert set(plots) == {"accuracy_under_attack", "certified_accuracy", "robust_precision_recall", "cost"}
+    assert set(plots) == {"accuracy_under_attack", "median_perturbation", "certified_accuracy", "robust_precision_recall", "cost"}
     for name, image in plots.items():
         assert image["ok"] and image["width"] > 300 and image["height"] > 150, f"plot {name} did not render: {image}"
     tables = {table["id"]: table["rows"] for table in check["tables"]}
