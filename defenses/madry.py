@@ -40,7 +40,8 @@ class Madry(Defense):
         p.check()
         attack_class = ATTACKS.get(f"pgd-{p.norm}")
         self.attack = attack_class(
-            attack_class.Params(steps=p.steps, abs_stepsize=p.step_size or p.epsilon / 4, random_start=p.random_start)
+            attack_class.Params(steps=p.steps, abs_stepsize=p.step_size or p.epsilon / 4, random_start=p.random_start,
+                                restarts=1)  # one walk per batch, as Madry et al. train (pgd's evaluation default is 5)
         )
 
     def adversarial_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
