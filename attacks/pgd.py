@@ -23,15 +23,15 @@ class PGDParams:
     ``2.5 * epsilon / steps`` (Madry et al.'s rule: the walk can cross the ball 1.25 times).
     """
 
-    # 50 steps x 5 restarts: on the digits madry model at L-inf 0.2 (500 images) 20 x 1 left 7.2%,
-    # 50 x 1 7.2%, 100 x 1 6.8%, 50 x 5 5.0%, against 5.0% for autoattack-linf (on 100 of them,
-    # where 20 x 1 left 8.0%); restarts, not steps, found the rest. Cost: 22x PGD-20
-    # (docs/attacks.md, benchmarks/bench_attack_defaults.py pgd). Quick looks: steps=20 restarts=1.
-    steps: int = 50
+    # 20 steps x 1 walk keep quick runs quick (the README example, the default digits command).
+    # Not a strength standard: on the digits madry model at L-inf 0.2 (500 images) 20 x 1 left
+    # 7.2%, 100 x 1 6.8%, 50 x 5 5.0%, the same as autoattack-linf (docs/attacks.md). For figures
+    # to quote use autoattack-*, or --attack-param steps=50 --attack-param restarts=5 (12.5x the cost).
+    steps: int = 20
     rel_stepsize: float | None = None
     abs_stepsize: float | None = None
     random_start: bool = True
-    restarts: int = 5
+    restarts: int = 1
 
     def check(self) -> None:
         if self.steps < 1:
