@@ -191,7 +191,8 @@ def test_human_tables_pivot_epsilons_and_carry_intervals_and_counts(store):
     assert worst["ε=0"].item().startswith("0.900")
     baseline = attack[attack.configuration == "baseline"]
     assert baseline.attack.tolist() == ["cw-l2", "pgd-l2", "worst-case"]
-    assert list(attack.columns) == ["configuration", "attack", "ε=0", "ε=0.5", "ε=1", "n"]
+    assert list(attack.columns) == ["configuration", "attack", "ε=0", "ε=0.5", "ε=1", "n", "median min. perturbation"]
+    assert attack[attack.attack == "worst-case"]["median min. perturbation"].eq("–").all()
     certified = shown["Certified accuracy"]
     assert [c for c in certified.columns if c.startswith("T=")] == ["T=0", "T=0.05", "T=0.1", "T=0.2", "T=0.3", "T=0.5", "T=1"]
     precision = shown["Robust precision under attack: mnist, L2 attacks"]
@@ -234,11 +235,11 @@ def test_report_command_writes_html_tables_and_plots(fabricated_report):
     for name in ("report.html", "tables.md", "tables.tex", "tables.json", "clean.csv", "accuracy_under_attack.csv",
                  "certified.csv", "cost.csv"):
         assert (out / name).stat().st_size > 0 and str(out / name) in stdout
-    for plot in ("accuracy_under_attack", "certified_accuracy", "robust_precision_recall", "cost"):
+    for plot in ("accuracy_under_attack", "median_perturbation", "certified_accuracy", "robust_precision_recall", "cost"):
         assert (out / "figures" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert "<svg" in (out / "figures" / f"{plot}.svg").read_text()
     page = (out / "report.html").read_text()
-    assert page.count('<img src="data:image/png;base64,') == 4
+    assert page.count('<img src="data:image/png;base64,') == 5
     assert "src=\"http" not in page and "<script" not in page
     assert "accuracy rises with epsilon" in page and "2.13.0" in page and "&quot;seed&quot;: 0" in page
 
