@@ -200,7 +200,7 @@ def test_a_resumed_run_is_charged_the_time_of_every_process(bench, tmp_path, mon
         norm = "linf"
         default_epsilons = (0.1,)
 
-        def run(self, model, x, y, epsilons):
+        def perturb_chunk(self, model, x, y, epsilons, predict):  # one chunk: the 60 test images
             time.sleep(0.4)
             return [x.clone() for _ in epsilons]
 
@@ -209,7 +209,7 @@ def test_a_resumed_run_is_charged_the_time_of_every_process(bench, tmp_path, mon
 
         calls = 0
 
-        def run(self, model, x, y, epsilons):
+        def perturb_chunk(self, model, x, y, epsilons, predict):
             Flaky.calls += 1
             if Flaky.calls == 1:
                 raise RuntimeError("simulated crash")
