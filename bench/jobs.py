@@ -304,9 +304,6 @@ class Planned:
     done: dict[str, set[int]] = field(default_factory=dict)  # step -> stored sample indices
     jobs_left: int = 0
     errors: list[str] = field(default_factory=list)
-    train_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    reused_checkpoint: bool = True
     lease: Any = None
     device: str = "cpu"
 
@@ -355,7 +352,7 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
     for run in runs:
         if run.spec.hash() in complete:
             run_ids.append(complete[run.spec.hash()])
-            LOGGER.debug(f"[{run.label}] complete run {complete[run.spec.hash()]} of this spec: skipped")
+            LOGGER.info(f"[{run.label}] already complete: run {complete[run.spec.hash()]}; --force starts a new one")
             continue
         previous = store.resumable(run.spec.hash())
         if previous is not None:
@@ -403,7 +400,6 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
     evaluations = {run.run_id: _evaluation_jobs(run, device, threads) for run in active}
     for run in active:
         run.jobs_left = len(evaluations[run.run_id])
-        run.reused_checkpoint = run.spec.training_hash() not in training
     total = len(training) + sum(len(jobs) for jobs in evaluations.values())
     LOGGER.info(f"{total} job(s) for {len(active)} run(s) on {executor.name}: "
                 f"{len(training)} training, {total - len(training)} evaluation")
@@ -456,7 +452,6 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
                         path = store.save_checkpoint(result.key[1], result.state)
                         states[result.key[1]] = result.state
                         for run in owners:
-                            run.train_seconds = result.seconds
                             store.add_work(run.run_id, "train", result.seconds)
                         LOGGER.info(done_line(f"done: {job.describe()} in {result.seconds:.1f} s (checkpoint {path.name})"))
                         second += evaluation_wave(owners)
@@ -470,7 +465,6 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
                 else:
                     # One transaction per job, with the seconds its worker spent (costs add up across resumes).
                     store.add_records(run.run_id, result.records, step=job.step, seconds=result.seconds)
-                    run.eval_seconds += result.seconds
                     LOGGER.info(done_line(f"done: {job.describe()} in {result.seconds:.1f} s: {_summary(result.records)}"))
                 bar.update(1)
                 run.jobs_left -= 1
@@ -486,7 +480,7 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
             if run.lease is not None:
                 run.lease.stop()
             if run.jobs_left > 0 and not run.errors:
-                store.finish_run(run.run_id, {"eval_seconds": run.eval_seconds}, [], status="interrupted")
+                store.finish_run(run.run_id, store.costs(run.run_id, run.spec.training_hash()), [], status="interrupted")
         raise
     finally:
         bar.close()
@@ -526,9 +520,8 @@ def _finish_run(store, run: Planned, threads: int | None) -> None:
         run.lease = None
     defense_class = DEFENSES.get(run.spec.defense)
     info = {
-        "train_seconds": run.train_seconds,
-        "eval_seconds": run.eval_seconds,
-        "reused_checkpoint": run.reused_checkpoint,
+        # summed over every process that worked on the run, a resumed run's earlier ones too
+        **store.costs(run.run_id, run.spec.training_hash()),
         "resumed": run.resumed,
         "num_train": len(run.train_index),
         "num_test": len(run.test_index),

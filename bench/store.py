@@ -364,6 +364,20 @@ class Store:
         runs = [run for run in self.runs() if run.spec_hash == spec_hash]
         return runs[-1] if runs else None
 
+    def costs(self, run_id: str, training_hash: str) -> dict[str, Any]:
+        """Seconds summed over every process that worked on the run (a resumed run's earlier ones
+        too): ``train_seconds`` (training, or loading the checkpoint), ``eval_seconds`` (clean and
+        attack steps), and ``model_train_seconds``, the training of its model by whichever run did it."""
+        work = self.work(run_id)
+        model = work.step.isin(MODEL_STEPS)
+        return {
+            "train_seconds": float(work.seconds[model].sum()),
+            "eval_seconds": float(work.seconds[~model].sum()),
+            "model_train_seconds": self.training_seconds(training_hash),
+            "reused_checkpoint": not bool((work.step == "train").any()),
+            "processes": len(work[["host", "pid"]].drop_duplicates()),
+        }
+
     def work(self, run_id: str) -> pd.DataFrame:
         """Seconds spent on each step of a run, one row per step and process that did it."""
         with closing(self._connect(create=False)) as connection:
