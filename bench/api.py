@@ -37,9 +37,9 @@ from bench.defenses.base import Certificate, Defense
 from bench.errors import BenchError
 from bench.metrics import THRESHOLD_GRID, sanity_warnings
 from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
-from bench.spec import DEFAULT_EPOCHS, RunSpec, check_epsilon_keys, epsilons_for, scoped, unclaimed
+from bench.spec import RunSpec, check_epsilon_keys, epsilons_for, scoped, unclaimed
 from bench.store import MODEL_STEPS, Run, Store
-from bench.training import TrainConfig
+from bench.training import TrainConfig, training_defaults
 from bench.types import RECORD_COLUMNS, Record
 from bench.validation import check_epsilons, check_writable_dir, validate_options
 
@@ -666,20 +666,23 @@ def load_results(
 # -- training and evaluation -------------------------------------------------------------------------
 def train(
     model_or_defense: nn.Module | Defense, data: Data, *, epochs: int | None = None, batch_size: int = 64,
-    lr: float = 0.05, seed: int = 0, train_size: int | None = None, data_dir: Path | str | None = None,
+    lr: float | None = None, seed: int = 0, train_size: int | None = None, data_dir: Path | str | None = None,
     download: bool = False, device: str = "cpu",
 ) -> Defense:
     """Train a model or defense on the training split of ``data`` with the shared loop (SGD,
     momentum, cosine schedule, seeded shuffles) and the defense's own loss; returns the defense.
 
-    An ``nn.Module`` is trained in place with cross-entropy (``baseline``). Epochs default to the
-    dataset's default (digits 30, MNIST 8) or 10 for tensors.
+    An ``nn.Module`` is trained in place with cross-entropy (``baseline``). ``lr`` and ``epochs``
+    default to the defense's defaults on the dataset (``bench.training.TRAINING_DEFAULTS``: e.g.
+    digits 30 epochs, MNIST 8; robustopt lr 0.01, others 0.05); 10 epochs for tensors.
     """
     validate_options({"seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr, "train_size": train_size,
                       "download": download, "device": device})
     defense = as_defense(model_or_defense, device)
     name, x, y = train_data(data, train_size=train_size, seed=seed, data_dir=data_dir, download=download)
-    epochs = epochs if epochs is not None else DEFAULT_EPOCHS.get(name, 10)
+    defaults = training_defaults(defense_name(defense), name)
+    epochs = epochs if epochs is not None else defaults["epochs"] if isinstance(data, (str, Dataset)) else 10
+    lr = defaults["lr"] if lr is None else lr
     seed_everything(seed)
     defense.fit(x, y, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device))
     return defense

@@ -1,2 +1,9 @@
 class BenchError(Exception):
     """A user-facing error: the CLI prints its message on one line and exits with status 2."""
+
+
+class TrainingFailed(BenchError):
+    """Training diverged (its loss became NaN or infinite, or it left non-finite weights): the run
+    is stored as failed, with this message as its reason."""
+
+    exit_status = 1  # not bad input (2): the request was valid, its training did not work

@@ -11,7 +11,8 @@ from bench.datasets.base import Dataset
 from bench.defenses.base import Defense
 from bench.models import build_model, default_model
 from bench.registry import DATASETS, DEFENSES, build_params
-from bench.spec import DEFAULT_ATTACK_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_EVAL_BATCH_SIZE, RunSpec, scoped
+from bench.spec import DEFAULT_ATTACK_BATCH_SIZE, DEFAULT_EVAL_BATCH_SIZE, RunSpec, scoped
+from bench.training import training_defaults
 
 
 def load_dataset(spec: RunSpec, data_dir: Path | None, download: bool) -> Dataset:
@@ -22,10 +23,12 @@ def load_dataset(spec: RunSpec, data_dir: Path | None, download: bool) -> Datase
 
 
 def build_defense(spec: RunSpec, dataset: Dataset, device: str) -> tuple[Defense, str]:
-    """The defense with its zoo model (``--model``, else the defense's, else the dataset's default)."""
+    """The defense with its zoo model (``--model``, else the defense's, else the dataset's default)
+    and its parameters (``--param``, else the training defaults table's, else the defense's)."""
     defense_class = DEFENSES.get(spec.defense)
     fields = {f.name for f in dataclasses.fields(defense_class.Params)}
-    params = build_params(defense_class.Params, scoped(spec.params, spec.defense, fields), f"defense {spec.defense}")
+    chosen = {**training_defaults(spec.defense, spec.dataset)["params"], **scoped(spec.params, spec.defense, fields)}
+    params = build_params(defense_class.Params, chosen, f"defense {spec.defense}")
     model_name = spec.model or defense_class.default_model or default_model(dataset.name, dataset.shape)
     seed_everything(spec.seed)
     model = build_model(model_name, dataset.shape, dataset.num_classes, dataset.mean, dataset.std)
@@ -38,8 +41,10 @@ def build_defense(spec: RunSpec, dataset: Dataset, device: str) -> tuple[Defense
 def resolved(spec: RunSpec, defense: Defense, model_name: str) -> RunSpec:
     """``spec`` with every resolved value spelled out, defaults included: the stored spec and its
     hashes then carry them, so a changed default never reuses a checkpoint trained under the old one."""
+    defaults = training_defaults(spec.defense, spec.dataset)
     return dataclasses.replace(
-        spec, model=model_name, epochs=spec.epochs or DEFAULT_EPOCHS.get(spec.dataset, 30),
+        spec, model=model_name, epochs=spec.epochs or defaults["epochs"],
+        lr=defaults["lr"] if spec.lr is None else spec.lr, test_size=spec.test_size or defaults["test_size"],
         params=dataclasses.asdict(defense.params),
     )
 

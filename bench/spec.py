@@ -16,7 +16,6 @@ from bench.types import NORMS
 # attack name (``pgd-l2``); an attack that no key names uses its own default epsilons.
 Epsilons = Union[list[float], dict[str, list[float]]]
 
-DEFAULT_EPOCHS = {"digits": 30, "mnist": 8, "fashion-mnist": 8}
 # Batch sizes tuned for CPUs (DESIGN.md: batches above about 128 rows are slower per image on 2
 # cores); a GPU user raises them with --eval-batch-size / --attack-batch-size.
 DEFAULT_EVAL_BATCH_SIZE = 128
@@ -39,9 +38,11 @@ class RunSpec:
     epsilons: Epsilons | None = None
     attack_backend: str = "foolbox"
     eot_draws: int = 20
+    # None: the defense's default on the dataset (bench.training.TRAINING_DEFAULTS); the runner
+    # stores the resolved value.
     epochs: int | None = None
     batch_size: int = 64
-    lr: float = 0.05
+    lr: float | None = None
     seed: int = 0
     train_size: int | None = None
     test_size: int | None = None

@@ -153,8 +153,8 @@ class RobustOpt(Defense):
         start_epsilon: float = 0.01
         ramp_epochs: float = 10.0
         # Random projections for training bounds (0 = exact); Wong & Kolter used 50 on MNIST convs.
-        # On digits (64 inputs), 30 epochs at eps 0.1: 32 gave 94% clean / 61% certified, 16 only
-        # 28-67% clean (exact bounds, 15 epochs: 93% / 70%, 4x the cost). Certificates are always exact.
+        # On digits (64 inputs) 32 trains (benchmarks/bench_defaults.py, at the table's lr 0.01);
+        # 16 trained poorly; exact bounds cost 4x. Certificates are always exact.
         proj: int = 32
         # Certified radius by bisection on [0, max_radius] (0 = 2 * epsilon, so the first probe is
         # epsilon itself); the radius reported is the largest value proved, a lower bound.
