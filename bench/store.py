@@ -344,7 +344,7 @@ class Store:
         with self._write("claiming an unfinished run") as connection:
             rows = connection.execute(
                 f"SELECT {', '.join(RUN_FIELDS)}, owner_host, owner_pid, lease_until FROM runs "
-                "WHERE spec_hash = ? AND status NOT IN ('complete', 'failed') ORDER BY rowid DESC",
+                "WHERE spec_hash = ? AND status != 'complete' ORDER BY rowid DESC",
                 (spec_hash,),
             ).fetchall()
             for row in rows:

