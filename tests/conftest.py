@@ -8,9 +8,9 @@ import torch
 from bench.cli import main
 
 # One intra-op thread per test process (and for the processes tests start): on a 2-core machine
-# shared with other jobs, two threads per process spin against each other. Measured under load
-# (load average 11 on 2 cores; train digits-cnn 2 epochs on 800 images + PGD-10 on 64):
-# 1.8 s with one thread, 13-15 s with two. BENCH_TEST_THREADS=N overrides.
+# shared with other jobs, two threads per process spin against each other. Measured by
+# `python benchmarks/bench_test_threads.py` (digits-cnn 2 epochs on 800 images + PGD-10 on 64):
+# 3.0 s with one thread, 32.7 s with two at load average 20 on 2 cores. BENCH_TEST_THREADS=N overrides.
 TEST_THREADS = int(os.environ.get("BENCH_TEST_THREADS", "1"))
 torch.set_num_threads(TEST_THREADS)
 os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
