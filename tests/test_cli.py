@@ -115,6 +115,7 @@ def test_kill_during_a_run_keeps_earlier_runs_intact(bench, tmp_path):
         [sys.executable, "-m", "bench.cli", "run", "--dataset", "digits", "--epochs", "500", "--seed", "9",
          "--quiet", "--out", str(tmp_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,  # not the checkout: there `bench/` lacks the installed bench.defenses (tox installs a wheel)
     )
     deadline = time.monotonic() + 120
     while len(Store(tmp_path).runs(complete_only=False)) < 2 and time.monotonic() < deadline:

@@ -62,7 +62,8 @@ def test_entry_point_adapter_runs_from_the_cli(tmp_path):
     run = ["run", "--defense", "label-smoothing", "--param", "smoothing=0.2", "--epochs", "1", "--train-size", "200",
            "--test-size", "20", "--quiet", "--out", str(out)]
     script = f"import sys; from bench.cli import main; main(['list']); print('=== run'); sys.exit(main({run!r}))"
-    process = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    # cwd: not the checkout, whose bench/ would shadow the installed package (tox installs it, not editable)
+    process = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert process.returncode == 0, process.stderr
     listing = process.stdout.split("=== run")[0]
     assert "label-smoothing" in listing and "Cross-entropy with label smoothing" in listing
