@@ -14,12 +14,12 @@ harness can judge every stage by the defense's own prediction rule:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
 
-from bench.attacks.base import Attack, Predict
+from bench.attacks.base import Attack, DEFAULT_EPSILONS, Predict
 from bench.attacks.eot import is_randomized
 from bench.errors import BenchError
 from bench.registry import ATTACKS
@@ -150,7 +150,7 @@ class LinfAutoAttack(AutoAttack):
 
     name = "autoattack-linf"
     norm = "linf"
-    default_epsilons = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)  # the pgd-linf grid
+    default_epsilons = DEFAULT_EPSILONS["linf"]
 
 
 @ATTACKS.register("autoattack-l2")
@@ -159,4 +159,4 @@ class L2AutoAttack(AutoAttack):
 
     name = "autoattack-l2"
     norm = "l2"
-    default_epsilons = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)  # the pgd-l2 grid
+    default_epsilons = DEFAULT_EPSILONS["l2"]

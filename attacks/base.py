@@ -21,6 +21,14 @@ from bench.progress import progress
 
 BACKENDS = ("foolbox", "art")
 
+# Default attack sizes per norm, in [0,1] pixel units; every attack of a norm shares its grid so
+# their curves line up in one plot.
+DEFAULT_EPSILONS: dict[str, tuple[float, ...]] = {
+    "linf": (0.01, 0.02, 0.05, 0.1, 0.2, 0.3),
+    "l2": (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0),
+    "l1": (0.5, 1.0, 2.0, 4.0, 8.0),
+}
+
 # 64 images per batch is the fastest on 2 CPU cores (DESIGN.md: PGD-20 on 256 images took
 # 2.4-2.9 s as one batch and 1.6 s as 4 x 64).
 DEFAULT_CHUNK = 64

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from bench.attacks.adapters import art_classifier, foolbox_model, num_classes, to_numpy
-from bench.attacks.base import Attack
+from bench.attacks.base import Attack, DEFAULT_EPSILONS
 from bench.attacks.eot import is_randomized
 from bench.errors import BenchError
 from bench.registry import ATTACKS
@@ -88,7 +88,7 @@ class CarliniWagnerL2(Attack):
     norm = "l2"
     minimization = True
     Params = CWL2Params
-    default_epsilons = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)  # the pgd-l2 grid, so curves line up
+    default_epsilons = DEFAULT_EPSILONS["l2"]
 
     def minimize_chunk(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         p = self.params
@@ -159,7 +159,7 @@ class CarliniWagnerLinf(Attack):
     minimization = True
     Params = CWLinfParams
     backends = ("art",)  # foolbox 3.3.4 has no Carlini-Wagner L-inf
-    default_epsilons = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)  # the pgd-linf grid
+    default_epsilons = DEFAULT_EPSILONS["linf"]
 
     def __init__(self, params: object = None, backend: str = "art", chunk_size: int | None = None):
         # The runner passes the run's backend (foolbox unless --attack-backend art); cw-linf has

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from bench.attacks.adapters import foolbox_model
-from bench.attacks.base import Attack
+from bench.attacks.base import Attack, DEFAULT_EPSILONS
 from bench.errors import BenchError
 from bench.registry import ATTACKS
 
@@ -69,7 +69,7 @@ class LinfFMN(FMN):
     name = "fmn-linf"
     norm = "linf"
     foolbox_class = "LInfFMNAttack"
-    default_epsilons = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)  # the pgd-linf grid
+    default_epsilons = DEFAULT_EPSILONS["linf"]
 
 
 @ATTACKS.register("fmn-l2")
@@ -79,7 +79,7 @@ class L2FMN(FMN):
     name = "fmn-l2"
     norm = "l2"
     foolbox_class = "L2FMNAttack"
-    default_epsilons = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)  # the pgd-l2 grid
+    default_epsilons = DEFAULT_EPSILONS["l2"]
 
 
 @ATTACKS.register("fmn-l1")
@@ -90,4 +90,4 @@ class L1FMN(FMN):
     norm = "l1"
     foolbox_class = "L1FMNAttack"
     # Pixel-space L1 on digits (64 values): a few pixels moved fully is about 1-4.
-    default_epsilons = (0.5, 1.0, 2.0, 4.0, 8.0)
+    default_epsilons = DEFAULT_EPSILONS["l1"]

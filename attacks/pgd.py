@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bench.attacks.adapters import art_classifier, foolbox_model, num_classes, to_numpy
-from bench.attacks.base import Attack, Predict
+from bench.attacks.base import Attack, DEFAULT_EPSILONS, Predict
 from bench.errors import BenchError
 from bench.registry import ATTACKS
 
@@ -118,7 +118,7 @@ class LinfPGD(PGD):
     foolbox_class = "LinfPGD"
     art_norm = np.inf
     # 0.3 is the MNIST standard; digits 8x8 break between 0.02 and 0.1.
-    default_epsilons = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
+    default_epsilons = DEFAULT_EPSILONS["linf"]
 
 
 @ATTACKS.register("pgd-l2")
@@ -130,4 +130,4 @@ class L2PGD(PGD):
     foolbox_class = "L2PGD"
     art_norm = 2
     # Pixel-space L2: digits (64 values) break around 0.5-1, MNIST (784 values) around 1-2.
-    default_epsilons = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+    default_epsilons = DEFAULT_EPSILONS["l2"]
