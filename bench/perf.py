@@ -61,7 +61,7 @@ def foolbox_cw_direct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params
     fmodel = foolbox.PyTorchModel(model, bounds=(0, 1))
     attack = foolbox.attacks.L2CarliniWagnerAttack(
         binary_search_steps=params.binary_search_steps, steps=params.steps, stepsize=params.learning_rate,
-        confidence=params.confidence, initial_const=params.initial_const, abort_early=params.abort_early,
+        confidence=params.margin(model), initial_const=params.initial_const, abort_early=params.abort_early,
     )
     out = []
     for start in range(0, len(x), chunk):
