@@ -232,7 +232,7 @@ def attack_rows(images: int, repeats: int, chunk: int) -> list[Row]:
     cw = CarliniWagnerL2(CarliniWagnerL2.Params(), chunk_size=chunk)
     times = interleaved({
         "foolbox direct": lambda: foolbox_cw_direct(model, xd, yd, cw.params, chunk),
-        "cw-l2 (foolbox)": lambda: cw.minimal(model, xd, yd),
+        "cw-l2 (foolbox)": lambda: cw.smallest_adversarials(model, xd, yd),
     }, repeats)
     rows.append(_row(f"CW-L2, digits CNN, {len(xd)} images", "cw-l2 (foolbox)", "foolbox direct", times, TARGETS["cw"]))
     return rows
