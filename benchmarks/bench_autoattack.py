@@ -107,7 +107,7 @@ def main() -> None:
                    *(f"{seconds.get(k, float('nan')) / seconds['pgd-20']:.1f}x" for k in ("pgd", "autoattack", "art")),
                    f"{seconds['autoattack'] / t_art:.2f}x"]
             print("| " + " | ".join(row) + " |", flush=True)
-            print(f"#   seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+            print("#   seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
                   + f"; load average {os.getloadavg()[0]:.1f}", flush=True)
 
 

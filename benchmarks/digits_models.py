@@ -2,7 +2,6 @@
 exactly as ``bench run --defense NAME --dataset digits`` trains them (and stored for next time)."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +9,8 @@ import torch
 
 from bench.datasets.base import balanced_subset
 from bench.datasets.digits import load_digits
-from bench.runner import build_defense, seed_everything
-from bench.spec import DEFAULT_EPOCHS, RunSpec
+from bench.runner import build_defense, resolved, seed_everything
+from bench.spec import RunSpec
 from bench.store import Store
 from bench.training import TrainConfig
 
@@ -21,9 +20,7 @@ def trained(defense: str, results: Path, params: dict[str, Any] | None = None):
     dataset = load_digits()
     spec = RunSpec(defense=defense, dataset="digits", params=dict(params or {}))
     model, model_name = build_defense(spec, dataset, "cpu")
-    spec = dataclasses.replace(
-        spec, model=model_name, epochs=DEFAULT_EPOCHS["digits"], params=dataclasses.asdict(model.params)
-    )
+    spec = resolved(spec, model, model_name)  # the training defaults table, as bench run resolves it
     store = Store(results)
     state = store.load_checkpoint(spec.training_hash())
     if state is not None:
