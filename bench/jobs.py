@@ -356,7 +356,7 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
             continue
         previous = store.resumable(run.spec.hash())
         if previous is not None:
-            (stored, steps), run.run_id, run.resumed = previous, previous[0].run_id, True
+            run.run_id, run.resumed = previous[0].run_id, True
             records = store.records([run.run_id])
             run.done = {step: set(group.sample_index.tolist()) for step, group in records.groupby("attack")}
             LOGGER.info(f"[{run.label}] resuming unfinished run {run.run_id}: "
