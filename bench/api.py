@@ -39,7 +39,7 @@ from bench.metrics import THRESHOLD_GRID, sanity_warnings
 from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
 from bench.spec import RunSpec, check_epsilon_keys, epsilons_for, scoped, unclaimed
 from bench.store import MODEL_STEPS, Run, Store
-from bench.training import TrainConfig, training_defaults
+from bench.training import TrainConfig, check_learned, training_defaults
 from bench.types import RECORD_COLUMNS, Record
 from bench.validation import check_epsilons, check_writable_dir, validate_options
 
@@ -671,6 +671,8 @@ def train(
 ) -> Defense:
     """Train a model or defense on the training split of ``data`` with the shared loop (SGD,
     momentum, cosine schedule, seeded shuffles) and the defense's own loss; returns the defense.
+    Raises ``bench.errors.TrainingFailed`` when training diverged (NaN/inf loss) or ended at chance
+    (its accuracy on the training images not significantly above chance; see :func:`fit`).
 
     An ``nn.Module`` is trained in place with cross-entropy (``baseline``). ``lr`` and ``epochs``
     default to the defense's defaults on the dataset (``bench.training.TRAINING_DEFAULTS``: e.g.
@@ -683,9 +685,18 @@ def train(
     defaults = training_defaults(defense_name(defense), name)
     epochs = epochs if epochs is not None else defaults["epochs"] if isinstance(data, (str, Dataset)) else 10
     lr = defaults["lr"] if lr is None else lr
-    seed_everything(seed)
-    defense.fit(x, y, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device))
+    fit_and_check(defense, x, y, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device))
     return defense
+
+
+def fit_and_check(defense: Defense, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> None:
+    """Seed, train ``defense`` on ``x``, ``y``, and check that training worked: raises
+    ``TrainingFailed`` when it diverged (NaN/inf loss or weights) or ended at chance
+    (``bench.training.check_learned``). Every training of the harness goes through here."""
+    seed_everything(config.seed)
+    defense.fit(x, y, config)
+    check_learned(defense.attack_model(), x, y, desc=defense.name or type(defense).__name__, seed=config.seed,
+                  device=config.device)
 
 
 def evaluate(

@@ -184,15 +184,14 @@ def _exit_with(driver_pid: int) -> None:
 
 
 def _train(job: TrainJob) -> dict[str, Any]:
-    from bench.api import seed_everything
+    from bench.api import fit_and_check
     from bench.runner import build_defense
     from bench.training import TrainConfig
 
     spec = job.spec
     defense, _ = build_defense(spec, job.data.empty_dataset(), job.device)
     config = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed, device=job.device)
-    seed_everything(spec.seed)
-    defense.fit(job.x, job.y, config)
+    fit_and_check(defense, job.x, job.y, config)  # raises TrainingFailed: the run fails, no checkpoint is stored
     return defense.state_dict()
 
 
