@@ -9,6 +9,8 @@ Inputs broadcast like numpy arrays; outputs are float64 numpy arrays.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -80,3 +82,16 @@ def clopper_pearson_interval(
     ``(1 - confidence) / 2`` each. Conservative, and valid at the proportions 0 and 1 where
     robustness results often sit; NaN where ``trials`` is 0."""
     return clopper_pearson_bounds(successes, trials, (1.0 - confidence) / 2.0)
+
+
+def binomial_tails(n: int, p: float) -> np.ndarray:
+    """``P(X >= k)`` for k = 0 .. n, X ~ Binomial(n, p): the p-values of the exact one-sided
+    binomial test of "success probability <= p" after k successes in n trials. It rejects at
+    ``alpha`` exactly where :func:`clopper_pearson_bounds`' lower bound at ``alpha`` is above ``p``.
+    Plain Python and numpy: training checks need it, and scipy.stats costs 1-3 s to import."""
+    if p <= 0.0 or p >= 1.0:
+        return np.where(np.arange(n + 1) == 0, 1.0, 1.0 if p >= 1.0 else 0.0)
+    log_pmf = np.array([math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
+                        + j * math.log(p) + (n - j) * math.log1p(-p) for j in range(n + 1)])
+    tails = np.cumsum(np.exp(log_pmf)[::-1])[::-1]  # summed from the small far tail up, for accuracy there
+    return np.minimum(tails, 1.0)

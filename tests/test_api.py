@@ -138,11 +138,12 @@ def test_smoothing_wraps_an_outside_model():
 
 def test_pixeldp_autoencoder_in_front_of_a_frozen_outside_classifier():
     classifier = mlp(4)
+    bench.train(classifier, "digits", epochs=3, batch_size=16, train_size=300)  # an outside classifier arrives trained
     frozen = {k: v.clone() for k, v in classifier.state_dict().items()}
     defense = bench.wrap("pixeldp", classifier, autoencoder=True, draws=10)
     with pytest.raises(BenchError, match="must be trained"):
         bench.evaluate(defense, "digits", test_size=5)
-    bench.train(defense, "digits", epochs=1, train_size=100)
+    bench.train(defense, "digits", epochs=2, batch_size=16, train_size=100)
     assert defense.autoencoder is not None and defense.sensitivity > 0
     assert all(torch.equal(frozen[k], v) for k, v in classifier.state_dict().items())
     results = bench.evaluate(defense, "digits", test_size=10)

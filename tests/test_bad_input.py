@@ -295,7 +295,7 @@ def test_an_unexpected_error_after_a_step_says_completed_steps_are_stored(tmp_pa
     # (A failing attack or defense is not an unexpected error: its job is recorded as failed.)
     monkeypatch.setattr(bench.reports.tables, "build_tables", broken)
     with pytest.raises(RuntimeError):
-        main(["run", "--dataset", "digits", "--epochs", "1", "--train-size", "100", "--test-size", "20", "--quiet",
+        main(["run", "--dataset", "digits", "--epochs", "2", "--batch-size", "16", "--train-size", "100", "--test-size", "20", "--quiet",
               "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert "unexpected error" in err and "completed steps are stored and the same command resumes" in err

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from bench.confidence import bernstein_bounds, clopper_pearson_bounds, hoeffding_bounds
-from helpers import float64_sum_tolerance
+from bench.confidence import bernstein_bounds, binomial_tails, clopper_pearson_bounds, hoeffding_bounds
+from helpers import FLOAT64_EPS, float64_sum_tolerance
 
 REPEATS = 4000
 ALPHA = 0.05
@@ -72,3 +72,28 @@ def test_bounds_cover_a_uniform_mean_and_tighten_with_small_variance():
 def test_bernstein_needs_two_draws():
     with pytest.raises(ValueError):
         bernstein_bounds(0.5, 0.25, 1, 0.05)
+
+
+@pytest.mark.parametrize("n, p", [(1, 0.5), (7, 0.3), (100, 0.1), (2000, 0.1), (300, 0.75)])
+def test_binomial_tails_are_scipys_and_agree_with_clopper_pearson(n, p):
+    from scipy.stats import binom
+
+    tails = binomial_tails(n, p)
+    expected = binom.sf(np.arange(n + 1) - 1, n, p)
+    # Each term is exp of a sum of 5 logs (3 lgamma, 2 log) of magnitude up to `size`, rounded a
+    # few times each (6 roundings of `size`: an absolute error in the exponent is a relative one in
+    # the term); a tail then sums up to n + 1 terms. scipy's tails carry as much error again. Below
+    # 1e-300, near float64's subnormals, terms lose relative precision: compared absolutely there.
+    size = 3 * math.lgamma(n + 1) + n * (abs(math.log(p)) + abs(math.log1p(-p)))
+    tolerance = 2 * (float64_sum_tolerance(n + 1) + 6 * FLOAT64_EPS * size)
+    assert np.allclose(tails, expected, rtol=tolerance, atol=1e-300)
+    # The test rejects "probability <= p" at alpha exactly where the exact lower bound is above p.
+    alpha = 0.001
+    lower, _ = clopper_pearson_bounds(np.arange(n + 1), n, alpha)
+    decided = np.abs(tails - alpha) > 1e-9  # away from the tie, where rounding decides either way
+    assert np.array_equal((tails <= alpha)[decided], (lower > p)[decided])
+
+
+def test_binomial_tails_at_probabilities_zero_and_one():
+    assert binomial_tails(3, 0.0).tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert binomial_tails(3, 1.0).tolist() == [1.0, 1.0, 1.0, 1.0]

@@ -8,10 +8,13 @@ import pytest
 from bench.cli import main
 from bench.store import Store
 
-# Two defenses x two seeds, clean and PGD: 4 runs, 4 training and 8 evaluation jobs.
+# Two defenses x two seeds, clean and PGD: 4 runs, 4 training and 8 evaluation jobs. Batches of 16
+# and PixelDP's noise on the input learn in 14 steps (train accuracy 0.4-0.8, chance 0.1); noise
+# after conv1 needs about 100.
 GRID = [
     "--dataset", "digits", "--defense", "baseline", "--defense", "pixeldp", "--param", "pixeldp.draws=10",
-    "--seed", "0", "--seed", "1", "--epochs", "1", "--train-size", "100", "--test-size", "20",
+    "--param", "pixeldp.noise_at=input", "--seed", "0", "--seed", "1", "--epochs", "2", "--batch-size", "16",
+    "--train-size", "100", "--test-size", "20",
     "--attack", "pgd-linf", "--epsilons", "0.1", "--attack-param", "steps=3", "--eot-draws", "2", "--quiet",
 ]
 
@@ -78,7 +81,7 @@ def test_shards_resume_one_by_one_and_match_an_uninterrupted_run(bench, tmp_path
     ATTACKS.names()
     monkeypatch.setitem(ATTACKS._items, "noisy", Noisy)
     monkeypatch.setattr(jobs, "SHARD_SIZE", 8)  # 30 test samples: shards of 8, 8, 8 and 6
-    args = ["--dataset", "digits", "--epochs", "1", "--train-size", "100", "--test-size", "30", "--attack", "noisy", "--quiet"]
+    args = ["--dataset", "digits", "--epochs", "2", "--batch-size", "16", "--train-size", "100", "--test-size", "30", "--attack", "noisy", "--quiet"]
     code, _, err = bench("run", *args, "--out", str(tmp_path / "a"))
     assert code == 1 and "noisy shard 3/4: RuntimeError: shard crash" in err
     stored = Store(tmp_path / "a").records()
@@ -106,8 +109,8 @@ def test_a_failed_training_job_fails_its_runs_only(bench, tmp_path, monkeypatch)
 
     DEFENSES.names()
     monkeypatch.setitem(DEFENSES._items, "broken", Broken)
-    code, out, err = bench("run", "--defense", "broken", "--defense", "baseline", "--dataset", "digits", "--epochs", "1",
-                           "--train-size", "100", "--test-size", "20", "--quiet", "--out", str(tmp_path))
+    code, out, err = bench("run", "--defense", "broken", "--defense", "baseline", "--dataset", "digits", "--epochs", "2",
+                           "--batch-size", "16", "--train-size", "100", "--test-size", "20", "--quiet", "--out", str(tmp_path))
     assert code == 1 and "train broken: ValueError: adapter bug" in err and "1 of 4 job(s) failed" in err
     statuses = {run.defense: run.status for run in Store(tmp_path).runs(complete_only=False)}
     assert statuses == {"broken": "failed", "baseline": "complete"}

@@ -59,7 +59,7 @@ def test_entry_point_adapter_runs_from_the_cli(tmp_path):
     # foolbox and ART (2-3 s idle, 10+ s on a loaded machine).
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "results"
-    run = ["run", "--defense", "label-smoothing", "--param", "smoothing=0.2", "--epochs", "1", "--train-size", "200",
+    run = ["run", "--defense", "label-smoothing", "--param", "smoothing=0.2", "--epochs", "1", "--batch-size", "16", "--train-size", "200",
            "--test-size", "20", "--quiet", "--out", str(out)]
     script = f"import sys; from bench.cli import main; main(['list']); print('=== run'); sys.exit(main({run!r}))"
     # cwd: not the checkout, whose bench/ would shadow the installed package (tox installs it, not editable)

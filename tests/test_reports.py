@@ -306,7 +306,7 @@ def test_profile_merges_over_top_level_and_runs_sweep(tmp_path):
 
 def test_runs_build_one_spec_per_entry_through_the_cli(bench, tmp_path):
     config = tmp_path / "sweep.toml"
-    config.write_text('dataset = "digits"\nepochs = 1\ntrain_size = 100\ntest_size = 20\n'
+    config.write_text('dataset = "digits"\nepochs = 2\nbatch_size = 16\ntrain_size = 100\ntest_size = 20\n'
                       '[[runs]]\nseed = 1\n[[runs]]\nseed = 2\n')
     specs = specs_from(options_for("--config", str(config)))
     assert [spec.seed for spec in specs] == [1, 2]

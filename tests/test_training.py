@@ -1,21 +1,24 @@
-"""The training loop's divergence check, the training defaults table,
+"""The training loop's divergence check, the chance check, the training defaults table,
 and the small zoo CNNs' layer-by-layer architectures."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 
 import pytest
 import torch
 from torch import nn
 
+import bench
 from bench.errors import TrainingFailed
 from bench.models import build_model
 from bench.registry import DATASETS
 from bench.runner import build_defense
 from bench.spec import RunSpec
 from bench.store import Store
-from bench.training import TRAINING_DEFAULTS, TrainConfig, train_classifier, training_defaults
+from bench.training import (CHANCE_ALPHA, TRAINING_DEFAULTS, TrainConfig, check_learned, train_classifier,
+                            training_defaults)
 from conftest import FAST
 
 
@@ -55,6 +58,100 @@ def test_a_diverged_run_is_stored_as_failed_with_no_checkpoint(bench, tmp_path):
     assert not list(tmp_path.glob("checkpoints/*.pt"))
     with sqlite3.connect(tmp_path / "results.sqlite") as connection:
         assert connection.execute("SELECT COUNT(*) FROM records").fetchone() == (0,)
+
+
+class Lookup(nn.Module):
+    """Predicts ``predictions[i]`` for the image whose pixels all hold ``i``: a model right on exactly
+    the images one chooses."""
+
+    def __init__(self, predictions: torch.Tensor, classes: int):
+        super().__init__()
+        self.predictions, self.classes = predictions, classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(self.predictions[x[:, 0, 0, 0].long()], self.classes).float()
+
+
+def right_on(correct: int, y: torch.Tensor, classes: int) -> Lookup:
+    """A model right on the first ``correct`` images and wrong on the others."""
+    predictions = y.clone()
+    predictions[correct:] = (y[correct:] + 1) % classes
+    return Lookup(predictions, classes)
+
+
+def test_the_chance_check_is_the_exact_binomial_test_at_its_alpha():
+    from scipy.stats import binom
+
+    n, classes = 300, 10
+    x, y = torch.arange(n).float().view(n, 1, 1, 1), torch.arange(n) % classes
+    # The fewest right answers that guessing (p = 0.1) reaches with probability <= alpha: scipy's test.
+    needed = next(k for k in range(n + 1) if binom.sf(k - 1, n, 1 / classes) <= CHANCE_ALPHA)
+    assert 0.1 < needed / n < 0.2
+    assert check_learned(right_on(needed, y, classes), x, y) == needed / n  # weak, but it learned
+    with pytest.raises(TrainingFailed) as error:
+        check_learned(right_on(needed - 1, y, classes), x, y, desc="baseline")
+    message = str(error.value)
+    assert message.startswith(f"baseline: training ended at chance: train accuracy {(needed - 1) / n:.3f} <= chance 0.100 "
+                              f"(1 of 10 classes) + {(needed - 1) / n - 0.1:.3f}") and "\n" not in message
+
+
+def test_chance_is_the_largest_class_share_when_labels_are_unbalanced():
+    n = 200
+    x, y = torch.arange(n).float().view(n, 1, 1, 1), (torch.arange(n) % 4 == 0).long()  # 75% class 0
+    with pytest.raises(TrainingFailed, match=r"train accuracy 0.750 <= chance 0.750 \(the largest class's share\)"):
+        check_learned(Lookup(torch.zeros(n, dtype=torch.long), 2), x, y)  # always the majority class
+    assert check_learned(Lookup(y, 2), x, y) == 1.0
+
+
+def test_the_chance_check_leaves_the_random_state_and_skips_too_few_images(caplog):
+    n = 500
+    x, y = torch.rand(n, 1, 2, 2), torch.arange(n) % 2
+
+    class Noisy(nn.Module):  # a randomized model: noise drawn from the global generator
+        def forward(self, x):
+            return torch.stack([x.flatten(1).sum(1), torch.randn(len(x))], 1)
+
+    before = torch.get_rng_state()
+    with pytest.raises(TrainingFailed):
+        check_learned(Noisy(), x, y)
+    assert torch.equal(torch.get_rng_state(), before)
+    # 3 images of 10 classes: even 3 right is what guessing reaches with probability 0.001.
+    x3, y3 = torch.arange(3).float().view(3, 1, 1, 1), torch.arange(3)
+    assert check_learned(Lookup(y3, 10), x3, y3, desc="tiny") == 1.0
+    assert "tiny: 3 training images are too few to tell" in caplog.text
+
+
+def test_bench_train_fails_on_images_that_say_nothing_about_their_labels(digits):
+    """The same model and settings learn from the digits and fail the check when every image is the same."""
+    from test_api import mlp
+
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    trained = bench.train(mlp(), (x, y), epochs=3, batch_size=16)
+    assert check_learned(trained.model, x, y) > 0.5
+    with pytest.raises(TrainingFailed) as error:
+        bench.train(mlp(), (torch.full_like(x, 0.5), y), epochs=3, batch_size=16)
+    # One image, one prediction: right on one class's share at most, the largest share (0.13) at best.
+    accuracy, chance = re.search(r"^baseline: training ended at chance: train accuracy (\S+) <= chance (\S+) \(the largest",
+                                 str(error.value)).groups()
+    assert float(accuracy) <= float(chance) == float(torch.bincount(y).max()) / len(y)
+
+
+def test_a_run_at_chance_fails_alone_with_its_reason_and_no_checkpoint(bench, tmp_path):
+    """A grid of two runs: one whose learning rate is too small to move the weights (it stays at
+    its initial, constant-like predictions), and one that learns. The first fails with the measured
+    accuracy and chance in its reason; the second is stored; the command exits 1 with a summary."""
+    config = tmp_path / "grid.toml"
+    config.write_text('[[runs]]\nlr = 1e-9\n[[runs]]\nlr = 0.05\n')
+    out = tmp_path / "results"
+    code, stdout, err = bench("run", "--config", str(config), *FAST, "--out", str(out))
+    assert code == 1 and "1 of 4 job(s) failed" in err
+    assert "train baseline: TrainingFailed: baseline: training ended at chance: train accuracy" in err
+    runs = {run.spec["lr"]: run for run in Store(out).runs(complete_only=False)}
+    assert runs[1e-9].status == "failed" and runs[0.05].status == "complete"
+    (reason,) = runs[1e-9].info["errors"]
+    assert "training ended at chance" in reason and "<= chance 0.100 (1 of 10 classes) +" in reason
+    assert [path.stem for path in (out / "checkpoints").glob("*.pt")] == [runs[0.05].training_hash]
+    assert "| baseline" in stdout  # the table of the run that learned
 
 
 def test_defaults_table_resolves_most_specific_row_and_the_spec_stores_it(bench, tmp_path, monkeypatch):
