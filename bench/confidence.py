@@ -95,3 +95,17 @@ def binomial_tails(n: int, p: float) -> np.ndarray:
                         + j * math.log(p) + (n - j) * math.log1p(-p) for j in range(n + 1)])
     tails = np.cumsum(np.exp(log_pmf)[::-1])[::-1]  # summed from the small far tail up, for accuracy there
     return np.minimum(tails, 1.0)
+
+
+# How sure the harness must be that a model does better than guessing before it counts it as
+# having learned (bench.training.check_learned fails a run below that; sanity_warnings warns).
+CHANCE_ALPHA = 0.001
+
+
+def most_right_by_guessing(n: int, p: float, alpha: float) -> int | None:
+    """The most right answers out of ``n`` that the exact binomial test at ``alpha`` cannot tell
+    from guessing right with probability ``p``: a guesser gets at most this many with probability
+    >= 1 - ``alpha``, and more is significantly above chance. None when even ``n`` right answers
+    cannot be told from guessing (too few trials)."""
+    significant = np.flatnonzero(binomial_tails(n, p) <= alpha)
+    return int(significant[0]) - 1 if len(significant) else None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from bench.confidence import CHANCE_ALPHA, most_right_by_guessing
 from bench.types import ABSTAIN, RECORD_COLUMNS, Record
 
 RUN_KEYS = ["run_id", "dataset", "defense", "label", "params"]
@@ -225,13 +226,25 @@ def sanity_warnings(
     - accuracy well above chance at a very large epsilon (see ``very_large_epsilon``; for l2/l1
       it needs ``input_dim``, the number of values per input, C*H*W);
     - a randomized defense attacked with a single noise draw per step (non-adaptive);
-    - two attacks of one norm that disagree per sample by more than 1 point (``strength_warnings``).
+    - two attacks of one norm that disagree per sample by more than 1 point (``strength_warnings``);
+    - clean accuracy not significantly above chance (the largest class share; the exact binomial
+      test at ``CHANCE_ALPHA``): an untrained model, or inputs or labels not as the model expects.
     """
     warnings = []
     frame = records_frame(records)
     table = accuracy_under_attack(frame)
     clean = frame[frame.attack == "clean"]
     chance = float(clean.true_label.value_counts(normalize=True).max()) if not clean.empty else None
+    if chance is not None:
+        guessed = most_right_by_guessing(len(clean), chance, CHANCE_ALPHA)
+        if guessed is not None and int(clean.correct.sum()) <= guessed:
+            abstained = int((clean.prediction == ABSTAIN).sum())
+            warnings.append(
+                f"clean accuracy {clean.correct.mean():.3f} <= chance {chance:.3f} (the largest class share) + "
+                f"{guessed / len(clean) - chance:.3f}, what guessing reaches with probability {1 - CHANCE_ALPHA:g} on "
+                f"{len(clean)} test inputs{f' ({abstained} abstentions)' if abstained else ''}: the model does no "
+                "better than guessing (untrained, or inputs or labels not as it expects), so its robustness numbers say nothing"
+            )
     for (attack, norm), group in table[table.attack != "worst-case"].groupby(["attack", "norm"]):
         group = group.sort_values("epsilon")
         accuracy = group.accuracy.to_numpy()

@@ -7,11 +7,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
-from bench.confidence import binomial_tails
+from bench.confidence import CHANCE_ALPHA, most_right_by_guessing
 from bench.errors import TrainingFailed
 from bench.log import LOGGER
 from bench.progress import Progress
@@ -143,7 +142,6 @@ def train_classifier(
 # a fraction of an epoch on large training sets, with power to spare.
 # No option turns the check off: a model at chance has no robustness to measure, and a user who
 # wants an untrained model's numbers passes it to bench.evaluate untrained.
-CHANCE_ALPHA = 0.001
 CHANCE_SAMPLE = 2000
 
 
@@ -178,13 +176,12 @@ def check_learned(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, desc: s
             num_classes = logits.shape[1]
     n = len(index)
     chance = chance_level(y, num_classes)
-    tails = binomial_tails(n, chance)  # tails[k]: how often guessing gets k or more right
-    significant = np.flatnonzero(tails <= CHANCE_ALPHA)
-    if len(significant) == 0:
+    guessed = most_right_by_guessing(n, chance, CHANCE_ALPHA)
+    if guessed is None:
         LOGGER.warning(f"{desc}: {n} training images are too few to tell a model that learned from chance; not checked")
         return correct / n
-    if correct < significant[0]:
-        highest = (significant[0] - 1) / n  # the most that guessing reaches with probability 1 - alpha
+    if correct <= guessed:
+        highest = guessed / n
         why = f"1 of {num_classes} classes" if chance == 1.0 / num_classes else "the largest class's share"
         raise TrainingFailed(
             f"{desc}: training ended at chance: train accuracy {correct / n:.3f} <= chance {chance:.3f} ({why}) "

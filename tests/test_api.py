@@ -3,6 +3,7 @@ defenses around outside models, and one-line errors for requests that cannot wor
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -134,6 +135,15 @@ def test_smoothing_wraps_an_outside_model():
     undecided = bench.evaluate(bench.wrap("smoothing", CoinFlip(), sigma=sigma, n=n, n0=n0), (half, torch.zeros(4).long()))
     assert (undecided.records.certified_label == -1).all() and (undecided.records.certified_radius == 0).all()
     assert (undecided.records.prediction == -1).all()  # PREDICT abstains where the votes are even
+
+
+def test_evaluating_a_model_at_chance_reports_it(caplog):
+    """bench.evaluate measures what it is given (an untrained model is a fair baseline), and says
+    when the clean accuracy is no better than guessing; bench.train raises instead (test_training)."""
+    results = bench.evaluate(Constant(3), "digits", test_size=100, log=logging.getLogger("test").warning)
+    (warning,) = results.warnings
+    assert warning.startswith("clean accuracy 0.100 <= chance 0.100 (the largest class share) + ")
+    assert f"warning: {warning}" in caplog.text
 
 
 def test_pixeldp_autoencoder_in_front_of_a_frozen_outside_classifier():

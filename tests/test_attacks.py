@@ -191,6 +191,20 @@ def records(accuracies: dict[float, float], attack: str = "pgd-linf", norm: str 
     return rows
 
 
+def test_sanity_warns_about_clean_accuracy_at_chance():
+    rows = records({})  # 100 test inputs, 10 balanced classes, all right
+
+    def right_on_first(count):  # the same records with the prediction right on the first `count` inputs only
+        return [row[:4] + (row[5] if row[0] < count else (row[5] + 1) % 10, row[5], int(row[0] < count)) + row[7:]
+                for row in rows]
+
+    guessing, learned = right_on_first(19), right_on_first(21)
+    # 21 of 100 right is significant at 0.001 against guessing at 0.1 (scipy: binom.sf(20, 100, 0.1) = 0.0008); 19 is not.
+    (warning,) = sanity_warnings(guessing, False, None)
+    assert warning.startswith("clean accuracy 0.190 <= chance 0.100 (the largest class share) + 0.100") and "100 test inputs:" in warning
+    assert sanity_warnings(learned, False, None) == [] and sanity_warnings(rows, False, None) == []
+
+
 def test_sanity_warns_about_gradient_masking_at_very_large_epsilon():
     masked = records({0.1: 0.8, 0.5: 0.7})
     assert any("gradient masking" in w for w in sanity_warnings(masked, False, None))
