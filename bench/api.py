@@ -672,7 +672,7 @@ def train(
     """Train a model or defense on the training split of ``data`` with the shared loop (SGD,
     momentum, cosine schedule, seeded shuffles) and the defense's own loss; returns the defense.
     Raises ``bench.errors.TrainingFailed`` when training diverged (NaN/inf loss) or ended at chance
-    (its accuracy on the training images not significantly above chance; see :func:`fit`).
+    (its accuracy on the training images not significantly above chance; see :func:`fit_and_check`).
 
     An ``nn.Module`` is trained in place with cross-entropy (``baseline``). ``lr`` and ``epochs``
     default to the defense's defaults on the dataset (``bench.training.TRAINING_DEFAULTS``: e.g.

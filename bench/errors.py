@@ -3,7 +3,8 @@ class BenchError(Exception):
 
 
 class TrainingFailed(BenchError):
-    """Training diverged (its loss became NaN or infinite, or it left non-finite weights): the run
-    is stored as failed, with this message as its reason."""
+    """Training diverged (its loss became NaN or infinite, or it left non-finite weights) or ended
+    at chance (``bench.training.check_learned``): the run is stored as failed, with this message as
+    its reason, and no checkpoint."""
 
     exit_status = 1  # not bad input (2): the request was valid, its training did not work
