@@ -556,11 +556,15 @@ def grid_seconds(out: Path, workers: int) -> float:
 
     started = time.perf_counter()
     dataset = load_digits()
-    specs = [RunSpec(defense=name, dataset="digits", seed=seed, epochs=4, train_size=600, test_size=100,
+    # Batches of 16: in batches of 64, 4 epochs leave PixelDP at chance (train accuracy 0.12 at
+    # seed 1), which fails its runs; in 16 both defenses learn (0.53 and 0.99).
+    specs = [RunSpec(defense=name, dataset="digits", seed=seed, epochs=4, batch_size=16, train_size=600, test_size=100,
                      attacks=["pgd-linf"], epsilons=[0.1], params={"draws": 100} if name == "pixeldp" else {})
              for name in ("baseline", "pixeldp") for seed in (0, 1)]
     executor = Serial() if workers == 1 else LocalProcesses(workers)
-    run_grid(specs, {("digits", 224): dataset}, Store(out), executor)
+    outcome = run_grid(specs, {("digits", 224): dataset}, Store(out), executor)
+    if outcome.failures:  # the time of a grid that did not run is no measurement
+        raise RuntimeError(f"the perf grid failed: {outcome.failures[0]}")
     if workers > 1:
         from joblib.externals.loky import get_reusable_executor
 
