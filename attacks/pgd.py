@@ -1,18 +1,20 @@
 """Projected gradient descent (Madry et al. 2018) in L-inf and L2, over foolbox or ART."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from bench.attacks.adapters import art_classifier, foolbox_model, num_classes, to_numpy
-from bench.attacks.base import Attack, DEFAULT_EPSILONS, Predict
+from bench.attacks.base import Attack, DEFAULT_EPSILONS, Predict, predict_labels
 from bench.errors import BenchError
 from bench.registry import ATTACKS
+
+# One PGD walk from a fresh random start: (images, labels, epsilon) -> adversarials.
+Walk = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 @dataclass
@@ -52,8 +54,7 @@ class PGDParams:
 class PGD(Attack):
     """Base of the PGD attacks: the subclasses only name their norm and library classes.
 
-    Restarts: a sample counts as broken if any restart breaks it, and keeps the adversarial of a
-    successful restart (foolbox ``Attack.repeat``, ART ``num_random_init`` do exactly this).
+    Restarts: each walk after the first runs only on the samples still robust (``_restarted``).
     """
 
     Params = PGDParams
@@ -63,11 +64,29 @@ class PGD(Attack):
     def perturb_chunk(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float], predict: Predict
     ) -> list[torch.Tensor]:
-        if self.backend == "art":
-            return self._art(model, x, y, epsilons)
-        return self._foolbox(model, x, y, epsilons)
+        walk = self._art_walk(model, x) if self.backend == "art" else self._foolbox_walk(model, x)
+        return [self._restarted(model, walk, x, y, eps) for eps in epsilons]
 
-    def _foolbox(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float]) -> list[torch.Tensor]:
+    def _restarted(self, model: nn.Module, walk: Walk, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+        """``restarts`` walks at one epsilon, each after the first only on the samples that no
+        earlier walk broke (as AutoAttack's APGD restarts): a sample is broken if any walk breaks
+        it, by the model's argmax, and keeps the first successful walk's adversarial; the others
+        keep the first walk's. Points that break easily cost one walk, not ``restarts``."""
+        best = walk(x, y, eps).to(x)
+        if self.params.restarts == 1:
+            return best  # no verdict needed: the runner judges with the defense's rule
+        robust = predict_labels(model, best) == y
+        for _ in range(self.params.restarts - 1):
+            index = robust.nonzero().flatten()
+            if len(index) == 0:
+                break
+            x_adv = walk(x[index], y[index], eps).to(x)
+            broken = predict_labels(model, x_adv) != y[index]
+            best[index[broken]] = x_adv[broken]
+            robust[index[broken]] = False
+        return best
+
+    def _foolbox_walk(self, model: nn.Module, x: torch.Tensor) -> Walk:
         import foolbox
 
         p = self.params
@@ -75,38 +94,36 @@ class PGD(Attack):
             rel_stepsize=p.relative_step(), abs_stepsize=p.abs_stepsize, steps=p.steps, random_start=p.random_start
         )
         fmodel = foolbox_model(model, x.device)
-        if p.restarts > 1:
-            _, clipped, _ = attack.repeat(p.restarts)(fmodel, x, y, epsilons=epsilons)
-            return list(clipped)
-        # One walk: ``run`` is ``__call__`` without its final success check, an extra forward
-        # pass per epsilon (5% of a 20-step PGD) whose verdict the runner recomputes anyway.
-        criterion = foolbox.criteria.Misclassification(y)
-        return [attack.run(fmodel, x, criterion, epsilon=eps) for eps in epsilons]
 
-    def _art(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float]) -> list[torch.Tensor]:
+        def walk(xs: torch.Tensor, ys: torch.Tensor, eps: float) -> torch.Tensor:
+            # ``run`` is ``__call__`` without its final success check, an extra forward pass per
+            # epsilon (5% of a 20-step PGD); ``_restarted`` judges only where restarts need it.
+            return attack.run(fmodel, xs, foolbox.criteria.Misclassification(ys), epsilon=eps)
+
+        return walk
+
+    def _art_walk(self, model: nn.Module, x: torch.Tensor) -> Walk:
         from art.attacks.evasion import ProjectedGradientDescentPyTorch
 
         p = self.params
         classifier = art_classifier(model, x, num_classes(model, x))
-        x_np, y_np = to_numpy(x), y.cpu().numpy()
-        results = []
-        for eps in epsilons:
+
+        def walk(xs: torch.Tensor, ys: torch.Tensor, eps: float) -> torch.Tensor:
+            # One random start per walk (ART's num_random_init=1); restarts are ``_restarted``'s,
+            # since ART's own num_random_init re-runs every restart on every sample.
             attack = ProjectedGradientDescentPyTorch(
                 classifier,
                 norm=self.art_norm,
                 eps=eps,
                 eps_step=p.abs_stepsize if p.abs_stepsize is not None else p.relative_step() * eps,
                 max_iter=p.steps,
-                num_random_init=p.restarts if p.random_start else 0,
-                batch_size=len(x),
+                num_random_init=1 if p.random_start else 0,
+                batch_size=len(xs),
                 verbose=False,
             )
-            with warnings.catch_warnings():
-                # ART 1.20 with num_random_init > 1 hands torch tensors to compute_success_array,
-                # which calls np.array(tensor): harmless, but numpy 2 warns (DeprecationWarning).
-                warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword")
-                results.append(torch.from_numpy(attack.generate(x_np, y_np)))
-        return results
+            return torch.from_numpy(attack.generate(to_numpy(xs), ys.cpu().numpy()))
+
+        return walk
 
 
 @ATTACKS.register("pgd-linf")

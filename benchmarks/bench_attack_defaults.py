@@ -2,13 +2,17 @@
 
     OMP_NUM_THREADS=1 python benchmarks/bench_attack_defaults.py cw  [--images 500] [--results results]
     OMP_NUM_THREADS=1 python benchmarks/bench_attack_defaults.py pgd [--images 500] [--results results]
+        [--models madry,baseline] [--threats linf:0.2,linf:0.1,l2:0.5,l2:1] [--repeats 3] [--autoattack-models madry]
     OMP_NUM_THREADS=1 python benchmarks/bench_attack_defaults.py rand [--images 500] [--results results]
 
 ``cw``: on the digits baseline, CW-L2 settings (the PixelDP reference's, candidates for the
 default, and the 6 x 500-step binary-search CW used as the yardstick), accuracy at every L2
 epsilon of the pgd-l2 grid and wall time.
-``pgd``: on the digits madry model at L-inf 0.1 and 0.2, PGD with several steps x restarts
-against autoattack-linf (the ensemble), accuracy and time relative to PGD-20.
+``pgd``: on the digits madry and baseline models at L-inf 0.2 / 0.1 and L2 0.5 / 1.0, PGD with
+several steps x restarts (restarts only on the points still robust), accuracy, time relative to
+PGD-20 (best of ``--repeats`` interleaved rounds) and rows through the model relative to PGD-20's
+(the same cost without the load's noise); then autoattack-linf (the reference) on madry at the
+L-inf threats.
 ``rand``: on the digits pixeldp model (L=0.1), EOT PGD against AutoAttack's rand version at L2
 0.5 and L-inf 0.1, every adversarial judged by the defense's own prediction rule.
 """
@@ -26,6 +30,7 @@ import torch
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # foolbox imports scipy.ndimage.filters
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bench.api import seed_everything  # noqa: E402
 from bench.attacks.autoattack import L2AutoAttack, LinfAutoAttack  # noqa: E402
 from bench.attacks.eot import EOT  # noqa: E402
 from bench.attacks.cw import CarliniWagnerL2, CWL2Params  # noqa: E402
@@ -39,7 +44,9 @@ CW_SETTINGS = {
     "5x200 lr.05 c.1": CWL2Params(binary_search_steps=5, steps=200, learning_rate=0.05, initial_const=0.1),
     "pixeldp 9x100 lr.01 c.001": CWL2Params(binary_search_steps=9, steps=100, learning_rate=0.01, initial_const=0.001),
 }
-PGD_SETTINGS = [(20, 1), (50, 1), (100, 1), (50, 5), (100, 5)]
+# steps x restarts; restarts run only on the points earlier walks left robust (bench.attacks.pgd).
+PGD_SETTINGS = [(20, 1), (50, 1), (100, 1), (50, 2), (50, 3), (50, 5), (100, 2)]
+PGD_THREATS = [("linf", 0.2), ("linf", 0.1), ("l2", 0.5), ("l2", 1.0)]
 
 
 def accuracy(model, x_adv, y) -> float:
@@ -60,23 +67,66 @@ def cw(args) -> None:
               + f" | {seconds:.0f} |  load {os.getloadavg()[0]:.1f}", flush=True)
 
 
+class RowCounter(torch.nn.Module):
+    """The model, counting the rows of every forward pass: a cost measure that load cannot skew."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows += len(x)
+        return self.model(x)
+
+
 def pgd(args) -> None:
-    model = trained("madry", Path(args.results)).attack_model().eval()
     x, y = test_images(args.images)
-    epsilons = [0.1, 0.2]
-    print("| attack | L-inf 0.1 | L-inf 0.2 | seconds | time / PGD-20 |")
-    print("|---|---|---|---|---|", flush=True)
-    unit = None
-    runs = [(f"pgd {s} steps x {r} restarts", LinfPGD(PGDParams(steps=s, restarts=r))) for s, r in PGD_SETTINGS]
-    runs.append(("autoattack-linf (standard)", LinfAutoAttack()))
-    for name, attack in runs:
-        torch.manual_seed(0)
-        started = time.perf_counter()
-        adversarials = attack.run(model, x, y, epsilons)
-        seconds = time.perf_counter() - started
-        unit = unit or seconds
-        print(f"| {name} | " + " | ".join(f"{accuracy(model, a, y):.1f}" for a in adversarials)
-              + f" | {seconds:.0f} | {seconds / unit:.1f}x |  load {os.getloadavg()[0]:.1f}", flush=True)
+    threats = [(norm, float(eps)) for norm, eps in (t.split(":") for t in args.threats.split(","))]
+    for model_name in args.models.split(","):
+        model = RowCounter(trained(model_name, Path(args.results)).attack_model()).eval()
+        LinfPGD(PGDParams(steps=2)).run(model, x[:64], y[:64], [0.1])  # warm-up: imports, first calls
+        runs = [(f"pgd {s} x {r}", s, r) for s, r in PGD_SETTINGS]
+        print(f"\n{model_name}: accuracy %, time / PGD-20 (best of {args.repeats} interleaved rounds), "
+              "rows through the model / PGD-20's")
+        print("| attack | " + " | ".join(f"{n} {e:g} | time | rows" for n, e in threats) + " |")
+        print("|---|" + "---|---|---|" * len(threats), flush=True)
+        cells: dict[str, list[str]] = {name: [] for name, _, _ in runs}
+        for norm, eps in threats:
+            attack_class = LinfPGD if norm == "linf" else L2PGD
+            seconds: dict[str, float] = {}
+            found: dict[str, tuple[float, int]] = {}
+            for _ in range(args.repeats):  # rounds interleave the settings, so load hits them alike
+                for name, steps, restarts in runs:
+                    seed_everything(0)
+                    model.rows, started = 0, time.perf_counter()
+                    x_adv = attack_class(PGDParams(steps=steps, restarts=restarts)).run(model, x, y, [eps])[0]
+                    seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - started)
+                    found[name] = (accuracy(model.model, x_adv, y), model.rows)  # seeded: same every round
+            unit = runs[0][0]
+            for name, _, _ in runs:
+                acc, rows = found[name]
+                cells[name] += [f"{acc:.1f}", f"{seconds[name] / seconds[unit]:.1f}x", f"{rows / found[unit][1]:.1f}x"]
+        for name, _, _ in runs:
+            print(f"| {name} | " + " | ".join(cells[name]) + " |")
+        print(f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+        if model_name in args.autoattack_models.split(","):
+            for threat in args.autoattack_threats.split(","):
+                norm, eps = threat.split(":")
+                autoattack(model, x, y, norm, float(eps))
+
+
+def autoattack(model: RowCounter, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float) -> None:
+    """``autoattack-*`` (the reference), once, beside a PGD-20 timed just before it."""
+    pgd_class, autoattack_class = (LinfPGD, LinfAutoAttack) if norm == "linf" else (L2PGD, L2AutoAttack)
+    timings = {}
+    for name, attack in (("pgd 20 x 1", pgd_class(PGDParams(steps=20))), ("autoattack", autoattack_class())):
+        seed_everything(0)
+        model.rows, started = 0, time.perf_counter()
+        x_adv = attack.run(model, x, y, [eps])[0]
+        timings[name] = (time.perf_counter() - started, model.rows, accuracy(model.model, x_adv, y))
+    (unit_s, unit_rows, _), (aa_s, aa_rows, aa_acc) = timings.values()
+    print(f"autoattack-{norm} at {norm} {eps:g}: {aa_acc:.1f}%, time {aa_s / unit_s:.1f}x PGD-20, "
+          f"rows {aa_rows / unit_rows:.1f}x (Square's rows are forward-only)  load {os.getloadavg()[0]:.1f}", flush=True)
 
 
 def rand(args) -> None:
@@ -108,6 +158,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--results", default="results")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", default="madry,baseline", help="pgd: digits models to attack")
+    parser.add_argument("--threats", default=",".join(f"{n}:{e:g}" for n, e in PGD_THREATS),
+                        help="pgd: comma-separated NORM:EPSILON pairs")
+    parser.add_argument("--repeats", type=int, default=3, help="pgd: timing rounds (the best counts)")
+    parser.add_argument("--autoattack-models", default="madry", help="pgd: models on which autoattack runs (the reference)")
+    parser.add_argument("--autoattack-threats", default="linf:0.2", help="pgd: NORM:EPSILON pairs autoattack runs at")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {args.images} digits test images, torch threads {args.threads}, load average {os.getloadavg()[0]:.1f}")

@@ -13,6 +13,7 @@ from torch import nn
 
 from bench.attacks import EOT, perturbation_norm
 from bench.attacks.cw import CarliniWagnerL2, CarliniWagnerLinf, CWL2Params, CWLinfParams
+from bench.api import seed_everything
 from bench.attacks.pgd import L2PGD, LinfPGD, PGDParams
 from bench.errors import BenchError
 from bench.metrics import sanity_warnings
@@ -69,6 +70,43 @@ def test_foolbox_and_art_pgd_agree(model, digits):
         results[backend] = [accuracy(model, x_adv, y) for x_adv in adversarials]
     for fb, art in zip(results["foolbox"], results["art"]):
         assert abs(fb - art) <= 0.06, results
+
+
+class RowCounter(nn.Module):
+    """The wrapped model, recording how many rows each forward pass gets."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.rows = model, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows.append(len(x))
+        return self.model(x)
+
+
+@pytest.mark.parametrize("backend", ["foolbox", "art"])
+def test_pgd_restarts_run_only_on_points_still_robust(model, digits, backend):
+    """Restart k+1 walks only the points no earlier walk broke; a point broken by the first walk
+    keeps that walk's adversarial (same seed: the first walk is the same walk)."""
+    x, y = digits.x_test[:64], digits.y_test[:64]
+    eps, steps = 0.1, 5
+    seed_everything(0)  # torch draws foolbox's random starts, numpy ART's
+    one = LinfPGD(PGDParams(steps=steps), backend=backend).run(model, x, y, [eps])[0]
+    robust_after_one = accuracy(model, one, y)
+    assert 0 < robust_after_one < 1  # some points break, some are left for the restarts
+    counter = RowCounter(model).eval()
+    seed_everything(0)
+    three = LinfPGD(PGDParams(steps=steps, restarts=3), backend=backend).run(counter, x, y, [eps])[0]
+    with torch.no_grad():
+        broken_by_one = model(one).argmax(1) != y
+    assert torch.equal(three[broken_by_one], one[broken_by_one])
+    assert accuracy(model, three, y) <= robust_after_one
+    # After the first walk's passes over all 64 (ART first asks one row for the class count), every
+    # pass sees only the points the first walk left robust, fewer as later walks break some.
+    rows = counter.rows[counter.rows.index(len(x)):]
+    later = rows[next(i for i, n in enumerate(rows) if n < len(x)):]
+    assert later[0] == round(robust_after_one * len(x))
+    assert later == sorted(later, reverse=True) and later[-1] < later[0]
 
 
 def test_cw_minimal_norms_match_thresholded_accuracy(model, digits):
