@@ -45,7 +45,8 @@ CW_SETTINGS = {
     "pixeldp 9x100 lr.01 c.001": CWL2Params(binary_search_steps=9, steps=100, learning_rate=0.01, initial_const=0.001),
 }
 # steps x restarts; restarts run only on the points earlier walks left robust (bench.attacks.pgd).
-PGD_SETTINGS = [(20, 1), (50, 1), (100, 1), (50, 2), (50, 3), (50, 5), (100, 2)]
+PGD_SETTINGS = [(20, 1), (50, 1), (100, 1), (50, 2), (50, 5), (100, 2), (10, 10), (20, 5), (20, 10), (20, 20),
+                (50, 10)]
 PGD_THREATS = [("linf", 0.2), ("linf", 0.1), ("l2", 0.5), ("l2", 1.0)]
 
 
@@ -85,7 +86,8 @@ def pgd(args) -> None:
     for model_name in args.models.split(","):
         model = RowCounter(trained(model_name, Path(args.results)).attack_model()).eval()
         LinfPGD(PGDParams(steps=2)).run(model, x[:64], y[:64], [0.1])  # warm-up: imports, first calls
-        runs = [(f"pgd {s} x {r}", s, r) for s, r in PGD_SETTINGS]
+        settings = [tuple(int(n) for n in t.split("x")) for t in args.settings.split(",")]
+        runs = [(f"pgd {s} x {r}", s, r) for s, r in settings]
         print(f"\n{model_name}: accuracy %, time / PGD-20 (best of {args.repeats} interleaved rounds), "
               "rows through the model / PGD-20's")
         print("| attack | " + " | ".join(f"{n} {e:g} | time | rows" for n, e in threats) + " |")
@@ -161,6 +163,8 @@ def main() -> None:
     parser.add_argument("--models", default="madry,baseline", help="pgd: digits models to attack")
     parser.add_argument("--threats", default=",".join(f"{n}:{e:g}" for n, e in PGD_THREATS),
                         help="pgd: comma-separated NORM:EPSILON pairs")
+    parser.add_argument("--settings", default=",".join(f"{s}x{r}" for s, r in PGD_SETTINGS),
+                        help="pgd: comma-separated STEPSxRESTARTS, the first is the time unit (default: 20x1 first)")
     parser.add_argument("--repeats", type=int, default=3, help="pgd: timing rounds (the best counts)")
     parser.add_argument("--autoattack-models", default="madry", help="pgd: models on which autoattack runs (the reference)")
     parser.add_argument("--autoattack-threats", default="linf:0.2", help="pgd: NORM:EPSILON pairs autoattack runs at")
