@@ -110,6 +110,7 @@ ROWS = [
     row("run --defense robustopt --param epsilon=0", "robustopt parameters need epsilon > 0"),
     row("run --attack pgd-linf --attack-param steps=0", "pgd steps must be at least 1"),
     row("run --attack pgd-linf --attack-param steps=abc", "steps='abc' is not an integer"),
+    row("run --attack pgd-linf --attack-param random_start=false", "pgd random_start=false needs restarts=1 (got 10"),
     row("run --attack pgd-linf --attack-param rel_stepsize=nan", "rel_stepsize='nan' is not a finite number"),
     row("run --attack pgd-linf --attack-param nosuch=1", "no selected attack has parameter 'nosuch'"),
     row("run --attack cw-l2 --attack-param learning_rate=-1", "cw-l2 learning_rate and initial_const must be positive"),

@@ -22,7 +22,7 @@ def test_madry_training_raises_pgd_accuracy_over_the_baseline(digits, digits_bas
     madry = Madry(build_model("digits-cnn", digits.shape, 10, digits.mean, digits.std),
                   Madry.Params(epsilon=0.1, steps=3, step_size=0.05))
     madry.fit(digits.x_train[:800], digits.y_train[:800], TrainConfig(epochs=6, seed=0))
-    pgd = LinfPGD(LinfPGD.Params(steps=20))
+    pgd = LinfPGD(LinfPGD.Params(steps=20, restarts=1))
     accuracy = {}
     for defense in (digits_baseline, madry):
         torch.manual_seed(0)
