@@ -85,7 +85,7 @@ def pgd(args) -> None:
     threats = [(norm, float(eps)) for norm, eps in (t.split(":") for t in args.threats.split(","))]
     for model_name in args.models.split(","):
         model = RowCounter(trained(model_name, Path(args.results)).attack_model()).eval()
-        LinfPGD(PGDParams(steps=2)).run(model, x[:64], y[:64], [0.1])  # warm-up: imports, first calls
+        LinfPGD(PGDParams(steps=2, restarts=1)).run(model, x[:64], y[:64], [0.1])  # warm-up: imports, first calls
         settings = [tuple(int(n) for n in t.split("x")) for t in args.settings.split(",")]
         runs = [(f"pgd {s} x {r}", s, r) for s, r in settings]
         print(f"\n{model_name}: accuracy %, time / PGD-20 (best of {args.repeats} interleaved rounds), "
@@ -121,7 +121,7 @@ def autoattack(model: RowCounter, x: torch.Tensor, y: torch.Tensor, norm: str, e
     """``autoattack-*`` (the reference), once, beside a PGD-20 timed just before it."""
     pgd_class, autoattack_class = (LinfPGD, LinfAutoAttack) if norm == "linf" else (L2PGD, L2AutoAttack)
     timings = {}
-    for name, attack in (("pgd 20 x 1", pgd_class(PGDParams(steps=20))), ("autoattack", autoattack_class())):
+    for name, attack in (("pgd 20 x 1", pgd_class(PGDParams(steps=20, restarts=1))), ("autoattack", autoattack_class())):
         seed_everything(0)
         model.rows, started = 0, time.perf_counter()
         x_adv = attack.run(model, x, y, [eps])[0]
@@ -138,9 +138,9 @@ def rand(args) -> None:
     print("| attack (EOT 20 draws, judged by pixeldp's 300-draw prediction) | L2 0.5 | L-inf 0.1 | seconds |")
     print("|---|---|---|---|", flush=True)
     runs = [
-        ("pgd 20 steps (before)", L2PGD(PGDParams(steps=20)), LinfPGD(PGDParams(steps=20))),
+        ("pgd 20 x 1 (before)", L2PGD(PGDParams(steps=20, restarts=1)), LinfPGD(PGDParams(steps=20, restarts=1))),
         ("pgd defaults", L2PGD(), LinfPGD()),
-        ("pgd 50 steps", L2PGD(PGDParams(steps=50)), LinfPGD(PGDParams(steps=50))),
+        ("pgd 50 x 1", L2PGD(PGDParams(steps=50, restarts=1)), LinfPGD(PGDParams(steps=50, restarts=1))),
         ("autoattack rand (APGD-CE, APGD-DLR)", L2AutoAttack(), LinfAutoAttack()),
     ]
     for name, l2, linf in runs:

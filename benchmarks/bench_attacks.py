@@ -70,8 +70,8 @@ def main() -> None:
     model = defense.attack_model().eval()
     x, y = digits.x_test[: args.images], digits.y_test[: args.images]
 
-    ours = LinfPGD(PGDParams(steps=STEPS))
-    ours_art = LinfPGD(PGDParams(steps=STEPS), backend="art")
+    ours = LinfPGD(PGDParams(steps=STEPS, restarts=1))
+    ours_art = LinfPGD(PGDParams(steps=STEPS, restarts=1), backend="art")
     eps = 0.1
     times = best_of({
         "hand-written torch PGD": lambda: torch_pgd(model, x, y, eps),

@@ -77,11 +77,11 @@ def main() -> None:
     for model_name in args.models.split(","):
         defense = trained(model_name, Path(args.results))
         model = defense.attack_model().eval()
-        LinfPGD(PGDParams(steps=2)).run(model, x[:64], y[:64], [0.1])  # warm-up: imports, first-call costs
+        LinfPGD(PGDParams(steps=2, restarts=1)).run(model, x[:64], y[:64], [0.1])  # warm-up: imports, first-call costs
         for norm, eps in [(t.split(":")[0], float(t.split(":")[1])) for t in args.threats.split(",")]:
             pgd_class, aa_class = (LinfPGD, LinfAutoAttack) if norm == "linf" else (L2PGD, L2AutoAttack)
             runs = {
-                "pgd-20": lambda: pgd_class(PGDParams(steps=20)).run(model, x, y, [eps])[0],
+                "pgd-20": lambda: pgd_class(PGDParams(steps=20, restarts=1)).run(model, x, y, [eps])[0],
                 "pgd": lambda: pgd_class().run(model, x, y, [eps])[0],
                 "autoattack": lambda: aa_class().run(model, x, y, [eps])[0],
             }

@@ -31,7 +31,7 @@ def work(data) -> None:
     torch.manual_seed(0)
     defense = Baseline(build_model("digits-cnn", data.shape, 10, data.mean, data.std))
     defense.fit(data.x_train[:800], data.y_train[:800], TrainConfig(epochs=2, seed=0))
-    LinfPGD(PGDParams(steps=10)).run(defense.attack_model().eval(), data.x_test[:64], data.y_test[:64], [0.1])
+    LinfPGD(PGDParams(steps=10, restarts=1)).run(defense.attack_model().eval(), data.x_test[:64], data.y_test[:64], [0.1])
 
 
 def main() -> None:
