@@ -14,7 +14,9 @@ PGD-20 (best of ``--repeats`` interleaved rounds) and rows through the model rel
 (the same cost without the load's noise); then autoattack-linf (the reference) on madry at the
 L-inf threats.
 ``rand``: on the digits pixeldp model (L=0.1), EOT PGD against AutoAttack's rand version at L2
-0.5 and L-inf 0.1, every adversarial judged by the defense's own prediction rule.
+0.5 and L-inf 0.1, every adversarial judged by the defense's own prediction rule; the yardstick
+is the issue's independent attack, written here in plain torch: 50-step EOT PGD walks on the
+cross-entropy and on the CW margin loss, 2 random starts each, per-sample worst case.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench.api import seed_everything  # noqa: E402
 from bench.attacks.autoattack import L2AutoAttack, LinfAutoAttack  # noqa: E402
+from bench.attacks.base import frozen_parameters, project  # noqa: E402
 from bench.attacks.eot import EOT  # noqa: E402
 from bench.attacks.cw import CarliniWagnerL2, CWL2Params  # noqa: E402
 from bench.attacks.pgd import L2PGD, LinfPGD, PGDParams  # noqa: E402
@@ -131,6 +134,47 @@ def autoattack(model: RowCounter, x: torch.Tensor, y: torch.Tensor, norm: str, e
           f"rows {aa_rows / unit_rows:.1f}x (Square's rows are forward-only)  load {os.getloadavg()[0]:.1f}", flush=True)
 
 
+def eot_pgd(model, x, y, eps, norm, loss, steps=50):
+    """One EOT PGD walk in plain torch (the yardstick, independent of foolbox and pyautoattack):
+    ``model`` is the EOT wrapper (log of the mean softmax over its draws), ``loss`` "ce" or
+    "margin" (the CW margin of the expected log-probabilities); step 2.5 * eps / steps."""
+    step = 2.5 * eps / steps
+    noise = torch.empty_like(x).uniform_(-eps, eps) if norm == "linf" else torch.randn_like(x)
+    if norm == "l2":
+        noise = noise * eps / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * torch.rand(len(x), 1, 1, 1)
+    x_adv = project(x, x + noise, eps, norm)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        scores = model(x_adv)
+        if loss == "ce":
+            objective = torch.nn.functional.cross_entropy(scores, y, reduction="sum")
+        else:
+            true = scores.gather(1, y[:, None])[:, 0]
+            other = scores.masked_fill(torch.nn.functional.one_hot(y, scores.shape[1]).bool(), -float("inf")).amax(1)
+            objective = (other - true).sum()
+        (grad,) = torch.autograd.grad(objective, x_adv)
+        if norm == "linf":
+            direction = grad.sign()
+        else:
+            direction = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        x_adv = project(x, x_adv.detach() + step * direction, eps, norm)
+    return x_adv
+
+
+def yardstick(model, predict, x, y, eps, norm, restarts=2):
+    """The per-sample worst case of ``restarts`` CE walks and ``restarts`` margin walks."""
+    worst = x.clone()
+    robust = torch.ones(len(x), dtype=torch.bool)
+    for loss in ("ce", "margin"):
+        for _ in range(restarts):
+            with frozen_parameters(model):
+                x_adv = eot_pgd(model, x, y, eps, norm, loss)
+            broken = robust & (predict(x_adv) != y)
+            worst[broken] = x_adv[broken]
+            robust &= ~broken
+    return worst
+
+
 def rand(args) -> None:
     defense = trained("pixeldp", Path(args.results), {"L": 0.1})
     model = EOT(defense.attack_model(), 20)
@@ -142,12 +186,16 @@ def rand(args) -> None:
         ("pgd defaults", L2PGD(), LinfPGD()),
         ("pgd 50 x 1", L2PGD(PGDParams(steps=50, restarts=1)), LinfPGD(PGDParams(steps=50, restarts=1))),
         ("autoattack rand (APGD-CE, APGD-DLR)", L2AutoAttack(), LinfAutoAttack()),
+        ("yardstick: 50-step EOT PGD, CE + margin, 2 starts each", "l2", "linf"),
     ]
     for name, l2, linf in runs:
         cells, started = [], time.perf_counter()
         for attack, eps in ((l2, 0.5), (linf, 0.1)):
             torch.manual_seed(0)
-            x_adv = attack.run(model, x, y, [eps], predict=defense.predict)[0]
+            if isinstance(attack, str):
+                x_adv = yardstick(model, defense.predict, x, y, eps, attack)
+            else:
+                x_adv = attack.run(model, x, y, [eps], predict=defense.predict)[0]
             cells.append(100 * float((defense.predict(x_adv) == y).float().mean()))
         seconds = time.perf_counter() - started
         print(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {seconds:.0f} |  load {os.getloadavg()[0]:.1f}",
