@@ -189,6 +189,8 @@ def rand(args) -> None:
         ("yardstick: 50-step EOT PGD, CE + margin, 2 starts each", "l2", "linf"),
     ]
     for name, l2, linf in runs:
+        if args.only and args.only not in name:
+            continue
         cells, started = [], time.perf_counter()
         for attack, eps in ((l2, 0.5), (linf, 0.1)):
             torch.manual_seed(0)
@@ -216,6 +218,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="pgd: timing rounds (the best counts)")
     parser.add_argument("--autoattack-models", default="madry", help="pgd: models on which autoattack runs (the reference)")
     parser.add_argument("--autoattack-threats", default="linf:0.2", help="pgd: NORM:EPSILON pairs autoattack runs at")
+    parser.add_argument("--only", default="", help="rand: only the rows whose name contains this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {args.images} digits test images, torch threads {args.threads}, load average {os.getloadavg()[0]:.1f}")

@@ -85,14 +85,18 @@ def test_cascade_attacks_only_points_still_robust(monkeypatch):
     seen = {}
 
     def breaks_every_other(model, xs, ys, eps, norm, params, classes):
+        # Two candidates, best first: the first breaks nothing, so the cascade must fall back to
+        # the second where the first is not confirmed.
         seen["first"] = xs.clone()
         out = xs.clone()
         out[::2] += eps
-        return out
+        return [xs.clone(), out]
 
     def breaks_all(model, xs, ys, eps, norm, params, classes):
+        # The first candidate breaks every point: the second (which would move them the other
+        # way) must not replace it.
         seen["second"] = xs.clone()
-        return xs - eps
+        return [xs - eps, xs + eps / 2]
 
     monkeypatch.setitem(autoattack.COMPONENTS, "apgd-ce", breaks_every_other)
     monkeypatch.setitem(autoattack.COMPONENTS, "apgd-t", breaks_all)
@@ -112,7 +116,7 @@ def test_rand_version_is_chosen_for_eot_models_and_gets_the_draws(model, digits,
     def record(name):
         def component(m, xs, ys, eps, norm, params, classes):
             calls.append((name, m))
-            return xs
+            return [xs]
         return component
 
     for name in autoattack.COMPONENTS:
