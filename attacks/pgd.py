@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bench.attacks.adapters import art_classifier, foolbox_model, num_classes, to_numpy
-from bench.attacks.base import Attack, DEFAULT_EPSILONS, Predict, predict_labels
+from bench.attacks.base import Attack, DEFAULT_EPSILONS, Predict
 from bench.errors import BenchError
 from bench.registry import ATTACKS
 
@@ -68,23 +68,25 @@ class PGD(Attack):
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float], predict: Predict
     ) -> list[torch.Tensor]:
         walk = self._art_walk(model, x) if self.backend == "art" else self._foolbox_walk(model, x)
-        return [self._restarted(model, walk, x, y, eps) for eps in epsilons]
+        return [self._restarted(walk, x, y, eps, predict) for eps in epsilons]
 
-    def _restarted(self, model: nn.Module, walk: Walk, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    def _restarted(self, walk: Walk, x: torch.Tensor, y: torch.Tensor, eps: float, predict: Predict) -> torch.Tensor:
         """``restarts`` walks at one epsilon, each after the first only on the samples that no
         earlier walk broke (as AutoAttack's APGD restarts): a sample is broken if any walk breaks
-        it, by the model's argmax, and keeps the first successful walk's adversarial; the others
-        keep the first walk's. Points that break easily cost one walk, not ``restarts``."""
+        it, by ``predict`` (the defense's own rule in a run: on a randomized defense a walk that
+        only looked successful to the 20-draw EOT mean gets its restarts), and keeps the first
+        successful walk's adversarial; the others keep the first walk's. Points that break
+        easily cost one walk, not ``restarts``."""
         best = walk(x, y, eps).to(x)
         if self.params.restarts == 1:
             return best  # no verdict needed: the runner judges with the defense's rule
-        robust = predict_labels(model, best) == y
+        robust = predict(best).to(y.device) == y
         for _ in range(self.params.restarts - 1):
             index = robust.nonzero().flatten()
             if len(index) == 0:
                 break
             x_adv = walk(x[index], y[index], eps).to(x)
-            broken = predict_labels(model, x_adv) != y[index]
+            broken = predict(x_adv).to(y.device) != y[index]
             best[index[broken]] = x_adv[broken]
             robust[index[broken]] = False
         return best

@@ -110,6 +110,25 @@ def test_pgd_restarts_run_only_on_points_still_robust(model, digits, backend):
     assert later == sorted(later, reverse=True) and later[-1] < later[0]
 
 
+def test_pgd_restarts_follow_the_defenses_rule_not_the_models_argmax(model, digits):
+    """Which points get another walk is the defense's verdict (``predict``), e.g. PixelDP's
+    300-draw rule, not the attacked model's argmax."""
+    x, y = digits.x_test[:32], digits.y_test[:32]
+
+    def passes(restarts: int, label: int) -> int:
+        counter = RowCounter(model).eval()
+        LinfPGD(PGDParams(steps=2, restarts=restarts)).run(
+            counter, x, y, [0.3], predict=lambda inputs: torch.full((len(inputs),), label))
+        return sum(counter.rows)
+
+    one_walk = passes(1, -1)
+    assert passes(4, -1) == one_walk  # the rule calls every point broken: no restart runs
+    assert all(label in y for label in (0, 1))
+    # The rule says "label 0" everywhere: the points of class 0 stay robust and get all 4 walks,
+    # whatever the model's argmax says; the others are broken after the first.
+    assert passes(4, 0) == one_walk + 3 * one_walk * int((y == 0).sum()) // len(x)
+
+
 def test_cw_minimal_norms_match_thresholded_accuracy(model, digits):
     x, y = digits.x_test[:48], digits.y_test[:48]
     attack = CarliniWagnerL2(CWL2Params(binary_search_steps=3, steps=20, learning_rate=0.05, initial_const=0.001))
