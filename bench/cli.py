@@ -384,20 +384,21 @@ def command_run(args: argparse.Namespace) -> int:
     from bench.runner import load_dataset
     from bench.store import Store
 
-    store = Store(out)
-    data_dir = options.get("data_dir")
-    datasets = {}
-    for spec in specs:
-        if (spec.dataset, spec.image_size) not in datasets:
-            datasets[(spec.dataset, spec.image_size)] = load_dataset(
-                spec, Path(data_dir) if data_dir else None, bool(options.get("download")))
     if args.scheduler:
         executor = DaskCluster(args.scheduler, args.worker_threads)
     elif args.jobs > 1:
         executor = LocalProcesses(args.jobs, args.worker_threads)
+        executor.start()  # the workers start up while this process loads the data
     else:
         executor = Serial()
+    store = Store(out)
+    data_dir = options.get("data_dir")
+    datasets = {}
     try:
+        for spec in specs:
+            if (spec.dataset, spec.image_size) not in datasets:
+                datasets[(spec.dataset, spec.image_size)] = load_dataset(
+                    spec, Path(data_dir) if data_dir else None, bool(options.get("download")))
         outcome = run_grid(specs, datasets, store, executor, device=options.get("device", "cpu"), force=args.force)
     finally:
         if hasattr(executor, "close"):

@@ -33,6 +33,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -221,20 +222,53 @@ class Serial:
 
 
 class LocalProcesses:
-    """``--jobs N``: joblib's loky backend, N worker processes on this machine."""
+    """``--jobs N``: joblib's loky backend, N worker processes on this machine.
+
+    A worker's start-up (a fresh Python importing torch and the harness) takes seconds; ``start``
+    begins it at once, so that it overlaps the driver's own work (loading the datasets, planning
+    the grid) instead of coming after it. joblib's loky backend keeps the same workers for every
+    later call with the same settings (both waves of ``run_grid``)."""
 
     def __init__(self, workers: int, threads: int = 1):
         self.workers, self.threads = workers, threads
         self.name = f"{workers} local worker processes"
+        self._starting: Iterator | None = None
+
+    def _parallel(self):
+        import joblib
+
+        return joblib.parallel_config(backend="loky", inner_max_num_threads=self.threads), joblib.Parallel(
+            n_jobs=self.workers, return_as="generator_unordered", pre_dispatch="all")
+
+    def start(self) -> None:
+        """Start the workers in the background: each imports what every job needs."""
+        import joblib
+
+        config, parallel = self._parallel()
+        with config:
+            self._starting = parallel(joblib.delayed(_start_worker)(os.getpid()) for _ in range(self.workers))
 
     def run(self, jobs: list) -> Iterator[JobResult]:
         import joblib
 
+        if self._starting is not None:
+            starting, self._starting = self._starting, None
+            for _ in starting:  # joblib runs one call on the pool at a time
+                pass
         for job in jobs:
             job.driver_pid = os.getpid()
-        with joblib.parallel_config(backend="loky", inner_max_num_threads=self.threads):
-            parallel = joblib.Parallel(n_jobs=self.workers, return_as="generator_unordered", pre_dispatch="all")
+        config, parallel = self._parallel()
+        with config:
             yield from parallel(joblib.delayed(run_job)(job) for job in jobs)
+
+    def close(self) -> None:
+        """Workers started for a grid that ran no job (nothing to do, or bad data) stop now."""
+        if self._starting is not None:
+            starting, self._starting = self._starting, None
+            with warnings.catch_warnings():
+                # joblib's UserWarning says how many start-ups were unused or cancelled: nothing to report
+                warnings.simplefilter("ignore", UserWarning)
+                starting.close()
 
 
 class DaskCluster:
@@ -424,17 +458,16 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
                 job.state = state
                 by_key[job.key] = (run, job)
                 wave.append(job)
-        # Costly steps first (attacks, randomized defenses), so no worker is left with the long one.
-        return sorted(wave, key=lambda job: (job.step == "clean", -len(job.x)))
+        return wave
 
     def finish(run: Planned) -> None:
         _finish_run(store, run, threads)
 
     try:
-        first = list(training.values()) + evaluation_wave(active)
+        first = sorted(training.values(), key=_longest_first) + sorted(evaluation_wave(active), key=_longest_first)
         second: list[EvalJob] = []
         for wave_number in (1, 2):
-            wave = first if wave_number == 1 else second
+            wave = first if wave_number == 1 else sorted(second, key=_longest_first)
             for result in _robust(executor, wave):
                 if result.key[0] == "train":
                     job = training[result.key[1]]
@@ -484,6 +517,17 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
     finally:
         bar.close()
     return GridOutcome(run_ids, skipped, total, failures)
+
+
+def _longest_first(job: TrainJob | EvalJob) -> tuple:
+    """Costly jobs first, so that no worker is left with a long one at the end while the others
+    idle: training by epochs x images; then evaluations of randomized defenses (every prediction
+    averages many noisy draws), attacks before the clean step, bigger shards first."""
+    from bench.registry import DEFENSES
+
+    if isinstance(job, TrainJob):
+        return (0, -(job.spec.epochs or 1) * len(job.x))
+    return (1, not DEFENSES.get(job.spec.defense).randomized, job.step == "clean", -len(job.x))
 
 
 def _evaluation_jobs(run: Planned, device: str, threads: int | None) -> list[EvalJob]:
@@ -545,7 +589,6 @@ def _finish_run(store, run: Planned, threads: int | None) -> None:
         LOGGER.warning(f"[{run.label}] warning: {warning}")
     LOGGER.info(f"[{run.label}] complete: clean accuracy {float(clean.correct.mean()):.4f} on {len(clean)} test images")
     store.finish_run(run.run_id, info, warnings)
-
 
 def grid_seconds(out: Path, workers: int) -> float:
     """Wall time of the ``bench perf`` grid: baseline and pixeldp x seeds 0 and 1 on digits,
