@@ -589,29 +589,3 @@ def _finish_run(store, run: Planned, threads: int | None) -> None:
         LOGGER.warning(f"[{run.label}] warning: {warning}")
     LOGGER.info(f"[{run.label}] complete: clean accuracy {float(clean.correct.mean()):.4f} on {len(clean)} test images")
     store.finish_run(run.run_id, info, warnings)
-
-def grid_seconds(out: Path, workers: int) -> float:
-    """Wall time of the ``bench perf`` grid: baseline and pixeldp x seeds 0 and 1 on digits,
-    clean and PGD-Linf, through ``workers`` worker processes (1: in this process). Worker
-    processes start afresh each time, as they do for each ``bench run --jobs N``."""
-    from bench.datasets.digits import load_digits
-    from bench.store import Store
-
-    started = time.perf_counter()
-    dataset = load_digits()
-    # Batches of 16: in batches of 64, 4 epochs leave PixelDP at chance (train accuracy 0.12 at
-    # seed 1), which fails its runs; in 16 both defenses learn (0.53 and 0.99). One PGD walk: the
-    # grid as measured before PGD's default became 10 walks.
-    specs = [RunSpec(defense=name, dataset="digits", seed=seed, epochs=4, batch_size=16, train_size=600, test_size=100,
-                     attacks=["pgd-linf"], epsilons=[0.1], params={"draws": 100} if name == "pixeldp" else {},
-                     attack_params={"restarts": 1})
-             for name in ("baseline", "pixeldp") for seed in (0, 1)]
-    executor = Serial() if workers == 1 else LocalProcesses(workers)
-    outcome = run_grid(specs, {("digits", 224): dataset}, Store(out), executor)
-    if outcome.failures:  # the time of a grid that did not run is no measurement
-        raise RuntimeError(f"the perf grid failed: {outcome.failures[0]}")
-    if workers > 1:
-        from joblib.externals.loky import get_reusable_executor
-
-        get_reusable_executor().shutdown(wait=True)
-    return time.perf_counter() - started

@@ -1,7 +1,11 @@
 """``bench perf``: the harness's costs against the floor each one could reach, side by side in one run.
 
 Each row times one of our code paths and a reference doing the same work on the same model and
-batch, interleaved (ABAB...) so that a shared machine slows both alike, best of ``repeats``:
+batch, interleaved (ABBA...) so that a shared machine slows both alike, best of ``repeats``; the
+ratio column is best against best, and the next one the spread of the ratio within each round
+(how much the machine's load moved it). Rows of in-process code first make one untimed call of
+each side: imports and torch's first-call set-up are paid once per process, not per attack or
+step. Attacks run in chunks of ``--attack-batch-size``'s default, as ``bench run`` does.
 
 - PGD-Linf-20 (``pgd-linf``, foolbox backend) against a hand-written torch PGD loop;
 - CW-L2 (``cw-l2``) against foolbox's ``L2CarliniWagnerAttack`` called directly;
@@ -9,9 +13,11 @@ batch, interleaved (ABAB...) so that a shared machine slows both alike, best of 
   noise once per image, the layers after it 300 times, at the best batch size of a sweep, and
   nothing else (no bounds, no bookkeeping);
 - PixelDP and Madry training steps against the undefended baseline's step;
-- a 4-run digits grid (``bench.jobs``) with 2 worker processes against 1 (in this process).
+- a 4-run digits grid (``GRID_ARGS``) run as ``bench run --jobs 2`` against ``--jobs 1``, each a
+  new process as a user starts it (imports, data, worker start-up included).
 
-Peak memory is the largest rise of the process's resident set during the first timed call,
+Peak memory is the largest rise of this process's resident set during the first timed call (n/a
+for the grid row, whose work runs in other processes),
 sampled every millisecond after returning freed memory to the system (Linux; "n/a" elsewhere).
 """
 from __future__ import annotations
@@ -23,6 +29,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -30,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.log import LOGGER
+from bench.spec import DEFAULT_ATTACK_BATCH_SIZE
 
 PGD_STEPS = 20
 PIXELDP_DRAWS = 300
@@ -155,10 +163,16 @@ class PeakMemory:
         return None if self.start is None else (self.peak - self.start) / 2**20
 
 
-def interleaved(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float | None]]:
-    """Best wall time of each function over ``repeats`` interleaved rounds, and its peak memory
-    (first call). Every call starts from the same torch seed."""
-    best = {name: float("inf") for name in functions}
+def interleaved(functions: dict[str, Callable[[], object]], repeats: int,
+                warm_up: bool = False) -> dict[str, tuple[list[float], float | None]]:
+    """Wall times of each function over ``repeats`` interleaved rounds (one per round), and its
+    peak memory (first timed call). Every call starts from the same torch seed. ``warm_up``: one
+    untimed call of each first, for costs a process pays once (imports, torch's first-call set-up)."""
+    if warm_up:
+        for function in functions.values():
+            torch.manual_seed(0)
+            function()
+    times: dict[str, list[float]] = {name: [] for name in functions}
     memory: dict[str, float | None] = {}
     for round_index in range(repeats):
         order = list(functions) if round_index % 2 == 0 else list(functions)[::-1]  # ABBA: no order bias
@@ -168,9 +182,9 @@ def interleaved(functions: dict[str, Callable[[], object]], repeats: int) -> dic
                 started = time.perf_counter()
                 functions[name]()
                 elapsed = time.perf_counter() - started
-            best[name] = min(best[name], elapsed)
+            times[name].append(elapsed)
             memory.setdefault(name, peak.megabytes)
-    return {name: (best[name], memory[name]) for name in functions}
+    return {name: (times[name], memory[name]) for name in functions}
 
 
 @dataclass
@@ -178,15 +192,29 @@ class Row:
     what: str
     ours: str
     reference: str
-    seconds: float
-    reference_seconds: float
+    times: list[float]  # one per interleaved round
+    reference_times: list[float]
     memory: float | None
     reference_memory: float | None
     target: float | None  # the largest acceptable ratio, None where there is no target
 
     @property
+    def seconds(self) -> float:
+        return min(self.times)
+
+    @property
+    def reference_seconds(self) -> float:
+        return min(self.reference_times)
+
+    @property
     def ratio(self) -> float:
+        """Best against best: the least disturbed call of each on a shared machine."""
         return self.seconds / self.reference_seconds
+
+    @property
+    def round_ratios(self) -> list[float]:
+        """The ratio within each round: their spread shows how much the machine's load moved it."""
+        return [ours / reference for ours, reference in zip(self.times, self.reference_times)]
 
     @property
     def verdict(self) -> str:
@@ -218,7 +246,7 @@ def attack_rows(images: int, repeats: int, chunk: int) -> list[Row]:
     times = interleaved({
         "hand-written torch loop": lambda: torch_pgd(mnist, x, y, eps, chunk),
         "pgd-linf (foolbox)": lambda: pgd.run(mnist, x, y, [eps]),
-    }, repeats)
+    }, repeats, warm_up=True)
     rows.append(_row(f"PGD-Linf-{PGD_STEPS}, MNIST CNN, {images} images", "pgd-linf (foolbox)",
                      "hand-written torch loop", times, TARGETS["pgd"]))
 
@@ -233,7 +261,7 @@ def attack_rows(images: int, repeats: int, chunk: int) -> list[Row]:
     times = interleaved({
         "foolbox direct": lambda: foolbox_cw_direct(model, xd, yd, cw.params, chunk),
         "cw-l2 (foolbox)": lambda: cw.smallest_adversarials(model, xd, yd),
-    }, repeats)
+    }, repeats, warm_up=True)
     rows.append(_row(f"CW-L2, digits CNN, {len(xd)} images", "cw-l2 (foolbox)", "foolbox direct", times, TARGETS["cw"]))
     return rows
 
@@ -251,12 +279,12 @@ def pixeldp_prediction_rows(images: int, repeats: int) -> list[Row]:
     # The floor at its best batch size: a quick sweep first.
     sweep = interleaved({str(rows): (lambda rows=rows: pixeldp_floor(net, x[:16], PIXELDP_DRAWS, rows))
                          for rows in (64, 128, 256, 512)}, repeats)
-    best_rows = int(min(sweep, key=lambda k: sweep[k][0]))
+    best_rows = int(min(sweep, key=lambda k: min(sweep[k][0])))
     floor = f"floor ({best_rows} rows per pass)"
     times = interleaved({
         floor: lambda: pixeldp_floor(net, x, PIXELDP_DRAWS, best_rows),
         "pixeldp evaluate": lambda: defense.evaluate(x),
-    }, repeats)
+    }, repeats, warm_up=True)
     return [_row(f"PixelDP predict+certify, {PIXELDP_DRAWS} draws, MNIST CNN, {images} images",
                  "pixeldp evaluate", floor, times, TARGETS["pixeldp-predict"])]
 
@@ -282,12 +310,10 @@ def training_rows(batch_size: int, steps: int, repeats: int) -> list[Row]:
         "pixeldp step": repeated(make_step(pixeldp, x, y), steps),
         "madry step (PGD-7)": repeated(make_step(madry, x, y), max(1, steps // 8)),
     }
-    for function in functions.values():
-        function()  # warm-up
-    times = interleaved(functions, repeats)
+    times = interleaved(functions, repeats, warm_up=True)
     # Madry runs fewer steps (each costs about 8 baseline steps); compare per step.
-    madry_seconds, madry_memory = times["madry step (PGD-7)"]
-    times["madry step (PGD-7)"] = (madry_seconds * steps / max(1, steps // 8), madry_memory)
+    madry_times, madry_memory = times["madry step (PGD-7)"]
+    times["madry step (PGD-7)"] = ([t * steps / max(1, steps // 8) for t in madry_times], madry_memory)
     what = f"training step, MNIST CNN, batch {batch_size} (time per {steps} steps)"
     return [
         _row(what, "pixeldp step", "baseline step", times, TARGETS["pixeldp-train"]),
@@ -295,21 +321,40 @@ def training_rows(batch_size: int, steps: int, repeats: int) -> list[Row]:
     ]
 
 
-def grid_rows(repeats: int) -> list[Row]:
-    """The same 4-run digits grid through ``bench.jobs`` with 2 worker processes and with 1."""
-    import tempfile
-    from pathlib import Path
+# The grid row's grid: the README's digits comparison on two seeds, at the training defaults (the
+# whole 1,297-image training split, 30 epochs, 200 test images), with PixelDP at the cpu profile's
+# 100 draws and one PGD walk (the default 10 would make PGD on PixelDP most of the row's time):
+# about 40 CPU-seconds of work, the size of grid --jobs is for. (On a grid of a few seconds the
+# workers' start-up, a fresh Python importing torch, dominates.)
+GRID_ARGS = ("--dataset", "digits", "--defense", "baseline", "--defense", "pixeldp", "--param", "pixeldp.draws=100",
+             "--seed", "0", "--seed", "1", "--attack", "pgd-linf", "--epsilons", "0.1", "--attack-param", "restarts=1")
 
-    from bench.jobs import grid_seconds
+
+def bench_run_seconds(out: Path, jobs: int, args: tuple[str, ...] = GRID_ARGS) -> float:
+    """Wall time of ``bench run ARGS --jobs N`` as a user runs it: a new process that imports,
+    loads the data, starts its workers (if any) and runs the grid."""
+    import subprocess
+    import sys
+
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "bench.cli", "run", *args, "--jobs", str(jobs), "--out", str(out), "--quiet"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def grid_rows(repeats: int) -> list[Row]:
+    """The same 4-run digits grid with ``bench run --jobs 2`` against ``--jobs 1``."""
+    import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
         counter = iter(range(10**6))
         times = interleaved({
-            "2 workers": lambda: grid_seconds(Path(scratch) / f"w2-{next(counter)}", workers=2),
-            "1 worker": lambda: grid_seconds(Path(scratch) / f"w1-{next(counter)}", workers=1),
+            "--jobs 2": lambda: bench_run_seconds(Path(scratch) / f"jobs2-{next(counter)}", jobs=2),
+            "--jobs 1": lambda: bench_run_seconds(Path(scratch) / f"jobs1-{next(counter)}", jobs=1),
         }, repeats)
-    return [_row("4-run digits grid (baseline, pixeldp x seeds 0, 1; pgd-linf)", "2 workers", "1 worker", times,
-                 TARGETS["grid"])]
+    times = {name: (seconds, None) for name, (seconds, _) in times.items()}  # the work is in other processes
+    return [_row("bench run: 4-run digits grid (baseline, pixeldp draws=100 x seeds 0, 1; clean, pgd-linf 0.1 "
+                 "one walk; default epochs and sizes)", "--jobs 2", "--jobs 1", times, TARGETS["grid"])]
 
 
 # -- the report --------------------------------------------------------------------------------------
@@ -325,19 +370,23 @@ def machine() -> str:
             f"load average {load}")
 
 
+def _spread(ratios: list[float]) -> str:
+    return f"{ratios[0]:.2f}" if len(ratios) == 1 else f"{min(ratios):.2f}-{max(ratios):.2f}"
+
+
 def render(rows: list[Row]) -> str:
     def mb(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.0f}"
 
     lines = [
-        "| what | ours | reference | ours s | reference s | ratio | target | ours peak MB | reference peak MB | |",
-        "|:--|:--|:--|--:|--:|--:|--:|--:|--:|:--|",
+        "| what | ours | reference | ours s | reference s | ratio | ratio per round | target | ours peak MB | reference peak MB | |",
+        "|:--|:--|:--|--:|--:|--:|--:|--:|--:|--:|:--|",
     ]
     for row in rows:
         target = "" if row.target is None else (f"<= {row.target:.2f}" if row.target >= 1 else f"<= {row.target:.3f}")
         lines.append(
             f"| {row.what} | {row.ours} | {row.reference} | {row.seconds:.3f} | {row.reference_seconds:.3f} | "
-            f"{row.ratio:.3f} | {target} | {mb(row.memory)} | {mb(row.reference_memory)} | {row.verdict} |"
+            f"{row.ratio:.3f} | {_spread(row.round_ratios)} | {target} | {mb(row.memory)} | {mb(row.reference_memory)} | {row.verdict} |"
         )
     return "\n".join(lines)
 
@@ -345,7 +394,7 @@ def render(rows: list[Row]) -> str:
 SECTIONS = ("attacks", "pixeldp", "training", "grid")
 
 
-def run_perf(sections: tuple[str, ...] = SECTIONS, repeats: int = 3, images: int = 128, chunk: int = 64,
+def run_perf(sections: tuple[str, ...] = SECTIONS, repeats: int = 3, images: int = 128, chunk: int = DEFAULT_ATTACK_BATCH_SIZE,
              batch_size: int = 64, steps: int = 16) -> tuple[list[Row], str, str]:
     """Measure ``sections``; returns the rows, the machine before and the machine after (load)."""
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # foolbox imports scipy.ndimage.filters
