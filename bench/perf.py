@@ -2,8 +2,8 @@
 
 Each row times one of our code paths and a reference doing the same work on the same model and
 batch, interleaved (ABBA...) so that a shared machine slows both alike, best of ``repeats``; the
-ratio column is best against best, and the next one the spread of the ratio within each round
-(how much the machine's load moved it). Rows of in-process code first make one untimed call of
+ratio column is best against best, and the next one the median and range of the ratio within
+each round (how much the machine's load moved it). Rows of in-process code first make one untimed call of
 each side: imports and torch's first-call set-up are paid once per process, not per attack or
 step. Attacks run in chunks of ``--attack-batch-size``'s default, as ``bench run`` does.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import statistics
 import threading
 import time
 import warnings
@@ -371,7 +372,10 @@ def machine() -> str:
 
 
 def _spread(ratios: list[float]) -> str:
-    return f"{ratios[0]:.2f}" if len(ratios) == 1 else f"{min(ratios):.2f}-{max(ratios):.2f}"
+    """The median of the per-round ratios and their range."""
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}"
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def render(rows: list[Row]) -> str:
@@ -379,7 +383,7 @@ def render(rows: list[Row]) -> str:
         return "n/a" if value is None else f"{value:.0f}"
 
     lines = [
-        "| what | ours | reference | ours s | reference s | ratio | ratio per round | target | ours peak MB | reference peak MB | |",
+        "| what | ours | reference | ours s | reference s | ratio | per round: median (range) | target | ours peak MB | reference peak MB | |",
         "|:--|:--|:--|--:|--:|--:|--:|--:|--:|--:|:--|",
     ]
     for row in rows:
