@@ -129,6 +129,25 @@ def test_pgd_restarts_follow_the_defenses_rule_not_the_models_argmax(model, digi
     assert passes(4, 0) == one_walk + 3 * one_walk * int((y == 0).sum()) // len(x)
 
 
+def test_pgd_costs_one_forward_and_one_backward_pass_per_step_and_chunk(model, digits):
+    """One walk is what `bench perf` compares with a hand-written loop: no success check, no
+    weight gradients."""
+    counted = {"forward": 0, "backward": 0}
+    first_layer = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    hooks = [model.register_forward_hook(lambda *_: counted.__setitem__("forward", counted["forward"] + 1)),
+             first_layer.register_full_backward_hook(lambda *_: counted.__setitem__("backward", counted["backward"] + 1))]
+    weights = [p.requires_grad for p in model.parameters()]
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    try:
+        LinfPGD(PGDParams(steps=3, restarts=1), chunk_size=8).run(model, digits.x_test[:20], digits.y_test[:20], [0.1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert counted == {"forward": 3 * 3, "backward": 3 * 3}  # 3 steps x 3 chunks (8, 8, 4)
+    assert all((g is None and p.grad is None) or torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert [p.requires_grad for p in model.parameters()] == weights
+
+
 def test_cw_minimal_norms_match_thresholded_accuracy(model, digits):
     x, y = digits.x_test[:48], digits.y_test[:48]
     attack = CarliniWagnerL2(CWL2Params(binary_search_steps=3, steps=20, learning_rate=0.05, initial_const=0.001))
