@@ -127,11 +127,25 @@ def test_rand_version_is_chosen_for_eot_models_and_gets_the_draws(model, digits,
     calls.clear()
     eot = EOT(model, draws=20)
     LinfAutoAttack().run(eot, x, y, [0.1])
-    assert [name for name, _ in calls] == ["apgd-ce", "apgd-dlr"]
+    assert [name for name, _ in calls] == ["apgd-ce", "apgd-dlr", "pgd-margin"]
     assert all(m is eot and m.draws == 20 for _, m in calls)
     calls.clear()
     LinfAutoAttack(AutoAttackParams(version="standard")).run(eot, x, y, [0.1])
     assert [name for name, _ in calls] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+
+
+@pytest.mark.parametrize("attack_class, eps", [(LinfAutoAttack, 0.1), (L2AutoAttack, 0.5)])
+def test_rand_versions_margin_walk_breaks_points_within_budget(model, digits, attack_class, eps):
+    """The margin walk alone (the rand version's third stage) is a real attack: on the digits
+    CNN it breaks a large share of the points (PGD at these budgets leaves about 55%) and every
+    adversarial stays in the ball and in [0,1]."""
+    x, y = digits.x_test[:64], digits.y_test[:64]
+    (x_adv,) = attack_class(AutoAttackParams(attacks="pgd-margin", steps=20)).run(model, x, y, [eps])
+    with torch.no_grad():
+        clean, attacked = (float((model(inputs).argmax(1) == y).float().mean()) for inputs in (x, x_adv))
+    assert attacked <= clean - 0.2
+    assert float(perturbation_norm(x_adv - x, attack_class.norm).max()) <= eps * (1 + 1e-6)
+    assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
 
 
 @pytest.mark.parametrize("attack_class, epsilons", [(L2FMN, [0.25, 0.5, 1.0, 2.0]), (LinfFMN, [0.02, 0.05, 0.1, 0.3])])
