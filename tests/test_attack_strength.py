@@ -110,6 +110,21 @@ def test_cascade_attacks_only_points_still_robust(monkeypatch):
     assert torch.equal(x_adv[[3, 7]], x[[3, 7]])
 
 
+def test_unconfirmed_points_keep_the_latest_candidate_only_on_randomized_models(model, digits, monkeypatch):
+    """Where the defense's rule confirms no candidate, a deterministic defense keeps the clean
+    input (as the reference does) and a randomized one the latest candidate (its expected
+    accuracy counts every call of the noisy rule)."""
+    x, y = digits.x_test[:8], torch.zeros(8, dtype=torch.long)
+    monkeypatch.setitem(autoattack.COMPONENTS, "apgd-ce", lambda m, xs, ys, eps, *rest: [xs + eps, xs - eps])
+    never_broken = lambda inputs: torch.zeros(len(inputs), dtype=torch.long)  # noqa: E731
+    attack = LinfAutoAttack(AutoAttackParams(attacks="apgd-ce"))
+    (deterministic,) = attack.run(model, x, y, [0.01], predict=never_broken)
+    (randomized,) = attack.run(EOT(model, draws=2), x, y, [0.01], predict=never_broken)
+    assert torch.equal(deterministic, x)
+    # two float32 roundings (the stage's subtraction, the projection's) on values in [0,1]
+    assert torch.allclose(randomized, (x - 0.01).clamp(0, 1), rtol=0, atol=2 * torch.finfo(torch.float32).eps)
+
+
 def test_rand_version_is_chosen_for_eot_models_and_gets_the_draws(model, digits, monkeypatch):
     calls = []
 
