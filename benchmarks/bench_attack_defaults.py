@@ -185,7 +185,7 @@ def rand(args) -> None:
         ("pgd 20 x 1 (before)", L2PGD(PGDParams(steps=20, restarts=1)), LinfPGD(PGDParams(steps=20, restarts=1))),
         ("pgd defaults", L2PGD(), LinfPGD()),
         ("pgd 50 x 1", L2PGD(PGDParams(steps=50, restarts=1)), LinfPGD(PGDParams(steps=50, restarts=1))),
-        ("autoattack rand (APGD-CE, APGD-DLR)", L2AutoAttack(), LinfAutoAttack()),
+        ("autoattack rand (APGD-CE, APGD-DLR, margin walk)", L2AutoAttack(), LinfAutoAttack()),
         ("yardstick: 50-step EOT PGD, CE + margin, 2 starts each", "l2", "linf"),
     ]
     for name, l2, linf in runs:
