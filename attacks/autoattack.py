@@ -72,8 +72,9 @@ def _apgd(loss: str) -> Component:
             return [apgd.perturb(x, y)]
         # On a randomized model APGD's first "success" is often a lucky draw of the 20-draw mean:
         # a point on the decision boundary that the defense's own rule (300 draws) puts back. The
-        # walk's highest-loss point lies deeper; the cascade judges both and keeps what breaks.
-        # (perturb() would return the clean input for every point without a success.)
+        # cascade also judges the walk's highest-loss point (perturb() would return the clean
+        # input wherever APGD saw no success). Measured on digits PixelDP: no gain beyond the
+        # rule's own noise (docs/attacks.md); it costs one more call of the rule.
         apgd.init_hyperparam(x)
         torch.random.manual_seed(p.seed)
         highest_loss, _, _, first_success = apgd.attack_single_run(x, y)
