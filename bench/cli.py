@@ -387,7 +387,7 @@ def command_run(args: argparse.Namespace) -> int:
     if args.scheduler:
         executor = DaskCluster(args.scheduler, args.worker_threads)
     elif args.jobs > 1:
-        executor = LocalProcesses(args.jobs, args.worker_threads)
+        executor = LocalProcesses(args.jobs, args.worker_threads, fork_server=True)
         executor.start()  # the workers start up while this process loads the data
     else:
         executor = Serial()

@@ -2,6 +2,13 @@
 grids are not run again; failed jobs are isolated; shards resume one by one."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -47,6 +54,73 @@ def test_jobs_2_writes_the_serial_records_and_a_rerun_does_nothing(serial, bench
     code, out, err = bench("run", *GRID[:-1], "--jobs", "2", "--out", str(tmp_path))
     assert code == 0 and "nothing to do: all 4 run(s) of this grid are complete" in err
     assert "| baseline [seed=0]" in out and len(Store(tmp_path).runs(complete_only=False)) == 4
+
+
+def test_loky_workers_start_before_any_job_and_write_the_serial_records(serial, bench, tmp_path, monkeypatch):
+    """The library's default local start method (loky's; the bench command uses a fork server):
+    the workers run their start-up before the first job, in processes of their own."""
+    import os
+
+    from bench import jobs
+
+    executors = []
+
+    class Loky(jobs.LocalProcesses):
+        def __init__(self, workers, threads=1, fork_server=True):
+            super().__init__(workers, threads, fork_server=False)
+            executors.append(self)
+
+    monkeypatch.setattr(jobs, "LocalProcesses", Loky)
+    code, _, _ = bench("run", *GRID, "--jobs", "2", "--out", str(tmp_path))
+    assert code == 0
+    pd.testing.assert_frame_equal(records_by_run(tmp_path), serial)
+    started = executors[0].started
+    assert 1 <= len(started) <= 2 and os.getpid() not in started
+
+
+def _session_processes(session: int) -> list[int]:
+    """Process ids of the session ``session`` leads (its leader's workers and fork server too)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc")
+def test_a_killed_jobs_2_driver_leaves_no_process_and_a_rerun_completes_with_no_duplicate(bench, tmp_path):
+    # Four runs whose training takes long enough (half a second each) to kill the driver between
+    # the first checkpoint and the last record.
+    grid = ["--dataset", "digits", "--defense", "baseline", "--seed", "0", "--seed", "1", "--seed", "2", "--seed", "3",
+            "--epochs", "15", "--train-size", "200", "--test-size", "20", "--attack", "pgd-linf", "--epsilons", "0.1",
+            "--attack-param", "steps=3", "--quiet"]
+    killed = tmp_path / "killed"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "run", *grid, "--jobs", "2", "--out", str(killed)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path, start_new_session=True,  # its workers and fork server are in its session
+    )
+    deadline = time.monotonic() + 120
+    while not list(killed.glob("checkpoints/*.pt")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert driver.poll() is None, "the grid ended before it could be killed"
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    deadline = time.monotonic() + 15  # the workers look for their driver once a second
+    while _session_processes(driver.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _session_processes(driver.pid), "a worker or the fork server outlived the killed driver"
+    assert Store(killed).runs(complete_only=True) == []
+
+    assert bench("run", *grid, "--out", str(killed))[0] == 0  # the driver resumes alike on any executor
+    assert main(["run", *grid, "--out", str(tmp_path / "serial")]) == 0
+    resumed = records_by_run(killed)
+    assert len(resumed) == 4 * 2 * 20 and not resumed.duplicated(["run", "attack", "epsilon", "sample_index"]).any()
+    pd.testing.assert_frame_equal(resumed, records_by_run(tmp_path / "serial"))
 
 
 def test_a_dask_local_cluster_writes_the_serial_records(serial, bench, tmp_path):
