@@ -369,28 +369,35 @@ def _fields(params_class: type) -> set[str]:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    options = merged_options(args)
-    specs = specs_from(options)
     if args.scheduler and args.jobs > 1:
         raise BenchError("--jobs sets local worker processes and --scheduler a Dask cluster; give one of them")
-    out = options.get("out", Path("results"))
-    # The whole request, every spec of it, before any data is loaded or anything trained.
-    for warning in validate_request(specs, device=options.get("device", "cpu"), out=out):
-        print(f"bench: warning: {warning}", file=sys.stderr)
-    from bench.jobs import DaskCluster, LocalProcesses, Serial, run_grid
+    from bench.executors import DaskCluster, LocalProcesses, Serial
+
+    executor = Serial()
+    if args.jobs > 1:
+        # The workers' start-up (importing torch, seconds) overlaps the checks, this process's
+        # own imports (the checks import torch) and the data loading.
+        executor = LocalProcesses(args.jobs, args.worker_threads, fork_server=True)
+        executor.start()
+    try:
+        options = merged_options(args)
+        specs = specs_from(options)
+        out = options.get("out", Path("results"))
+        # The whole request, every spec of it, before any data is loaded or anything trained.
+        for warning in validate_request(specs, device=options.get("device", "cpu"), out=out):
+            print(f"bench: warning: {warning}", file=sys.stderr)
+    except BaseException:
+        executor.cancel()  # a rejected request leaves no process behind
+        raise
+    if args.scheduler:
+        executor = DaskCluster(args.scheduler, args.worker_threads)
+    from bench.jobs import run_grid
     from bench.metrics import TABLE_THRESHOLDS
     from bench.reports.render import render
     from bench.reports.tables import build_tables
     from bench.runner import load_dataset
     from bench.store import Store
 
-    if args.scheduler:
-        executor = DaskCluster(args.scheduler, args.worker_threads)
-    elif args.jobs > 1:
-        executor = LocalProcesses(args.jobs, args.worker_threads, fork_server=True)
-        executor.start()  # the workers start up while this process loads the data
-    else:
-        executor = Serial()
     store = Store(out)
     data_dir = options.get("data_dir")
     datasets = {}

@@ -15,28 +15,22 @@ commits each evaluation job's records in one transaction as they arrive, so a se
 committed job and leaves no duplicate (the next run of the same command resumes the missing
 jobs).
 
-Executors: ``Serial`` (in this process), ``LocalProcesses`` (joblib's loky backend) and
-``DaskCluster`` (joblib's dask backend over a ``distributed.Client``). joblib drives both
-parallel executors, so local and cluster runs go through one code path and return results as
-they finish (``return_as="generator_unordered"``); Dask places the work and retries a job whose
-worker died on another worker.
+Where the jobs run (in this process, local worker processes, a Dask cluster) is
+:mod:`bench.executors`.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import math
-import os
 import socket
 import sys
-import threading
 import time
 import traceback
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -44,6 +38,7 @@ import torch
 from bench import progress
 from bench.datasets.base import Dataset, balanced_subset
 from bench.errors import BenchError
+from bench.executors import Serial, start_worker, robust
 from bench.log import LOGGER
 from bench.spec import RunSpec
 from bench.types import Record
@@ -146,7 +141,7 @@ def shards_of(count: int) -> list[slice]:
 def run_job(job: TrainJob | EvalJob) -> JobResult:
     """Run one job; exceptions come back as the result's ``error``, so other jobs go on."""
     if job.driver_pid is not None:
-        _start_worker(job.driver_pid)
+        start_worker(job.driver_pid)
     started = time.perf_counter()
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -162,46 +157,6 @@ def run_job(job: TrainJob | EvalJob) -> JobResult:
         message = f"{type(error).__name__}: {error}".splitlines()[0]
         return JobResult(job.key, time.perf_counter() - started,
                          error=f"{message} (at {Path(where.filename).name}:{where.lineno})")
-
-
-# What every job imports (torch._dynamo comes with the first optimizer, foolbox with the first
-# attack): a worker imports them as it starts, not in its first job (over a second each).
-WORKER_MODULES = ("bench.runner", "torch._dynamo", "foolbox")
-_started = False
-
-
-def _start_worker(driver_pid: int) -> int:
-    """A local worker's start-up: the imports every job needs, and a watch on the driver."""
-    global _started
-    if not _started:
-        _started = True
-        import importlib
-
-        for module in WORKER_MODULES:
-            importlib.import_module(module)
-        _exit_with(driver_pid)
-    return os.getpid()
-
-
-def _exit_with(driver_pid: int) -> None:
-    """A local worker outlives a driver killed with ``kill -9`` (loky's idle workers wait on
-    their queue, and a fork server lives as long as its workers): leave when the driver is gone.
-    (Its parent is the driver, or the fork server.)"""
-    parent = os.getppid()
-
-    def driver_alive() -> bool:
-        try:
-            os.kill(driver_pid, 0)  # signal 0: only asks whether the process exists (as ours)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
-
-    def watch() -> None:
-        while os.getppid() == parent and driver_alive():
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="bench-driver-watch").start()
 
 
 def _train(job: TrainJob) -> dict[str, Any]:
@@ -227,152 +182,6 @@ def _evaluate(job: EvalJob) -> list[Record]:
     step = Step("clean") if job.step == "clean" else next(s for s in spec_steps(spec) if s.name == job.step)
     return evaluate_step(defense, step, job.x, job.y, job.sample_index, seed=shard_seed(spec.seed, job.shard),
                          eot_draws=spec.eot_draws)
-
-
-# -- executors -----------------------------------------------------------------------------------
-class Serial:
-    """Jobs one after another in this process (the default)."""
-
-    name = "serial"
-    threads: int | None = None
-
-    def run(self, jobs: list) -> Iterator[JobResult]:
-        for job in jobs:
-            yield run_job(job)
-
-
-class LocalProcesses:
-    """``--jobs N``: joblib's loky backend, N worker processes on this machine.
-
-    A worker's start-up (a fresh Python importing torch and the harness, ``WORKER_MODULES``)
-    costs about 3 CPU-seconds; ``start`` begins it at once, so that it overlaps the driver's own
-    work (loading the datasets, planning the grid) instead of coming after it.
-
-    ``fork_server=True`` starts the workers with Python's ``forkserver`` method (the default on
-    Linux from Python 3.14): one server process imports ``WORKER_MODULES`` once and forks every
-    worker from it, so N workers cost one start-up, not N (on 2 cores, a 4-run grid's workers are
-    ready about 1.5 s sooner). Like ``spawn``, it imports the main module again in each worker,
-    so a script must keep its top-level work under ``if __name__ == "__main__":``; the ``bench``
-    command does, and turns it on. Off by default: loky's own start method has no such rule.
-    """
-
-    def __init__(self, workers: int, threads: int = 1, fork_server: bool = False):
-        self.workers, self.threads, self.fork_server = workers, threads, fork_server
-        self.name = f"{workers} local worker processes"
-        self._starting: Iterator | None = None
-        self.started: list[int] = []  # process ids of the workers that ran a start-up (loky's method)
-
-    def _parallel(self):
-        import joblib
-
-        return joblib.parallel_config(backend="loky", inner_max_num_threads=self.threads), joblib.Parallel(
-            n_jobs=self.workers, return_as="generator_unordered", pre_dispatch="all")
-
-    def _call(self, calls: Iterable) -> Iterator:
-        """joblib's delayed ``calls`` on the pool (started here with the chosen method)."""
-        from joblib.externals.loky.backend import context
-
-        config, parallel = self._parallel()
-        previous = context.get_start_method()
-        if self.fork_server:
-            # loky reads its start method when it creates the pool: set it for this pool only
-            context.set_start_method("forkserver", force=True)
-        try:
-            with config:
-                return parallel(calls)
-        finally:
-            context.set_start_method(previous, force=True)
-
-    def start(self) -> None:
-        """Start the workers in the background: each imports what every job needs."""
-        if self.fork_server:
-            import multiprocessing
-            from multiprocessing import forkserver
-
-            multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_MODULES))
-            # The server imports in the background; the workers fork from it when the jobs come.
-            # (Forking them here would wait for those imports.)
-            forkserver.ensure_running()
-        else:
-            import joblib
-
-            self._starting = self._call(joblib.delayed(_start_worker)(os.getpid()) for _ in range(self.workers))
-
-    def run(self, jobs: list) -> Iterator[JobResult]:
-        import joblib
-
-        if self._starting is not None:
-            starting, self._starting = self._starting, None
-            self.started = sorted(set(starting))  # joblib runs one call on the pool at a time
-            LOGGER.debug(f"workers started: process ids {self.started}")
-        for job in jobs:
-            job.driver_pid = os.getpid()
-        yield from self._call(joblib.delayed(run_job)(job) for job in jobs)
-
-    def close(self) -> None:
-        """Stop the workers: all results are in (or the grid was interrupted), and idle workers
-        that tear torch down one by one would hold the command's exit for a second."""
-        if self._starting is not None:
-            starting, self._starting = self._starting, None
-            with warnings.catch_warnings():
-                # joblib's UserWarning says how many start-ups were unused or cancelled: nothing to report
-                warnings.simplefilter("ignore", UserWarning)
-                starting.close()
-        from joblib.externals.loky import reusable_executor
-
-        pool = reusable_executor._executor  # the pool joblib's loky backend keeps between calls
-        if pool is not None:
-            pool.shutdown(wait=False, kill_workers=True)
-
-
-class DaskCluster:
-    """``--scheduler ADDRESS``: joblib's dask backend on a Dask distributed cluster."""
-
-    def __init__(self, address: str, threads: int = 1):
-        try:
-            from distributed import Client
-        except ImportError:
-            raise BenchError("--scheduler needs Dask: pip install 'robustness-bench[dask]'") from None
-        try:
-            self.client = Client(address, timeout="10s")
-        except (OSError, TimeoutError) as error:
-            raise BenchError(f"cannot reach the Dask scheduler at {address} ({error}); start one with "
-                             "'dask scheduler' and workers with 'dask worker ADDRESS'") from None
-        self.threads = threads
-        self.name = f"Dask cluster at {address}"
-
-    def run(self, jobs: list) -> Iterator[JobResult]:
-        import joblib
-
-        with joblib.parallel_config(backend="dask", wait_for_workers_timeout=60):
-            parallel = joblib.Parallel(n_jobs=-1, return_as="generator_unordered", pre_dispatch="all")
-            yield from parallel(joblib.delayed(run_job)(job) for job in jobs)
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def _robust(executor, jobs: list) -> Iterator[JobResult]:
-    """``executor.run(jobs)``; when the pool itself breaks (a worker killed), the jobs without a
-    result run once more on a fresh pool, and then come back as failed."""
-    pending = {id(job): job for job in jobs}
-    for attempt in range(2):
-        try:
-            for result in executor.run(list(pending.values())):
-                for key, job in list(pending.items()):
-                    if job.key == result.key:
-                        del pending[key]
-                        break
-                yield result
-            return
-        except (KeyboardInterrupt, BenchError):
-            raise
-        except Exception as error:  # noqa: BLE001 - the pool broke, not a job
-            reason = f"{type(error).__name__}: {error}".splitlines()[0]
-            LOGGER.warning(f"a worker died ({reason}); {len(pending)} job(s) without a result"
-                           + (" run again" if attempt == 0 else " fail"))
-    for job in pending.values():
-        yield JobResult(job.key, 0.0, error=f"its worker died ({reason})")
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -522,7 +331,7 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
         second: list[EvalJob] = []
         for wave_number in (1, 2):
             wave = first if wave_number == 1 else sorted(second, key=_longest_first)
-            for result in _robust(executor, wave):
+            for result in robust(executor, wave):
                 if result.key[0] == "train":
                     job = training[result.key[1]]
                     owners = [run for run in active if run.spec.training_hash() == result.key[1]]

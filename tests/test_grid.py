@@ -61,16 +61,16 @@ def test_loky_workers_start_before_any_job_and_write_the_serial_records(serial, 
     the workers run their start-up before the first job, in processes of their own."""
     import os
 
-    from bench import jobs
+    from bench import executors as module
 
     executors = []
 
-    class Loky(jobs.LocalProcesses):
+    class Loky(module.LocalProcesses):
         def __init__(self, workers, threads=1, fork_server=True):
             super().__init__(workers, threads, fork_server=False)
             executors.append(self)
 
-    monkeypatch.setattr(jobs, "LocalProcesses", Loky)
+    monkeypatch.setattr(module, "LocalProcesses", Loky)
     code, _, _ = bench("run", *GRID, "--jobs", "2", "--out", str(tmp_path))
     assert code == 0
     pd.testing.assert_frame_equal(records_by_run(tmp_path), serial)

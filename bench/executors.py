@@ -1,0 +1,233 @@
+"""Where a grid's jobs run: in this process, on local worker processes, or on a Dask cluster.
+
+Kept apart from :mod:`bench.jobs` and free of torch, so that ``bench run`` starts its workers
+(or their fork server) before it imports torch itself: their start-up overlaps its own.
+
+``Serial`` runs the jobs here; ``LocalProcesses`` (``--jobs N``) on joblib's loky backend;
+``DaskCluster`` (``--scheduler``) on joblib's dask backend over a ``distributed.Client``. joblib
+drives both parallel executors, so local and cluster runs go through one code path and return
+results as they finish (``return_as="generator_unordered"``); Dask places the work and retries a
+job whose worker died on another worker.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+from bench.errors import BenchError
+from bench.log import LOGGER
+
+if TYPE_CHECKING:
+    from bench.jobs import JobResult
+
+
+# What every job imports (torch._dynamo comes with the first optimizer, foolbox with the first
+# attack): a worker imports them as it starts, not in its first job (over a second each).
+WORKER_MODULES = ("bench.runner", "torch._dynamo", "foolbox")
+_started = False
+
+
+def start_worker(driver_pid: int) -> int:
+    """A local worker's start-up: the imports every job needs, and a watch on the driver."""
+    global _started
+    if not _started:
+        _started = True
+        import importlib
+
+        for module in WORKER_MODULES:
+            importlib.import_module(module)
+        _exit_with(driver_pid)
+    return os.getpid()
+
+
+def _exit_with(driver_pid: int) -> None:
+    """A local worker outlives a driver killed with ``kill -9`` (loky's idle workers wait on
+    their queue, and a fork server lives as long as its workers): leave when the driver is gone.
+    (Its parent is the driver, or the fork server.)"""
+    parent = os.getppid()
+
+    def driver_alive() -> bool:
+        try:
+            os.kill(driver_pid, 0)  # signal 0: only asks whether the process exists (as ours)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def watch() -> None:
+        while os.getppid() == parent and driver_alive():
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="bench-driver-watch").start()
+
+
+class Serial:
+    """Jobs one after another in this process (the default)."""
+
+    name = "serial"
+    threads: int | None = None
+
+    def cancel(self) -> None:
+        pass
+
+    def run(self, jobs: list) -> Iterator[JobResult]:
+        from bench.jobs import run_job
+
+        for job in jobs:
+            yield run_job(job)
+
+
+class LocalProcesses:
+    """``--jobs N``: joblib's loky backend, N worker processes on this machine.
+
+    A worker's start-up (a fresh Python importing torch and the harness, ``WORKER_MODULES``)
+    costs about 3 CPU-seconds; ``start`` begins it at once, so that it overlaps the driver's own
+    work (loading the datasets, planning the grid) instead of coming after it.
+
+    ``fork_server=True`` starts the workers with Python's ``forkserver`` method (the default on
+    Linux from Python 3.14): one server process imports ``WORKER_MODULES`` once and forks every
+    worker from it, so N workers cost one start-up, not N (on 2 cores, a 4-run grid's workers are
+    ready about 1.5 s sooner). Like ``spawn``, it imports the main module again in each worker,
+    so a script must keep its top-level work under ``if __name__ == "__main__":``; the ``bench``
+    command does, and turns it on. Off by default: loky's own start method has no such rule.
+    """
+
+    def __init__(self, workers: int, threads: int = 1, fork_server: bool = False):
+        self.workers, self.threads, self.fork_server = workers, threads, fork_server
+        self.name = f"{workers} local worker processes"
+        self._starting: Iterator | None = None
+        self.started: list[int] = []  # process ids of the workers that ran a start-up (loky's method)
+
+    def _parallel(self):
+        import joblib
+
+        return joblib.parallel_config(backend="loky", inner_max_num_threads=self.threads), joblib.Parallel(
+            n_jobs=self.workers, return_as="generator_unordered", pre_dispatch="all")
+
+    def _call(self, calls: Iterable) -> Iterator:
+        """joblib's delayed ``calls`` on the pool (started here with the chosen method)."""
+        from joblib.externals.loky.backend import context
+
+        config, parallel = self._parallel()
+        previous = context.get_start_method()
+        if self.fork_server:
+            # loky reads its start method when it creates the pool: set it for this pool only
+            context.set_start_method("forkserver", force=True)
+        try:
+            with config:
+                return parallel(calls)
+        finally:
+            context.set_start_method(previous, force=True)
+
+    def start(self) -> None:
+        """Start the workers in the background: each imports what every job needs."""
+        if self.fork_server:
+            import multiprocessing
+            from multiprocessing import forkserver
+
+            multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_MODULES))
+            # The server imports in the background; the workers fork from it when the jobs come.
+            # (Forking them here would wait for those imports.)
+            forkserver.ensure_running()
+        else:
+            import joblib
+
+            self._starting = self._call(joblib.delayed(start_worker)(os.getpid()) for _ in range(self.workers))
+
+    def run(self, jobs: list) -> Iterator[JobResult]:
+        import joblib
+
+        from bench.jobs import run_job
+
+        if self._starting is not None:
+            starting, self._starting = self._starting, None
+            self.started = sorted(set(starting))  # joblib runs one call on the pool at a time
+            LOGGER.debug(f"workers started: process ids {self.started}")
+        for job in jobs:
+            job.driver_pid = os.getpid()
+        yield from self._call(joblib.delayed(run_job)(job) for job in jobs)
+
+    def close(self) -> None:
+        """Stop the workers: all results are in (or the grid was interrupted), and idle workers
+        that tear torch down one by one would hold the command's exit for a second."""
+        if self._starting is not None:
+            starting, self._starting = self._starting, None
+            with warnings.catch_warnings():
+                # joblib's UserWarning says how many start-ups were unused or cancelled: nothing to report
+                warnings.simplefilter("ignore", UserWarning)
+                starting.close()
+        from joblib.externals.loky import reusable_executor
+
+        pool = reusable_executor._executor  # the pool joblib's loky backend keeps between calls
+        if pool is not None:
+            pool.shutdown(wait=False, kill_workers=True)
+
+    def cancel(self) -> None:
+        """A request rejected after ``start``: stop what it began at once (the fork server would
+        finish its imports, seconds of work for nothing, before it noticed)."""
+        self.close()
+        if self.fork_server:
+            import signal
+            from multiprocessing import forkserver
+
+            server = forkserver._forkserver  # no public handle on the server process
+            if getattr(server, "_forkserver_pid", None) is not None:
+                os.kill(server._forkserver_pid, signal.SIGKILL)
+                server._stop()  # reaps it; the next start begins a new one
+
+
+class DaskCluster:
+    """``--scheduler ADDRESS``: joblib's dask backend on a Dask distributed cluster."""
+
+    def __init__(self, address: str, threads: int = 1):
+        try:
+            from distributed import Client
+        except ImportError:
+            raise BenchError("--scheduler needs Dask: pip install 'robustness-bench[dask]'") from None
+        try:
+            self.client = Client(address, timeout="10s")
+        except (OSError, TimeoutError) as error:
+            raise BenchError(f"cannot reach the Dask scheduler at {address} ({error}); start one with "
+                             "'dask scheduler' and workers with 'dask worker ADDRESS'") from None
+        self.threads = threads
+        self.name = f"Dask cluster at {address}"
+
+    def run(self, jobs: list) -> Iterator[JobResult]:
+        import joblib
+
+        from bench.jobs import run_job
+
+        with joblib.parallel_config(backend="dask", wait_for_workers_timeout=60):
+            parallel = joblib.Parallel(n_jobs=-1, return_as="generator_unordered", pre_dispatch="all")
+            yield from parallel(joblib.delayed(run_job)(job) for job in jobs)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def robust(executor, jobs: list) -> Iterator[JobResult]:
+    """``executor.run(jobs)``; when the pool itself breaks (a worker killed), the jobs without a
+    result run once more on a fresh pool, and then come back as failed."""
+    pending = {id(job): job for job in jobs}
+    for attempt in range(2):
+        try:
+            for result in executor.run(list(pending.values())):
+                for key, job in list(pending.items()):
+                    if job.key == result.key:
+                        del pending[key]
+                        break
+                yield result
+            return
+        except (KeyboardInterrupt, BenchError):
+            raise
+        except Exception as error:  # noqa: BLE001 - the pool broke, not a job
+            reason = f"{type(error).__name__}: {error}".splitlines()[0]
+            LOGGER.warning(f"a worker died ({reason}); {len(pending)} job(s) without a result"
+                           + (" run again" if attempt == 0 else " fail"))
+    from bench.jobs import JobResult
+
+    for job in pending.values():
+        yield JobResult(job.key, 0.0, error=f"its worker died ({reason})")
