@@ -133,11 +133,15 @@ def _trim() -> None:
 
 
 class PeakMemory:
-    """Largest rise of the resident set over its value at entry, sampled every millisecond."""
+    """Largest rise of the resident set over its value at entry, sampled every millisecond
+    (``sample=False``: nothing measured, ``megabytes`` is None)."""
+
+    def __init__(self, sample: bool = True):
+        self.sample = sample
 
     def __enter__(self) -> "PeakMemory":
         _trim()
-        self.start = _resident_bytes()
+        self.start = _resident_bytes() if self.sample else None
         self.peak = self.start
         self.running = self.start is not None
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -164,28 +168,30 @@ class PeakMemory:
         return None if self.start is None else (self.peak - self.start) / 2**20
 
 
-def interleaved(functions: dict[str, Callable[[], object]], repeats: int,
-                warm_up: bool = False) -> dict[str, tuple[list[float], float | None]]:
+def interleaved(functions: dict[str, Callable[[], object]], repeats: int, warm_up: bool = False,
+                memory: bool = True) -> dict[str, tuple[list[float], float | None]]:
     """Wall times of each function over ``repeats`` interleaved rounds (one per round), and its
-    peak memory (first timed call). Every call starts from the same torch seed. ``warm_up``: one
-    untimed call of each first, for costs a process pays once (imports, torch's first-call set-up)."""
+    peak memory (first timed call; ``memory=False``: not sampled, for work in other processes,
+    where the sampling thread would only take CPU from it). Every call starts from the same torch
+    seed. ``warm_up``: one untimed call of each first, for costs a process pays once (imports,
+    torch's first-call set-up)."""
     if warm_up:
         for function in functions.values():
             torch.manual_seed(0)
             function()
     times: dict[str, list[float]] = {name: [] for name in functions}
-    memory: dict[str, float | None] = {}
+    peaks: dict[str, float | None] = {}
     for round_index in range(repeats):
         order = list(functions) if round_index % 2 == 0 else list(functions)[::-1]  # ABBA: no order bias
         for name in order:
             torch.manual_seed(0)
-            with PeakMemory() as peak:
+            with PeakMemory(memory) as peak:
                 started = time.perf_counter()
                 functions[name]()
                 elapsed = time.perf_counter() - started
             times[name].append(elapsed)
-            memory.setdefault(name, peak.megabytes)
-    return {name: (times[name], memory[name]) for name in functions}
+            peaks.setdefault(name, peak.megabytes)
+    return {name: (times[name], peaks[name]) for name in functions}
 
 
 @dataclass
@@ -377,8 +383,8 @@ def grid_rows(repeats: int) -> list[Row]:
         cpu[jobs].append(bench_run(Path(scratch) / f"jobs{jobs}-{len(cpu[jobs])}", jobs))
 
     with tempfile.TemporaryDirectory() as scratch:
-        times = interleaved({"--jobs 2": lambda: run(scratch, 2), "--jobs 1": lambda: run(scratch, 1)}, repeats)
-    times = {name: (seconds, None) for name, (seconds, _) in times.items()}  # the work is in other processes
+        times = interleaved({"--jobs 2": lambda: run(scratch, 2), "--jobs 1": lambda: run(scratch, 1)}, repeats,
+                            memory=False)  # the work is in other processes
     return [_row("bench run: 4-run digits grid (baseline, pixeldp draws=100 x seeds 0, 1; clean, pgd-linf 0.1 "
                  f"one walk; default epochs and sizes); CPU s: --jobs 2 {statistics.median(cpu[2]):.1f}, "
                  f"--jobs 1 {statistics.median(cpu[1]):.1f}", "--jobs 2", "--jobs 1", times, TARGETS["grid"])]
