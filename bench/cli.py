@@ -386,30 +386,26 @@ def command_run(args: argparse.Namespace) -> int:
         # The whole request, every spec of it, before any data is loaded or anything trained.
         for warning in validate_request(specs, device=options.get("device", "cpu"), out=out):
             print(f"bench: warning: {warning}", file=sys.stderr)
-    except BaseException:
-        executor.cancel()  # a rejected request leaves no process behind
-        raise
-    if args.scheduler:
-        executor = DaskCluster(args.scheduler, args.worker_threads)
-    from bench.jobs import run_grid
-    from bench.metrics import TABLE_THRESHOLDS
-    from bench.reports.render import render
-    from bench.reports.tables import build_tables
-    from bench.runner import load_dataset
-    from bench.store import Store
+        if args.scheduler:
+            executor = DaskCluster(args.scheduler, args.worker_threads)
+        from bench.jobs import run_grid
+        from bench.runner import load_dataset
+        from bench.store import Store
 
-    store = Store(out)
-    data_dir = options.get("data_dir")
-    datasets = {}
-    try:
+        store = Store(out)
+        data_dir = options.get("data_dir")
+        datasets = {}
         for spec in specs:
             if (spec.dataset, spec.image_size) not in datasets:
                 datasets[(spec.dataset, spec.image_size)] = load_dataset(
                     spec, Path(data_dir) if data_dir else None, bool(options.get("download")))
         outcome = run_grid(specs, datasets, store, executor, device=options.get("device", "cpu"), force=args.force)
     finally:
-        if hasattr(executor, "close"):
-            executor.close()
+        executor.close()  # the fork server, if any, leaves with this process
+    from bench.metrics import TABLE_THRESHOLDS
+    from bench.reports.render import render
+    from bench.reports.tables import build_tables
+
     run_ids = outcome.run_ids
     tables = build_tables(store)
     shown = {name: table[table.run_id.isin(run_ids)] if not table.empty else table for name, table in tables.items()}

@@ -3,7 +3,8 @@
 Kept apart from :mod:`bench.jobs` and free of torch, so that ``bench run`` starts its workers
 (or their fork server) before it imports torch itself: their start-up overlaps its own.
 
-``Serial`` runs the jobs here; ``LocalProcesses`` (``--jobs N``) on joblib's loky backend;
+An executor has ``run(jobs)``, which yields each job's result as it finishes, and ``close()``
+for when the grid is done (or was interrupted). ``Serial`` runs the jobs here; ``LocalProcesses`` (``--jobs N``) on joblib's loky backend;
 ``DaskCluster`` (``--scheduler``) on joblib's dask backend over a ``distributed.Client``. joblib
 drives both parallel executors, so local and cluster runs go through one code path and return
 results as they finish (``return_as="generator_unordered"``); Dask places the work and retries a
@@ -24,8 +25,8 @@ if TYPE_CHECKING:
     from bench.jobs import JobResult
 
 
-# What every job imports (torch._dynamo comes with the first optimizer, foolbox with the first
-# attack): a worker imports them as it starts, not in its first job (over a second each).
+# What every job imports (torch._dynamo comes with the first optimizer, over a second; foolbox
+# with the first attack): a worker imports them as it starts, not in its first job.
 WORKER_MODULES = ("bench.runner", "torch._dynamo", "foolbox")
 _started = False
 
@@ -70,14 +71,14 @@ class Serial:
     name = "serial"
     threads: int | None = None
 
-    def cancel(self) -> None:
-        pass
-
     def run(self, jobs: list) -> Iterator[JobResult]:
         from bench.jobs import run_job
 
         for job in jobs:
             yield run_job(job)
+
+    def close(self) -> None:
+        pass
 
 
 class LocalProcesses:
@@ -89,8 +90,8 @@ class LocalProcesses:
 
     ``fork_server=True`` starts the workers with Python's ``forkserver`` method (the default on
     Linux from Python 3.14): one server process imports ``WORKER_MODULES`` once and forks every
-    worker from it, so N workers cost one start-up, not N (on 2 cores, a 4-run grid's workers are
-    ready about 1.5 s sooner). Like ``spawn``, it imports the main module again in each worker,
+    worker from it, so N workers cost one start-up, not N (on 2 cores, ``bench perf``'s 4-run grid
+    took 0.65 of the serial time with loky's method, 0.54-0.61 with the fork server). Like ``spawn``, it imports the main module again in each worker,
     so a script must keep its top-level work under ``if __name__ == "__main__":``; the ``bench``
     command does, and turns it on. Off by default: loky's own start method has no such rule.
     """
@@ -129,9 +130,20 @@ class LocalProcesses:
             from multiprocessing import forkserver
 
             multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_MODULES))
-            # The server imports in the background; the workers fork from it when the jobs come.
-            # (Forking them here would wait for those imports.)
-            forkserver.ensure_running()
+            # The server is a new `python -c`, whose sys.path begins with the working directory
+            # (Python 3.11's forkserver ignores the driver's sys.path): a checkout's bench/ there
+            # would shadow the installed package. PYTHONSAFEPATH leaves that directory out.
+            previous = os.environ.get("PYTHONSAFEPATH")
+            os.environ["PYTHONSAFEPATH"] = "1"
+            try:
+                # The server imports in the background; the workers fork from it when the jobs
+                # come. (Forking them here would wait for those imports.)
+                forkserver.ensure_running()
+            finally:
+                if previous is None:
+                    del os.environ["PYTHONSAFEPATH"]
+                else:
+                    os.environ["PYTHONSAFEPATH"] = previous
         else:
             import joblib
 
@@ -164,19 +176,6 @@ class LocalProcesses:
         pool = reusable_executor._executor  # the pool joblib's loky backend keeps between calls
         if pool is not None:
             pool.shutdown(wait=False, kill_workers=True)
-
-    def cancel(self) -> None:
-        """A request rejected after ``start``: stop what it began at once (the fork server would
-        finish its imports, seconds of work for nothing, before it noticed)."""
-        self.close()
-        if self.fork_server:
-            import signal
-            from multiprocessing import forkserver
-
-            server = forkserver._forkserver  # no public handle on the server process
-            if getattr(server, "_forkserver_pid", None) is not None:
-                os.kill(server._forkserver_pid, signal.SIGKILL)
-                server._stop()  # reaps it; the next start begins a new one
 
 
 class DaskCluster:

@@ -79,7 +79,7 @@ def test_loky_workers_start_before_any_job_and_write_the_serial_records(serial, 
 
 
 def _session_processes(session: int) -> list[int]:
-    """Process ids of the session ``session`` leads (its leader's workers and fork server too)."""
+    """Live processes of the session ``session`` leads (its leader's workers and fork server too)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
