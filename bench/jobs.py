@@ -38,7 +38,7 @@ import torch
 from bench import progress
 from bench.datasets.base import Dataset, balanced_subset
 from bench.errors import BenchError
-from bench.executors import Serial, start_worker, robust
+from bench.executors import Serial, robust, start_worker
 from bench.log import LOGGER
 from bench.spec import RunSpec
 from bench.types import Record
