@@ -115,6 +115,13 @@ class Attack:
     default_epsilons: ClassVar[tuple[float, ...]] = ()
     backends: ClassVar[tuple[str, ...]] = BACKENDS
     default_chunk: ClassVar[int] = DEFAULT_CHUNK
+    # What the attack uses of the defense: "gradient" (its attack model's gradients),
+    # "gradient-free" (its scores only), "transfer" (nothing: a surrogate's gradients) or
+    # "adaptive" (an approximation the defense offers). Audits compare the first with the others.
+    kind: ClassVar[str] = "gradient"
+    # The model ``run`` is given: the defense's "defense" (attack model), an undefended
+    # "surrogate", or the defense's "bpda" approximation.
+    target: ClassVar[str] = "defense"
 
     @dataclass
     class Params:

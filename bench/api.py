@@ -10,6 +10,7 @@ is seeded on its own, committed to a store on its own, and described by a plain,
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import hashlib
@@ -32,12 +33,14 @@ import torch
 from torch import nn
 
 from bench.attacks import EOT, Attack, perturbation_norm
+from bench.attacks.base import frozen_parameters
 from bench.datasets.base import Dataset, balanced_subset
 from bench.defenses.base import Certificate, Defense
+from bench.diagnostics import Assessment, Diagnostic, assess, probe_clean, randomized_points, verdict_flips
 from bench.errors import BenchError
-from bench.metrics import THRESHOLD_GRID, sanity_warnings
+from bench.metrics import THRESHOLD_GRID
 from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
-from bench.spec import RunSpec, check_epsilon_keys, epsilons_for, scoped, unclaimed
+from bench.spec import RunSpec, check_epsilon_keys, epsilons_for, scoped, unclaimed, with_audit
 from bench.store import MODEL_STEPS, Run, Store
 from bench.training import TrainConfig, check_learned, training_defaults
 from bench.types import RECORD_COLUMNS, Record
@@ -412,50 +415,104 @@ def records_for(
     ]
 
 
+@dataclass
+class StepResult:
+    """What one evaluation step produced: its records and its diagnostics' counts."""
+
+    records: list[Record]
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+
+
+def attack_target(defense: Defense, attack: Attack, surrogate: nn.Module | None = None) -> nn.Module:
+    """The model ``attack`` runs on: the defense's attack model, its BPDA approximation, or an
+    undefended surrogate (``Attack.target``)."""
+    if attack.target == "surrogate":
+        if surrogate is None:
+            raise BenchError(f"attack {attack.name} needs an undefended surrogate model (trained on the same data)")
+        return surrogate.eval()
+    if attack.target == "bpda":
+        model = defense.bpda_model()
+        if model is None:
+            raise BenchError(f"attack {attack.name}: defense {defense_name(defense)} offers no BPDA approximation "
+                             "(Defense.bpda_model() returns None)")
+        return model
+    return defense.attack_model()
+
+
 def evaluate_step(
     defense: Defense, step: Step, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, *,
-    seed: int = 0, eot_draws: int = 20, log: Log = _quiet, label: str = "",
-) -> list[Record]:
-    """The records of one step: predictions (and certificates) on the clean or attacked inputs.
+    seed: int = 0, eot_draws: int = 20, log: Log = _quiet, label: str = "", surrogate: nn.Module | None = None,
+) -> StepResult:
+    """The records of one step: predictions (and certificates) on the clean or attacked inputs,
+    with the step's diagnostics (``bench.diagnostics``).
 
     Seeded on its own, so the step gives the same records whatever ran before it. Randomized
-    defenses are attacked through EOT over ``eot_draws`` noise draws per gradient step.
+    defenses, and defenses whose output changes between two calls on the same input although they
+    do not declare it, are attacked through EOT over ``eot_draws`` noise draws per gradient step.
+    The verdict of a point is one call of the defense's rule (``predict``); on a randomized defense
+    a second call measures how often that verdict flips (``verdict-flips``).
     """
     seed_everything(seed)
+    declared = defense.randomized
     if step.attack is None:
         predictions, certificate = defense.evaluate(x)
-        return records_for(index, y, predictions, certificate, "clean", None, 0.0, None)
-    target = defense.attack_model()
-    if defense.randomized:
+        records = records_for(index, y, predictions, certificate, "clean", None, 0.0, None)
+        target = defense.attack_model()
+        varies = [] if declared else [Diagnostic("clean", "undeclared-randomness", 0.0,
+                                                 int(randomized_points(target, x).sum()), len(x))]
+        randomized = declared or bool(varies and varies[0].count)
+        if randomized:
+            target = EOT(target, eot_draws)
+        with frozen_parameters(target):
+            probes = probe_clean("clean", target, x, y, defense.predict, predictions, randomized)
+        return StepResult(records, varies + probes)
+    target = attack_target(defense, step.attack, surrogate)
+    randomized = declared or (step.attack.target != "surrogate" and bool(randomized_points(target, x).any()))
+    if randomized and step.attack.target != "surrogate":
         target = EOT(target, eot_draws)
     # The defense's own prediction rule judges success inside the attacks too (AutoAttack's
     # cascade, the minimisation attacks' re-judging), not the attack model's argmax.
     adversarials = step.attack.run(target, x, y, list(step.epsilons), predict=defense.predict)
-    records = []
+    records, diagnostics = [], []
     for epsilon, x_adv in zip(step.epsilons, adversarials):
         distance = perturbation_norm(x_adv - x, step.attack.norm)
         predictions, certificate = defense.evaluate(x_adv)
         records += records_for(index, y, predictions, certificate, step.name, step.attack.norm, epsilon, distance)
+        if randomized:
+            flips = int(verdict_flips(defense.predict, x_adv, y, predictions).sum())
+            diagnostics.append(Diagnostic(step.name, "verdict-flips", float(epsilon), flips, len(x)))
         log(f"[{label}] {step.name} eps={epsilon:g}: accuracy {float((predictions == y).float().mean()):.4f}")
-    return records
+    return StepResult(records, diagnostics)
 
 
 def evaluate_steps(
     defense: Defense, steps: Sequence[Step], x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, *,
-    seed: int = 0, eot_draws: int = 20, done: set[str] = frozenset(), commit: Callable[[list[Record]], None] | None = None,
-    log: Log = _quiet, label: str = "",
-) -> list[Record]:
+    seed: int = 0, eot_draws: int = 20, done: set[str] = frozenset(),
+    commit: Callable[[StepResult], None] | None = None, log: Log = _quiet, label: str = "",
+    surrogate: Callable[[], nn.Module | None] | None = None,
+) -> list[StepResult]:
     """The clean step, then one step per attack; steps named in ``done`` are skipped, each other
-    step's records go to ``commit`` as soon as they exist (a store commits them atomically)."""
-    records: list[Record] = []
+    step's result goes to ``commit`` as soon as it exists (a store commits it atomically).
+    ``surrogate`` builds the undefended surrogate for transfer attacks, once, when one needs it."""
+    results: list[StepResult] = []
+    built: list[nn.Module | None] = []
     for step in [Step("clean"), *steps]:
         if step.name in done:
             continue
-        part = evaluate_step(defense, step, x, y, index, seed=seed, eot_draws=eot_draws, log=log, label=label)
+        model = None
+        if step.attack is not None and step.attack.target == "surrogate":
+            if not built:
+                built.append(surrogate() if surrogate is not None else None)
+            model = built[0]
+            if model is None:
+                log(f"[{label}] {step.name} skipped: no surrogate model")
+                continue
+        part = evaluate_step(defense, step, x, y, index, seed=seed, eot_draws=eot_draws, log=log, label=label,
+                             surrogate=model)
         if commit is not None:
             commit(part)
-        records += part
-    return records
+        results.append(part)
+    return results
 
 
 # -- where a run's records go ------------------------------------------------------------------------
@@ -469,6 +526,7 @@ class RunWriter:
     def __init__(self, store: Store | None, run: Run, log: Log = _quiet, resume: bool = True):
         self.store, self.run, self.done, self.resumed = store, run, set(), False
         self._records: list[Record] = []
+        self._diagnostics: list[Diagnostic] = []
         if store is None:
             return
         previous = store.resumable(run.spec_hash) if resume else None
@@ -481,10 +539,11 @@ class RunWriter:
             store.begin_run(run)
         self.lease = store.hold(self.run.run_id)  # renewed while this process works; times each step
 
-    def commit(self, records: list[Record]) -> None:
+    def commit(self, result: StepResult) -> None:
         if self.store is not None:
-            self.lease.commit(records)
-        self._records += records
+            self.lease.commit(result.records, result.diagnostics)
+        self._records += result.records
+        self._diagnostics += result.diagnostics
 
     def work(self, step: str) -> None:
         """Record the seconds since the last commit as ``step`` (``train`` or ``load``)."""
@@ -496,6 +555,11 @@ class RunWriter:
             return list(self._records)
         frame = self.store.records([self.run.run_id])
         return [Record(*tuple(row)[1:]) for row in frame.itertuples(index=False)]
+
+    def diagnostics(self) -> list[Diagnostic]:
+        if self.store is None:
+            return list(self._diagnostics)
+        return self.store.diagnostics(self.run.run_id)
 
     def finish(self, info: dict[str, Any], warnings: list[str]) -> None:
         if self.store is not None:
@@ -699,6 +763,41 @@ def fit_and_check(defense: Defense, x: torch.Tensor, y: torch.Tensor, config: Tr
                   device=config.device)
 
 
+def assess_run(records: list[Record], diagnostics: list[Diagnostic], steps: Sequence[Step], randomized: bool,
+               eot_draws: int, input_dim: int | None) -> Assessment:
+    """``bench.diagnostics.assess`` for a run with these steps."""
+    kinds = {step.name: step.attack.kind for step in steps if step.attack is not None}
+    audited = tuple(sorted({step.attack.norm for step in steps if step.attack.kind in ("gradient-free", "transfer")}))
+    return assess(records, diagnostics, kinds=kinds, declared_randomized=randomized,
+                  eot_draws=eot_draws if steps else None, input_dim=input_dim, audited_norms=audited)
+
+
+def surrogate_for(defense: Defense, data: Data, *, seed: int = 0, data_dir: Path | str | None = None,
+                  download: bool = False, device: str = "cpu", log: Log = _quiet) -> nn.Module | None:
+    """An undefended surrogate for transfer attacks: a fresh copy of ``defense.model``'s
+    architecture (every layer re-initialised), trained by standard training on ``data``'s
+    training split with the baseline's defaults; ``None`` when ``data`` has no training split."""
+    if not isinstance(data, (str, Dataset)):
+        log("transfer attacks skipped: (x, y) tensors have no training split to train a surrogate on")
+        return None
+    try:
+        name, x, y = train_data(data, train_size=None, seed=seed, data_dir=data_dir, download=download)
+    except BenchError as error:
+        log(f"transfer attacks skipped: {error}")
+        return None
+    seed_everything(seed)
+    model = copy.deepcopy(defense.model).to(device)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters") and module is not model:
+            module.reset_parameters()
+    surrogate = wrap("baseline", model, device=device)
+    defaults = training_defaults("baseline", name)
+    started = time.perf_counter()
+    fit_and_check(surrogate, x, y, TrainConfig(epochs=defaults["epochs"], lr=defaults["lr"], seed=seed, device=device))
+    log(f"trained the undefended surrogate for transfer attacks in {time.perf_counter() - started:.1f} s")
+    return surrogate.attack_model().eval()
+
+
 def evaluate(
     model_or_defense: nn.Module | Defense,
     data: Data,
@@ -711,6 +810,7 @@ def evaluate(
     attack_params: Mapping[str, Any] | None = None,
     attack_backend: str = "foolbox",
     eot_draws: int = 20,
+    audit: bool = True,
     label: str | None = None,
     data_dir: Path | str | None = None,
     download: bool = False,
@@ -730,7 +830,11 @@ def evaluate(
       again resumes an interrupted run); nothing is written without one;
     - ``seed`` seeds every step (and the ``test_size`` subset); ``attack_params`` as
       ``--attack-param`` (``{"steps": 40}`` or ``{"pgd-linf.steps": 40}``); randomized defenses
-      are attacked through EOT over ``eot_draws`` draws.
+      are attacked through EOT over ``eot_draws`` draws;
+    - ``audit``: add, for every norm a gradient attack covers, a gradient-free (Square) and a
+      transfer attack (PGD on an undefended surrogate of the same architecture, trained on
+      ``data``'s training split), so that masked gradients cannot pass for robustness; the run's
+      diagnostics (``bench.diagnostics``) are stored in ``Results.runs.info``.
 
     The whole request (data, model, attacks, epsilons) is checked before any work, with the
     one-line errors of the CLI.
@@ -741,6 +845,10 @@ def evaluate(
     if isinstance(store, (str, Path)):
         check_writable_dir(store, "store")
     defense = as_defense(model_or_defense, device)
+    if isinstance(attacks, (str, Attack)):
+        attacks = [attacks]
+    if audit:
+        attacks, epsilons = with_audit(attacks, epsilons)
     steps = attack_steps(attacks, epsilons, attack_params, attack_backend)
     test = evaluation_data(data, test_size=test_size, seed=seed, data_dir=data_dir, download=download)
     name = defense_name(defense)
@@ -769,14 +877,17 @@ def evaluate(
     try:
         started = time.perf_counter()
         evaluate_steps(defense, steps, test.x, test.y, test.index, seed=seed, eot_draws=eot_draws,
-                       done=writer.done, commit=writer.commit, log=log, label=label)
+                       done=writer.done, commit=writer.commit, log=log, label=label,
+                       surrogate=lambda: surrogate_for(defense, data, seed=seed, data_dir=data_dir, download=download,
+                                                       device=device, log=log))
         eval_seconds = time.perf_counter() - started
         records = writer.records()
-        warnings = sanity_warnings(records, defense.randomized, eot_draws if steps else None,
-                                   input_dim=int(np.prod(test.x.shape[1:])))
+        assessment = assess_run(records, writer.diagnostics(), steps, defense.randomized, eot_draws,
+                                int(np.prod(test.x.shape[1:])))
+        warnings = assessment.warnings
         for warning in warnings:
             log(f"[{label}] warning: {warning}")
-        info = {
+        info = {**assessment.info(),
             "eval_seconds": eval_seconds, "num_test": len(test.y), "device": device,
             "data_official": test.provenance, "randomized": defense.randomized, "certifies": defense.certifies,
             "resumed": writer.resumed, "argv": sys.argv,

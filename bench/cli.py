@@ -11,7 +11,7 @@ from bench import log
 from bench.errors import BenchError
 from bench.registry import ATTACKS, DATASETS, DEFENSES
 from bench.spec import (
-    DEFAULT_ATTACK_BATCH_SIZE, DEFAULT_EVAL_BATCH_SIZE, RunSpec, flatten, load_config, parse_assignments,
+    DEFAULT_ATTACK_BATCH_SIZE, DEFAULT_EVAL_BATCH_SIZE, RunSpec, flatten, load_config, parse_assignments, with_audit,
     unclaimed,
 )
 from bench.validation import check_epsilons, check_writable_dir, validate_options, validate_request
@@ -20,7 +20,7 @@ from bench.validation import check_epsilons, check_writable_dir, validate_option
 CONFIG_KEYS = {
     "defense", "dataset", "model", "attack", "epsilons", "attack_backend", "eot_draws", "epochs",
     "batch_size", "lr", "seed", "train_size", "test_size", "image_size", "data_dir", "download",
-    "out", "device", "param", "attack_param", "eval_batch_size", "attack_batch_size",
+    "out", "device", "param", "attack_param", "eval_batch_size", "attack_batch_size", "audit",
 }
 # The parts of `bench perf` (bench.perf.SECTIONS; not imported here, it imports torch).
 PERF_SECTIONS = ("attacks", "pixeldp", "training", "grid")
@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--attack-backend", choices=["foolbox", "art"], help=f"attack library (default {spec.attack_backend})")
     run.add_argument("--eot-draws", type=_integer,
                      help=f"noise draws per attack step on randomized defenses (default {spec.eot_draws})")
+    run.add_argument("--no-audit", dest="audit", action="store_false", default=None,
+                     help="do not add the gradient-free (square-*) and transfer (transfer-*) attacks beside the "
+                          "gradient attacks of each norm (default: added; without them gradient masking goes unseen)")
     run.add_argument("--epochs", type=_integer, help="training epochs (default per defense and dataset, bench.training.TRAINING_DEFAULTS: 30, MNIST 8)")
     run.add_argument("--batch-size", type=_integer, help=f"training batch size (default {spec.batch_size})")
     run.add_argument("--lr", type=_number, help="training learning rate (default per defense and dataset, bench.training.TRAINING_DEFAULTS: 0.05, robustopt 0.01, madry on MNIST 0.02)")
@@ -180,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--attack-backend", choices=["foolbox", "art"], default="foolbox")
     evaluation.add_argument("--eot-draws", type=_integer, default=20,
                             help="noise draws per attack step on randomized defenses (default 20)")
+    evaluation.add_argument("--no-audit", dest="audit", action="store_false",
+                            help="do not add the gradient-free and transfer attacks (default: added)")
     evaluation.add_argument("--seed", type=_integer, default=0, help="seed of every step and of --test-size (default 0)")
     evaluation.add_argument("--test-size", type=_integer, help="seeded class-balanced test subset (default: all)")
     evaluation.add_argument("--data-dir", type=Path, help="where dataset files are (default ./data)")
@@ -357,6 +362,10 @@ def specs_from(options: dict[str, Any]) -> list[RunSpec]:
                     "lr", "train_size", "test_size", "image_size", "eval_batch_size", "attack_batch_size")
         if key in options
     }
+    if options.get("audit", True) is not False:
+        attacks, audited_epsilons = with_audit(attacks, options.get("epsilons"))
+        if audited_epsilons is not None:
+            common["epsilons"] = audited_epsilons
     return [
         RunSpec(defense=name, dataset=dataset, seed=seed, params=dict(options["param"]), attacks=list(attacks),
                 attack_params=dict(options["attack_param"]), **common)
@@ -446,7 +455,7 @@ def command_eval(args: argparse.Namespace) -> int:
     defense = wrap(args.defense, model, device=args.device, **params)
     results = evaluate(
         defense, args.dataset, attacks, epsilons, store=args.out, seed=args.seed, test_size=args.test_size,
-        attack_params=attack_params, attack_backend=args.attack_backend, eot_draws=args.eot_draws,
+        attack_params=attack_params, attack_backend=args.attack_backend, eot_draws=args.eot_draws, audit=args.audit,
         data_dir=args.data_dir, download=args.download, device=args.device, log=log.LOGGER.info,
     )
     tables = dict(results.tables)

@@ -36,10 +36,13 @@ import numpy as np
 import torch
 
 from bench import progress
+from bench.api import Step, StepResult, assess_run, evaluate_step
 from bench.datasets.base import Dataset, balanced_subset
 from bench.errors import BenchError
 from bench.executors import Serial, robust, start_worker
 from bench.log import LOGGER
+from bench.registry import ATTACKS
+from bench.runner import build_defense, resolved, spec_steps
 from bench.spec import RunSpec
 from bench.types import Record
 
@@ -106,6 +109,9 @@ class EvalJob:
     device: str = "cpu"
     threads: int | None = None
     driver_pid: int | None = None
+    # Transfer attacks: the undefended surrogate's training spec and, once trained, its weights.
+    surrogate: RunSpec | None = None
+    surrogate_state: dict[str, Any] | None = None
 
     @property
     def key(self) -> tuple:
@@ -121,6 +127,7 @@ class JobResult:
     key: tuple
     seconds: float
     records: list[Record] | None = None
+    diagnostics: list[tuple] = field(default_factory=list)
     state: dict[str, Any] | None = None
     error: str | None = None
     host: str = field(default_factory=socket.gethostname)
@@ -150,8 +157,8 @@ def run_job(job: TrainJob | EvalJob) -> JobResult:
         if isinstance(job, TrainJob):
             state = _train(job)
             return JobResult(job.key, time.perf_counter() - started, state=state)
-        records = _evaluate(job)
-        return JobResult(job.key, time.perf_counter() - started, records=records)
+        result = _evaluate(job)
+        return JobResult(job.key, time.perf_counter() - started, records=result.records, diagnostics=result.diagnostics)
     except Exception as error:  # noqa: BLE001 - any failure of one job is recorded, not fatal
         where = traceback.extract_tb(error.__traceback__)[-1]
         message = f"{type(error).__name__}: {error}".splitlines()[0]
@@ -161,7 +168,6 @@ def run_job(job: TrainJob | EvalJob) -> JobResult:
 
 def _train(job: TrainJob) -> dict[str, Any]:
     from bench.api import fit_and_check
-    from bench.runner import build_defense
     from bench.training import TrainConfig
 
     spec = job.spec
@@ -171,17 +177,19 @@ def _train(job: TrainJob) -> dict[str, Any]:
     return defense.state_dict()
 
 
-def _evaluate(job: EvalJob) -> list[Record]:
+def _evaluate(job: EvalJob) -> StepResult:
     """One step of the public API's evaluation loop (``bench.api.evaluate_step``) on one shard."""
-    from bench.api import Step, evaluate_step
-    from bench.runner import build_defense, spec_steps
-
     spec = job.spec
     defense, _ = build_defense(spec, job.data.empty_dataset(), job.device)
     defense.load_state_dict(job.state)
+    surrogate = None
+    if job.surrogate is not None and job.surrogate_state is not None:
+        baseline, _ = build_defense(job.surrogate, job.data.empty_dataset(), job.device)
+        baseline.load_state_dict(job.surrogate_state)
+        surrogate = baseline.attack_model()
     step = Step("clean") if job.step == "clean" else next(s for s in spec_steps(spec) if s.name == job.step)
     return evaluate_step(defense, step, job.x, job.y, job.sample_index, seed=shard_seed(spec.seed, job.shard),
-                         eot_draws=spec.eot_draws)
+                         eot_draws=spec.eot_draws, surrogate=surrogate)
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -202,6 +210,7 @@ class Planned:
     errors: list[str] = field(default_factory=list)
     lease: Any = None
     device: str = "cpu"
+    surrogate: RunSpec | None = None  # the undefended surrogate's training spec, for transfer attacks
 
 
 @dataclass
@@ -215,7 +224,6 @@ class GridOutcome:
 def plan_runs(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], device: str) -> list[Planned]:
     """Each spec resolved (model, epochs and every parameter spelled out), with its subsets."""
     from bench.api import describe
-    from bench.runner import build_defense, resolved
 
     planned = []
     for spec in specs:
@@ -227,8 +235,23 @@ def plan_runs(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], de
             spec, label, params, dataset,
             balanced_subset(dataset.y_train, spec.train_size, spec.seed),
             balanced_subset(dataset.y_test, spec.test_size, spec.seed), device=device,
+            surrogate=surrogate_spec(spec, dataset, device) if _transfers(spec) else None,
         ))
     return planned
+
+
+def _transfers(spec: RunSpec) -> bool:
+    return any(ATTACKS.get(name).target == "surrogate" for name in spec.attacks)
+
+
+def surrogate_spec(spec: RunSpec, dataset: Dataset, device: str) -> RunSpec:
+    """The training spec of ``spec``'s undefended surrogate: the baseline with the same model,
+    data, seed and subset, at the baseline's training defaults (a baseline run of the grid with
+    those settings is the surrogate itself: its checkpoint is shared)."""
+    baseline = dataclasses.replace(spec, defense="baseline", params={}, epochs=None, lr=None, attacks=[],
+                                   attack_params={}, epsilons=None)
+    defense, model_name = build_defense(baseline, dataset, device)
+    return resolved(baseline, defense, model_name)
 
 
 def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], store, executor=None,
@@ -293,6 +316,19 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
             training[training_hash] = TrainJob(
                 run.spec, DataInfo.of(run.dataset), run.dataset.x_train[run.train_index],
                 run.dataset.y_train[run.train_index], run.label, device, threads)
+    for run in active:
+        evaluations_needed = run.surrogate is not None and any(
+            ATTACKS.get(step).target == "surrogate" for step in run.spec.attacks if step not in run.done)
+        training_hash = run.surrogate.training_hash() if run.surrogate is not None else None
+        if not evaluations_needed or training_hash in states or training_hash in training:
+            continue
+        state = store.load_checkpoint(training_hash)
+        if state is not None:
+            states[training_hash] = state
+        elif len(run.train_index):
+            training[training_hash] = TrainJob(
+                run.surrogate, DataInfo.of(run.dataset), run.dataset.x_train[run.train_index],
+                run.dataset.y_train[run.train_index], f"surrogate of {run.label}", device, threads)
     evaluations = {run.run_id: _evaluation_jobs(run, device, threads) for run in active}
     for run in active:
         run.jobs_left = len(evaluations[run.run_id])
@@ -312,16 +348,39 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
         return f"[{count}/{total}{f', about {left:.0f} s left' if count < total else ''}] {text}"
 
     def evaluation_wave(runs: Iterable[Planned]) -> list[EvalJob]:
+        """The jobs of ``runs`` whose weights (and surrogate's, for transfer attacks) are ready."""
         wave = []
         for run in runs:
             state = states.get(run.spec.training_hash())
             if state is None:
                 continue
+            waiting = []
             for job in evaluations.pop(run.run_id, []):
+                if job.surrogate is not None:
+                    job.surrogate_state = states.get(job.surrogate.training_hash())
+                    if job.surrogate_state is None:
+                        waiting.append(job)
+                        continue
                 job.state = state
                 by_key[job.key] = (run, job)
                 wave.append(job)
+            if waiting:
+                evaluations[run.run_id] = waiting
         return wave
+
+    def drop_transfers(training_hash: str, error: str) -> None:
+        """A surrogate's training failed: the transfer jobs waiting for it fail with it."""
+        for run in active:
+            waiting = evaluations.get(run.run_id, [])
+            dropped = [job for job in waiting if job.surrogate is not None and job.surrogate.training_hash() == training_hash]
+            if not dropped:
+                continue
+            evaluations[run.run_id] = [job for job in waiting if job not in dropped]
+            run.errors.append(f"surrogate training: {error}")
+            bar.update(len(dropped))
+            run.jobs_left -= len(dropped)
+            if run.jobs_left == 0:
+                finish(run)
 
     def finish(run: Planned) -> None:
         _finish_run(store, run, threads)
@@ -343,13 +402,14 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
                             skipped_jobs = evaluations.pop(run.run_id, [])
                             bar.update(len(skipped_jobs))
                             finish(run)
+                        drop_transfers(result.key[1], result.error)
                     else:
                         path = store.save_checkpoint(result.key[1], result.state)
                         states[result.key[1]] = result.state
                         for run in owners:
                             store.add_work(run.run_id, "train", result.seconds)
                         LOGGER.info(done_line(f"done: {job.describe()} in {result.seconds:.1f} s (checkpoint {path.name})"))
-                        second += evaluation_wave(owners)
+                        second += evaluation_wave(active)
                     bar.update(1)
                     continue
                 run, job = by_key[result.key]
@@ -359,7 +419,8 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
                     LOGGER.warning(done_line(f"failed: {job.describe()}: {result.error}"))
                 else:
                     # One transaction per job, with the seconds its worker spent (costs add up across resumes).
-                    store.add_records(run.run_id, result.records, step=job.step, seconds=result.seconds)
+                    store.add_records(run.run_id, result.records, step=job.step, seconds=result.seconds,
+                                      diagnostics=result.diagnostics)
                     LOGGER.info(done_line(f"done: {job.describe()} in {result.seconds:.1f} s: {_summary(result.records)}"))
                 bar.update(1)
                 run.jobs_left -= 1
@@ -405,8 +466,10 @@ def _evaluation_jobs(run: Planned, device: str, threads: int | None) -> list[Eva
             samples = index[part]
             if len(samples) and int(samples[0]) in stored:
                 continue  # a shard commits in one transaction: one stored sample means all are
+            surrogate = run.surrogate if step != "clean" and ATTACKS.get(step).target == "surrogate" else None
             jobs.append(EvalJob(run.spec, DataInfo.of(dataset), step, number, len(parts), samples,
-                                dataset.x_test[samples], dataset.y_test[samples], {}, run.label, device, threads))
+                                dataset.x_test[samples], dataset.y_test[samples], {}, run.label, device, threads,
+                                surrogate=surrogate))
     return jobs
 
 
@@ -418,7 +481,6 @@ def _summary(records: list[Record]) -> str:
 
 
 def _finish_run(store, run: Planned, threads: int | None) -> None:
-    from bench.metrics import sanity_warnings
     from bench.registry import DEFENSES
 
     if run.lease is not None:
@@ -446,8 +508,10 @@ def _finish_run(store, run: Planned, threads: int | None) -> None:
     stored = [Record(*tuple(row)[1:]) for row in records.itertuples(index=False)]
     clean = records[records.attack == "clean"]
     input_dim = int(math.prod(run.dataset.shape))
-    warnings = sanity_warnings(stored, defense_class.randomized, run.spec.eot_draws if run.spec.attacks else None,
-                               input_dim=input_dim)
+    assessment = assess_run(stored, store.diagnostics(run.run_id), spec_steps(run.spec), defense_class.randomized,
+                            run.spec.eot_draws, input_dim)
+    info.update(assessment.info())
+    warnings = assessment.warnings
     for warning in warnings:
         LOGGER.warning(f"[{run.label}] warning: {warning}")
     LOGGER.info(f"[{run.label}] complete: clean accuracy {float(clean.correct.mean()):.4f} on {len(clean)} test images")

@@ -75,13 +75,31 @@ def _with_accuracy(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(accuracy=accuracy)
 
 
+def robust_verdicts(attacked: pd.DataFrame, clean: pd.DataFrame) -> pd.DataFrame:
+    """``attacked`` with ``correct`` = right on the attacked input *and* on the clean one.
+
+    The attacker may leave a point as it is (a perturbation of size 0 is within every budget), so a
+    point the defense gets wrong unperturbed is not robust at any epsilon. For deterministic
+    defenses this changes nothing; for randomized ones it makes each point's verdict one event:
+    a point is not counted robust because a fresh call of a noisy rule got lucky on the attacked
+    input after a call got it wrong on the clean one."""
+    if clean.empty:
+        return attacked
+    right = clean.groupby(["run_id", "sample_index"], sort=False).correct.min().rename("clean_correct")
+    merged = attacked.join(right, on=["run_id", "sample_index"])
+    both = merged.correct.where(merged.clean_correct.isna(), merged.correct * merged.clean_correct.fillna(1))
+    return attacked.assign(correct=both.astype(attacked.correct.dtype))
+
+
 def accuracy_under_attack(records: pd.DataFrame) -> pd.DataFrame:
-    """One row per run, attack, norm and epsilon: ``accuracy`` = ``correct`` / ``n``; epsilon 0 is
-    the clean accuracy of every attack."""
+    """One row per run, attack, norm and epsilon: ``accuracy`` = ``correct`` / ``n`` where a point is
+    correct when the defense is right on its clean and its attacked input (``robust_verdicts``);
+    epsilon 0 is the clean accuracy of every attack."""
     columns = RUN_KEYS + ["attack", "norm", "epsilon", "correct", "n", "accuracy"]
     attacked = records[records.attack != CLEAN]
     if attacked.empty:
         return pd.DataFrame(columns=columns)
+    attacked = robust_verdicts(attacked, records[records.attack == CLEAN])
     worst = (
         attacked.groupby(RUN_KEYS + ["norm", "epsilon", "sample_index"], sort=False)["correct"].min().reset_index()
     )

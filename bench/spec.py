@@ -79,6 +79,40 @@ def epsilons_for(epsilons: Epsilons | None, attack: str, norm: str, default: Seq
     return [float(e) for e in epsilons]
 
 
+# The audit: attacks that do not follow the defense's gradients, added beside the gradient
+# attacks of each norm they cover (bench.attacks.audit); its norms, and nothing else, get a
+# verdict on gradient masking.
+AUDIT_ATTACKS: dict[str, tuple[str, ...]] = {"linf": ("square-linf", "transfer-linf"), "l2": ("square-l2", "transfer-l2")}
+GRADIENT_KINDS = ("gradient", "adaptive")
+
+
+def with_audit(attacks: Sequence[Any], epsilons: Epsilons | None) -> tuple[list[Any], Epsilons | None]:
+    """``attacks`` (names or ``Attack`` objects) with the audit's attacks of every norm that a
+    gradient attack among them covers, and ``epsilons`` extended so the audit attacks run at the
+    union of that norm's epsilons (so they can be compared point for point)."""
+    from bench.registry import ATTACKS  # registered attacks load torch; spec stays light
+
+    attacks = list(attacks)
+    names = {a if isinstance(a, str) else a.name for a in attacks}
+    chosen: dict[str, list[float]] = {}
+    for entry in attacks:
+        attack = ATTACKS.get(entry) if isinstance(entry, str) else entry
+        name = entry if isinstance(entry, str) else entry.name
+        if attack.kind in GRADIENT_KINDS and attack.norm in AUDIT_ATTACKS:
+            values = epsilons_for(epsilons, name, attack.norm, attack.default_epsilons)
+            chosen.setdefault(attack.norm, [])
+            chosen[attack.norm] = sorted(set(chosen[attack.norm]) | set(values))
+    added = [(name, norm) for norm in chosen for name in AUDIT_ATTACKS[norm] if name not in names]
+    if not added:
+        return attacks, epsilons
+    if isinstance(epsilons, Mapping) or epsilons is None:
+        epsilons = dict(epsilons or {})
+        for name, norm in added:
+            if name not in epsilons:
+                epsilons[name] = chosen[norm]
+    return attacks + [name for name, _ in added], epsilons
+
+
 def check_epsilon_keys(epsilons: Epsilons | None, attacks: Mapping[str, str]) -> None:
     """Every key of per-norm/per-attack epsilons names a norm or one of the selected ``attacks``
     (name -> norm), so a typo is not silently replaced by an attack's defaults."""

@@ -92,6 +92,16 @@ CREATE TABLE IF NOT EXISTS work (
     host TEXT NOT NULL,
     pid INTEGER NOT NULL
 )"""
+# Diagnostics' counts (bench.diagnostics.Diagnostic), committed with the records of their step.
+DIAGNOSTICS_TABLE = """
+CREATE TABLE IF NOT EXISTS diagnostics (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    step TEXT NOT NULL,
+    name TEXT NOT NULL,
+    epsilon REAL NOT NULL,
+    count INTEGER NOT NULL,
+    n INTEGER NOT NULL
+)"""
 UNIQUE_RECORDS = "CREATE UNIQUE INDEX IF NOT EXISTS records_unique ON records(run_id, sample_index, attack, epsilon)"
 # Steps of the work table that are not evaluation: training the model, or loading its checkpoint.
 MODEL_STEPS = ("train", "load")
@@ -154,9 +164,9 @@ class RunLease:
             except Exception:  # noqa: BLE001 - reported by the next commit
                 pass
 
-    def commit(self, records: list[Record]) -> None:
-        """Commit one evaluation step's records with the seconds it took."""
-        self.store.add_records(self.run_id, records, seconds=time.perf_counter() - self._since)
+    def commit(self, records: list[Record], diagnostics: Iterable[tuple] = ()) -> None:
+        """Commit one evaluation step's records and diagnostics with the seconds it took."""
+        self.store.add_records(self.run_id, records, seconds=time.perf_counter() - self._since, diagnostics=diagnostics)
         self._since = time.perf_counter()
 
     def work(self, step: str) -> None:
@@ -210,7 +220,7 @@ class Store:
             record_columns = {row[1] for row in connection.execute("PRAGMA table_info(records)")}
             present = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
             up_to_date = not columns or (columns >= {"status", *OWNER_COLUMNS} and "certified" in record_columns
-                                         and present >= {"work", "records_unique"})
+                                         and present >= {"work", "records_unique", "diagnostics"})
             return columns, record_columns, up_to_date
 
         if missing()[2]:
@@ -234,6 +244,7 @@ class Store:
                 if name not in columns:
                     connection.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
             connection.execute(WORK_TABLE)
+            connection.execute(DIAGNOSTICS_TABLE)
             try:
                 connection.execute(UNIQUE_RECORDS)
             except sqlite3.IntegrityError:
@@ -271,9 +282,11 @@ class Store:
             _insert_run(connection, run)
             _set_owner(connection, run.run_id)
 
-    def add_records(self, run_id: str, records: Iterable[Record], step: str | None = None, seconds: float | None = None) -> None:
-        """Append one evaluation step's records, and the seconds this process spent on it,
-        atomically; only the process that owns the run may, and never twice."""
+    def add_records(self, run_id: str, records: Iterable[Record], step: str | None = None, seconds: float | None = None,
+                    diagnostics: Iterable[tuple] = ()) -> None:
+        """Append one evaluation step's records, its diagnostics (``bench.diagnostics.Diagnostic``)
+        and the seconds this process spent on it, atomically; only the process that owns the run
+        may, and never twice."""
         records = list(records)
         step = step or (records[0].attack if records else "?")
         with self._write(f"writing step {step} of run {run_id}") as connection:
@@ -285,6 +298,8 @@ class Store:
                     f"run {run_id}: step {step} already has records for some of these samples and epsilons; "
                     "not written twice (did another process write this run?)"
                 ) from None
+            connection.executemany("INSERT INTO diagnostics VALUES (?, ?, ?, ?, ?, ?)",
+                                   ((run_id,) + tuple(d) for d in diagnostics))
             if seconds is not None:
                 _insert_work(connection, run_id, step, seconds)
         _count_commit()
@@ -377,6 +392,13 @@ class Store:
             "reused_checkpoint": not bool((work.step == "train").any()),
             "processes": len(work[["host", "pid"]].drop_duplicates()),
         }
+
+    def diagnostics(self, run_id: str) -> list[tuple]:
+        """The diagnostics' counts stored for a run: (step, name, epsilon, count, n) rows."""
+        with closing(self._connect(create=False)) as connection:
+            rows = connection.execute("SELECT step, name, epsilon, count, n FROM diagnostics WHERE run_id = ? ORDER BY rowid",
+                                      (run_id,)).fetchall()
+        return [tuple(row) for row in rows]
 
     def work(self, run_id: str) -> pd.DataFrame:
         """Seconds spent on each step of a run, one row per step and process that did it."""

@@ -156,6 +156,11 @@ def check_writable_dir(path: Any, what: str = "--out") -> None:
         raise BenchError(f"{what} {path} is not writable: cannot create a directory in {existing} ({reason})") from None
 
 
+def _boolean(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise BenchError(f"{key} must be true or false, got {value!r}")
+
+
 # One checker per option key; the CLI's parsed flags and a TOML config's values both go through it.
 OPTION_CHECKS: dict[str, Callable[[Any], None]] = {
     "defense": _name_list("defense"),
@@ -176,6 +181,7 @@ OPTION_CHECKS: dict[str, Callable[[Any], None]] = {
     "attack_batch_size": _positive_int("attack_batch_size"),
     "data_dir": check_data_dir,
     "download": check_download,
+    "audit": lambda value: _boolean("audit", value),
     "out": lambda value: (_text("out")(value), check_writable_dir(value)),
     "device": check_device,
 }

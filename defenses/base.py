@@ -21,6 +21,8 @@ class Defense:
 
     - ``attack_model()``: the differentiable ``nn.Module`` (images in [0,1] -> logits) that
       attacks target; a randomized defense draws fresh noise on every call (``randomized = True``);
+    - ``bpda_model()``: a differentiable approximation for BPDA, where ``attack_model()`` has
+      steps autograd cannot differentiate (quantization, JPEG, a denoiser outside autograd);
     - ``training_loss(x, y)`` and ``after_step()``: hooks of the shared training loop;
     - ``predict(x)``: labels by the defense's own prediction rule;
     - ``certify(x)`` -> ``Certificate`` when ``certifies = True``;
@@ -78,6 +80,13 @@ class Defense:
     # -- inference ----------------------------------------------------------------------------
     def attack_model(self) -> nn.Module:
         return self.model
+
+    def bpda_model(self) -> nn.Module | None:
+        """A differentiable approximation of ``attack_model()`` for BPDA attacks (``bpda-linf``,
+        ``bpda-l2``; Athalye et al. 2018): the same forward pass, with gradients through a
+        substitute for what autograd cannot differentiate, e.g.
+        ``bench.attacks.audit.StraightThrough(preprocess, classifier)``. None: no approximation."""
+        return None
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
