@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from bench.reports.labels import FLAG
 from bench.reports.plots import Plot
 
 STYLE = """
@@ -24,6 +25,8 @@ th { background: #f2f2f2; } tr:nth-child(even) td { background: #fafafa; }
 .scroll { overflow-x: auto; }
 figure { margin: 1rem 0 2rem; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.85rem; color: #444; }
+.flag { background: #c00000; color: #fff; font-weight: bold; padding: 0 0.3rem; border-radius: 3px; white-space: nowrap; }
+.alarm { background: #fde8e8; border-left: 4px solid #c00000; padding: 0.4rem 0.8rem; margin: 0.3rem 0; }
 .warning { background: #fff4e5; border-left: 4px solid #e69500; padding: 0.4rem 0.8rem; margin: 0.3rem 0; }
 .ok { color: #2b6e2b; } pre { background: #f6f6f6; padding: 0.6rem; overflow-x: auto; font-size: 0.8rem; }
 details { margin: 0.4rem 0; } summary { cursor: pointer; font-weight: 600; }
@@ -33,7 +36,13 @@ details { margin: 0.4rem 0; } summary { cursor: pointer; font-weight: 600; }
 
 
 def _table(frame: pd.DataFrame, table_id: str) -> str:
-    return f'<div class="scroll">{frame.to_html(index=False, escape=True, border=0, table_id=table_id, na_rep="–")}</div>'
+    table = frame.to_html(index=False, escape=True, border=0, table_id=table_id, na_rep="–")
+    return f'<div class="scroll">{_badged(table)}</div>'
+
+
+def _badged(text: str) -> str:
+    """The flag of a flagged run (``bench.reports.labels.FLAG``) as a red badge."""
+    return text.replace(FLAG, f'<span class="flag">{FLAG}</span>')
 
 
 def _image(plot: Plot) -> str:
@@ -52,10 +61,10 @@ def _json(value: Any) -> str:
 
 def _run_section(run: pd.Series) -> str:
     versions = pd.DataFrame(sorted(run["versions"].items()), columns=["library", "version"])
-    warnings = "".join(f'<div class="warning">{html.escape(w)}</div>' for w in run["warnings"]) or '<p class="ok">no warnings</p>'
+    warnings = "".join(f'<div class="warning">{html.escape(w)}</div>' for w in run["warnings"]) or '<p>no warnings</p>'
     return (
         f'<details class="run" id="run-{html.escape(run.run_id)}"><summary>{html.escape(run.dataset)} · '
-        f'{html.escape(run.config)} · run {html.escape(run.run_id)}</summary>'
+        f'{_badged(html.escape(run.config))} · run {html.escape(run.run_id)}</summary>'
         f'<p class="meta">created {html.escape(str(run.created))} on {html.escape(str(run.host))}; seed {run.seed}; '
         f'spec hash {html.escape(run.spec_hash)}; store {html.escape(str(run.store))}</p>'
         f"<h3>Sanity warnings</h3>{warnings}"
@@ -77,11 +86,39 @@ def _strength_notes(name: str, runs: pd.DataFrame) -> str:
     dataset, _, shown_norm = name[len(prefix):].rpartition(", ")
     norms = [norm for norm, label in NORM_NAMES.items() if label == shown_norm] or [shown_norm]
     notes = [
-        f'<div class="warning"><b>{html.escape(run.config)}</b>: {html.escape(w)}</div>'
+        f'<div class="warning"><b>{_badged(html.escape(run.config))}</b>: {html.escape(w)}</div>'
         for _, run in runs[runs.dataset == dataset].iterrows() for w in run.warnings
         if any(w.startswith(f"{STRENGTH_PREFIX} ({norm})") for norm in norms)
     ]
     return "".join(notes)
+
+
+def _verdicts(runs: pd.DataFrame) -> str:
+    """The report's first section: flagged runs in red with every diagnostic that fired, then the
+    runs whose diagnostics did not all run, then attack-strength notes; green only when every run
+    was fully checked and none was flagged (``bench.diagnostics``)."""
+    from bench.reports.labels import verdict
+
+    if runs.empty:
+        return "<p>No runs.</p>"
+    alarms, unchecked, notes = [], [], []
+    for _, run in runs.iterrows():
+        name = f"<b>{_badged(html.escape(run.dataset + ' · ' + run.config))}</b>"
+        fired = [d["message"] for d in run["info"].get("diagnostics") or [] if d.get("fired")]
+        alarms += [f'<div class="alarm">{name}: {html.escape(message)}</div>' for message in fired]
+        if verdict(run["info"]) == "unchecked":
+            unchecked.append(name)
+        notes += [f'<div class="warning">{name}: {html.escape(w)}</div>' for w in run.warnings if w not in fired]
+    parts = alarms
+    if unchecked:
+        parts.append(f'<div class="warning">Not every diagnostic ran for {", ".join(unchecked)} (no gradient '
+                     "attack with its gradient-free and transfer audit in some norm, or a run stored before the "
+                     "diagnostics existed): no verdict on gradient masking.</div>")
+    parts += notes
+    if not parts:
+        return ('<p class="ok">Every run was fully checked (gradients, randomness, a full-budget gradient walk, '
+                "gradient-free and transfer attacks against the gradient attacks) and no diagnostic fired.</p>")
+    return "".join(parts)
 
 
 def build_html(
@@ -95,11 +132,7 @@ def build_html(
     """The report as one HTML string; ``shown`` are the tables of ``bench.reports.display.display_tables``."""
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     selection = ", ".join(f"{k}={v}" for k, v in where) or "all runs (latest of each spec)"
-    warned = runs[runs.warnings.map(len) > 0] if not runs.empty else runs
-    warning_items = "".join(
-        f'<div class="warning"><b>{html.escape(run.dataset)} · {html.escape(run.config)}</b>: {html.escape(w)}</div>'
-        for _, run in warned.iterrows() for w in run.warnings
-    ) or '<p class="ok">No run reported a sanity warning.</p>'
+    warning_items = _verdicts(runs)
     tables = "".join(
         f'<h3>{html.escape(name)}</h3>{_table(frame, "table-" + name.lower().replace(" ", "-"))}'
         f"{_strength_notes(name, runs)}"
@@ -112,12 +145,12 @@ def build_html(
 <title>{html.escape(title)}</title><style>{STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<nav class="meta"><a href="#warnings">Sanity warnings</a> · <a href="#tables">Tables</a> · <a href="#plots">Plots</a> ·
+<nav class="meta"><a href="#warnings">Diagnostics</a> · <a href="#tables">Tables</a> · <a href="#plots">Plots</a> ·
 <a href="#runs">Runs</a></nav>
 <p class="meta">Generated {now} from {html.escape(', '.join(sources) or 'the results store')}; selection: {html.escape(selection)};
 {len(runs)} run(s). Every number is computed from the stored per-sample records. Proportions show their 95%
 Clopper-Pearson (exact binomial) interval in brackets; n is the number of samples behind each value.</p>
-<h2 id="warnings">Sanity warnings</h2>
+<h2 id="warnings">Diagnostics: can these numbers be trusted?</h2>
 {warning_items}
 <h2 id="tables">Tables</h2>
 {tables}

@@ -9,6 +9,21 @@ import pandas as pd
 from bench.spec import flatten
 
 NORM_NAMES = {"l2": "L2", "linf": "L∞", "l1": "L1"}
+# Appended to the label of a run whose diagnostics fired (bench.diagnostics): it then shows in
+# every table and plot legend; the HTML report and the plots draw it in red.
+FLAG = "⚠ FLAGGED"
+
+
+def flagged(info: Any) -> bool:
+    """Whether a run's stored diagnostics (``info["diagnostics"]``) include one that fired."""
+    return isinstance(info, dict) and any(isinstance(d, dict) and d.get("fired") for d in info.get("diagnostics") or [])
+
+
+def verdict(info: Any) -> str:
+    """``flagged``, ``clean`` (every diagnostic ran, none fired) or ``unchecked``."""
+    if flagged(info):
+        return "flagged"
+    return "clean" if isinstance(info, dict) and info.get("diagnostics_complete") else "unchecked"
 
 # Spec fields that make two runs of one label different configurations; runs that differ only in
 # their attacks (e.g. one run per norm, the second reusing the first one's checkpoint) share one.
@@ -29,6 +44,9 @@ def configuration_labels(runs: pd.DataFrame) -> pd.Series:
         for index, spec in zip(group.index, specs):
             parts = [f"{k}={_short(spec.get(k))}" for k in differing[:3]]
             labels[index] = f"{group.label.iloc[0]} [{', '.join(parts)}]"
+    if "info" in runs:
+        marked = runs["info"].map(flagged).astype(bool)
+        labels[marked] = labels[marked] + f" {FLAG}"
     return labels
 
 

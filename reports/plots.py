@@ -32,7 +32,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from bench.metrics import CLEAN, PRECISION_THRESHOLDS, WORST_CASE  # noqa: E402
-from bench.reports.labels import NORM_NAMES, config_order  # noqa: E402
+from bench.reports.labels import FLAG, NORM_NAMES, config_order  # noqa: E402
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
 DASHES = ["-", "--", "-.", ":"]
@@ -98,7 +98,12 @@ def _legend(figure: Figure, handles: list[Line2D], title: str) -> None:
     longest = max((len(h.get_label()) for h in handles), default=10)
     per_column = 0.6 + 0.085 * longest  # inches one legend entry needs at this font size
     columns = max(1, min(len(handles), int(figure.get_figwidth() // per_column)))
-    figure.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=columns, title=title, frameon=False)
+    legend = figure.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=columns, title=title,
+                           frameon=False)
+    for text in legend.get_texts():
+        if FLAG in text.get_text():
+            text.set_color("#c00000")
+            text.set_fontweight("bold")
 
 
 def _line(ax: plt.Axes, data: pd.DataFrame, x: str, y: str, low: str | None, high: str | None, style: dict,

@@ -8,6 +8,7 @@ import pandas as pd
 
 from bench.errors import BenchError
 from bench.reports.display import display_tables
+from bench.reports.labels import FLAG
 
 TEXT_FORMATS = ("md", "latex", "csv", "json")
 
@@ -54,10 +55,33 @@ def render(
     if fmt == "latex":
         return f"% {note}\n" + "\n".join(to_latex(table, title) for title, table in shown.items())
     if fmt == "md":
-        return f"{note}\n\n" + "\n".join(f"## {title}\n\n{table.to_markdown(index=False)}\n" for title, table in shown.items())
+        return (f"{note}\n\n" + "\n".join(f"## {title}\n\n{table.to_markdown(index=False)}\n" for title, table in shown.items())
+                + "\n" + diagnostics_text(tables.get("diagnostics")))
     raise ValueError(f"unknown table format {fmt!r}")
 
 
+
+
+def diagnostics_text(table: pd.DataFrame | None) -> str:
+    """What the diagnostics say, for the end of every text output: each flagged run with every
+    diagnostic that fired, the runs not fully checked, or that every run passed them all."""
+    if table is None or table.empty:
+        return ""
+    lines = []
+    for row in table.itertuples(index=False):
+        name = f"{row.dataset} · {row.config}"
+        if row.verdict == "flagged":
+            lines.append(f"- {FLAG} {name}:")
+        lines += [f"  - {message}" if row.verdict == "flagged" else f"- {name}: {message}" for message in row.messages]
+    unchecked = [f"{row.dataset} · {row.config}" for row in table.itertuples(index=False) if row.verdict == "unchecked"]
+    if unchecked:
+        lines.append(f"- not every diagnostic ran for {', '.join(unchecked)} (a norm without a gradient attack and "
+                     "its gradient-free and transfer audit, or a run stored before the diagnostics): no verdict "
+                     "on gradient masking")
+    if not lines:
+        lines.append("- every run was fully checked (gradients, randomness, a full-budget gradient walk, gradient-free "
+                     "and transfer attacks against the gradient attacks) and no diagnostic fired")
+    return "## Diagnostics\n\n" + "\n".join(lines) + "\n"
 
 
 def to_csv(table: pd.DataFrame) -> str:

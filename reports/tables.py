@@ -26,7 +26,15 @@ Added fields (compatible extensions):
   ``*_seconds`` entry of the run's info (``train_seconds``, ``eval_seconds``, ...), num_train,
   num_test, eval_ms_per_image, reused_checkpoint, device, model_train_seconds}. ``train_seconds``
   of a run that reused a checkpoint is the loading time; ``model_train_seconds`` is the training
-  time of its model, from the run that trained it (null when that run is not in the stores).
+  time of its model, from the run that trained it (null when that run is not in the stores);
+- a ``diagnostics`` list, one row per run (``bench.diagnostics``): {run_id, dataset, defense,
+  label, config, verdict (``flagged``: a diagnostic fired; ``clean``: all ran, none fired;
+  ``unchecked``: not all ran), fired (the names of those that fired), verdict_flips (randomized
+  defenses: the share of clean points whose verdict changed between two calls of the rule),
+  messages (what fired, and why)};
+- ``accuracy_under_attack`` rows carry ``verdict_flips``: on randomized defenses, the share of the
+  points whose verdict at that epsilon changed between two calls of the defense's rule (the noise
+  that differences smaller than it drown in); empty for deterministic defenses and worst-case rows.
 """
 from __future__ import annotations
 
@@ -38,11 +46,12 @@ import pandas as pd
 from bench import metrics
 from bench.confidence import clopper_pearson_interval
 from bench.reports.cost import cost_table
+from bench.reports.labels import verdict
 from bench.reports.load import Results, load_results
 from bench.store import Store
 
 CONFIDENCE = 0.95  # of every interval in tables and plots
-TABLE_NAMES = ("clean", "accuracy_under_attack", "certified", "cost")
+TABLE_NAMES = ("clean", "accuracy_under_attack", "certified", "cost", "diagnostics")
 
 
 def with_interval(table: pd.DataFrame, successes: str, trials: str, prefix: str = "") -> pd.DataFrame:
@@ -70,13 +79,53 @@ def tables_from(results: Results, thresholds: Sequence[float] = metrics.THRESHOL
     attack_norms = records[["run_id", "attack", "norm"]].drop_duplicates(["run_id", "attack"])
     certified = certified.merge(attack_norms.rename(columns={"norm": "attack_norm"}), on=["run_id", "attack"], how="left")
     certified = certified.sort_values(["attack", "epsilon", "threshold"], key=_clean_first, kind="stable")
+    under_attack = with_verdict_flips(under_attack, results.runs)
     tables = {"clean": clean, "accuracy_under_attack": under_attack, "certified": certified,
-              "cost": cost_table(results.runs)}
+              "cost": cost_table(results.runs), "diagnostics": diagnostics_table(results.runs)}
     config = results.runs.set_index("run_id").config
     tables = {name: order_by_configuration(table.assign(config=table.run_id.map(config)), results.runs)
               if not table.empty else table for name, table in tables.items()}
     return {name: table.assign(params=table.params.map(_params)) if "params" in table else table
             for name, table in tables.items()}
+
+
+def _findings(info: Any) -> list[dict[str, Any]]:
+    return [d for d in (info.get("diagnostics") or []) if isinstance(d, dict)] if isinstance(info, dict) else []
+
+
+def diagnostics_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: its diagnostics' verdict, what fired and the verdict noise."""
+    rows = []
+    for _, run in runs.iterrows():
+        findings = _findings(run["info"])
+        flips = next((d for d in findings if d.get("name") == "verdict-flips"), None)
+        rows.append({
+            "run_id": run.run_id, "dataset": run.dataset, "defense": run.defense, "label": run.label,
+            "params": run.params, "verdict": verdict(run["info"]),
+            "fired": ", ".join(d["name"] for d in findings if d.get("fired")),
+            "verdict_flips": flips["count"] / flips["n"] if flips and flips.get("n") else None,
+            "messages": [d["message"] for d in findings if d.get("fired")] + [
+                w for w in run.warnings if w not in {d.get("message") for d in findings}],
+        })
+    return pd.DataFrame(rows)
+
+
+def with_verdict_flips(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """``verdict_flips`` per run, attack and epsilon from the runs' stored verdict-flips counts."""
+    rows = []
+    for _, run in runs.iterrows():
+        for finding in _findings(run["info"]):
+            if finding.get("name") == "verdict-flips":
+                for step in finding.get("detail", {}).get("per_step", []):
+                    rows.append((run.run_id, step["step"], float(step["epsilon"]), step["count"] / max(step["n"], 1)))
+    if table.empty:
+        return table
+    flips = pd.DataFrame(rows, columns=["run_id", "attack", "epsilon", "verdict_flips"])
+    clean = flips[flips.attack == metrics.CLEAN][["run_id", "verdict_flips"]].rename(columns={"verdict_flips": "clean_flips"})
+    merged = table.merge(flips, on=["run_id", "attack", "epsilon"], how="left").merge(clean, on="run_id", how="left")
+    at_zero = (merged.epsilon == 0) & (merged.attack != metrics.WORST_CASE)
+    merged["verdict_flips"] = merged.verdict_flips.where(~at_zero, merged.clean_flips)
+    return merged.drop(columns="clean_flips")
 
 
 def with_median_perturbation(table: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:

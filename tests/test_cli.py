@@ -152,14 +152,14 @@ def test_a_failed_run_resumes_from_its_stored_steps(bench, tmp_path, monkeypatch
 
     ATTACKS.names()
     monkeypatch.setitem(ATTACKS._items, "flaky", Flaky)
-    code, _, stderr = bench("run", *FAST, "--attack", "flaky", "--out", str(tmp_path))
+    code, _, stderr = bench("run", *FAST, "--attack", "flaky", "--no-audit", "--out", str(tmp_path))
     assert code == 1 and "simulated crash" in stderr and "1 of 3 job(s) failed" in stderr
     assert Store(tmp_path).runs() == []
     (unfinished,) = Store(tmp_path).runs(complete_only=False)
     assert unfinished.status == "failed" and "simulated crash" in unfinished.info["errors"][0]
     assert set(Store(tmp_path).records().attack) == {"clean"}
 
-    code, _, stderr = bench("run", *FAST[:-1], "--attack", "flaky", "--out", str(tmp_path))
+    code, _, stderr = bench("run", *FAST[:-1], "--attack", "flaky", "--no-audit", "--out", str(tmp_path))
     assert code == 0 and "resuming unfinished run" in stderr
     (run,) = Store(tmp_path).runs()
     assert run.run_id == unfinished.run_id and run.info["resumed"]
@@ -181,14 +181,14 @@ def test_a_run_still_being_written_is_not_resumed_by_another_process(bench, tmp_
 
     ATTACKS.names()
     monkeypatch.setitem(ATTACKS._items, "crash", Crash)
-    assert bench("run", *FAST, "--attack", "crash", "--epsilons", "0.1", "--out", str(tmp_path))[0] == 1
+    assert bench("run", *FAST, "--attack", "crash", "--no-audit", "--epsilons", "0.1", "--out", str(tmp_path))[0] == 1
     (unfinished,) = Store(tmp_path).runs(complete_only=False)
     assert unfinished.status == "failed"
     # Pretend a live process (this one) is still writing it: a second run must start afresh.
     with sqlite3.connect(Store(tmp_path).path) as connection:
         connection.execute("UPDATE runs SET owner_host = ?, owner_pid = ?, lease_until = ?",
                            (socket.gethostname(), os.getpid(), time.time() + 60))
-    assert bench("run", *FAST, "--attack", "crash", "--epsilons", "0.1", "--out", str(tmp_path))[0] == 1
+    assert bench("run", *FAST, "--attack", "crash", "--no-audit", "--epsilons", "0.1", "--out", str(tmp_path))[0] == 1
     runs = Store(tmp_path).runs(complete_only=False)
     assert len(runs) == 2 and runs[0].run_id == unfinished.run_id
     counts = Store(tmp_path).records().groupby("run_id").size().to_dict()

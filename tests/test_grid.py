@@ -22,7 +22,7 @@ GRID = [
     "--dataset", "digits", "--defense", "baseline", "--defense", "pixeldp", "--param", "pixeldp.draws=10",
     "--param", "pixeldp.noise_at=input", "--seed", "0", "--seed", "1", "--epochs", "2", "--batch-size", "16",
     "--train-size", "100", "--test-size", "20",
-    "--attack", "pgd-linf", "--epsilons", "0.1", "--attack-param", "steps=3", "--eot-draws", "2", "--quiet",
+    "--attack", "pgd-linf", "--no-audit", "--epsilons", "0.1", "--attack-param", "steps=3", "--eot-draws", "2", "--quiet",
 ]
 
 
@@ -96,7 +96,7 @@ def test_a_killed_jobs_2_driver_leaves_no_process_and_a_rerun_completes_with_no_
     # Four runs whose training takes long enough (half a second each) to kill the driver between
     # the first checkpoint and the last record.
     grid = ["--dataset", "digits", "--defense", "baseline", "--seed", "0", "--seed", "1", "--seed", "2", "--seed", "3",
-            "--epochs", "15", "--train-size", "200", "--test-size", "20", "--attack", "pgd-linf", "--epsilons", "0.1",
+            "--epochs", "15", "--train-size", "200", "--test-size", "20", "--no-audit", "--attack", "pgd-linf", "--epsilons", "0.1",
             "--attack-param", "steps=3", "--quiet"]
     killed = tmp_path / "killed"
     driver = subprocess.Popen(
@@ -155,7 +155,7 @@ def test_shards_resume_one_by_one_and_match_an_uninterrupted_run(bench, tmp_path
     ATTACKS.names()
     monkeypatch.setitem(ATTACKS._items, "noisy", Noisy)
     monkeypatch.setattr(jobs, "SHARD_SIZE", 8)  # 30 test samples: shards of 8, 8, 8 and 6
-    args = ["--dataset", "digits", "--epochs", "2", "--batch-size", "16", "--train-size", "100", "--test-size", "30", "--attack", "noisy", "--quiet"]
+    args = ["--dataset", "digits", "--epochs", "2", "--batch-size", "16", "--train-size", "100", "--test-size", "30", "--no-audit", "--attack", "noisy", "--quiet"]
     code, _, err = bench("run", *args, "--out", str(tmp_path / "a"))
     assert code == 1 and "noisy shard 3/4: RuntimeError: shard crash" in err
     stored = Store(tmp_path / "a").records()

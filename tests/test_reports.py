@@ -171,7 +171,7 @@ def test_where_filters_runs_by_column_spec_field_or_parameter(store):
 
 def test_json_keeps_the_contract_and_adds_intervals(store):
     data = json.loads(render(build_tables(store), "json"))
-    assert set(data) == {"clean", "accuracy_under_attack", "certified", "cost"}
+    assert set(data) == {"clean", "accuracy_under_attack", "certified", "cost", "diagnostics"}
     for row in data["clean"]:
         assert set(row) >= {"run_id", "dataset", "defense", "label", "params", "accuracy", "n", "ci_low", "ci_high"}
     assert isinstance(data["clean"][0]["params"], dict)

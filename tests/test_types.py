@@ -177,7 +177,10 @@ def test_epsilons_option_per_norm_and_its_errors():
 
     [spec] = parse_run("--attack", "pgd-linf", "--attack", "pgd-l2", "--epsilons", "linf=0.05,0.1",
                        "--epsilons", "l2=0.5,1")
-    assert spec.epsilons == {"linf": [0.05, 0.1], "l2": [0.5, 1.0]}
+    # the audit attacks run at the epsilons of their norm's gradient attacks
+    assert spec.epsilons == {"linf": [0.05, 0.1], "l2": [0.5, 1.0], "square-linf": [0.05, 0.1],
+                             "transfer-linf": [0.05, 0.1], "square-l2": [0.5, 1.0], "transfer-l2": [0.5, 1.0]}
+    assert spec.attacks == ["pgd-linf", "pgd-l2", "square-linf", "transfer-linf", "square-l2", "transfer-l2"]
     assert parse_run("--attack", "pgd-linf", "--epsilons", "0.1")[0].epsilons == [0.1]
     with pytest.raises(BenchError, match="'l3' is neither a norm"):
         parse_run("--attack", "pgd-linf", "--epsilons", "l3=0.1")

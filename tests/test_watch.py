@@ -78,7 +78,7 @@ def test_plain_progress_lines_when_stderr_is_not_a_terminal(monkeypatch):
 
 
 def test_batch_size_options_are_stored_and_keep_deterministic_records(bench, tmp_path):
-    common = [*FAST, "--attack", "pgd-linf", "--epsilons", "0,0.1", "--attack-param", "random_start=false",
+    common = [*FAST, "--no-audit", "--attack", "pgd-linf", "--epsilons", "0,0.1", "--attack-param", "random_start=false",
               "--attack-param", "restarts=1"]
     assert bench("run", *common, "--out", str(tmp_path / "a"))[0] == 0
     assert bench("run", *common, "--eval-batch-size", "7", "--attack-batch-size", "9", "--out", str(tmp_path / "b"))[0] == 0
