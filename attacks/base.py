@@ -85,6 +85,23 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
 Predict = Callable[[torch.Tensor], torch.Tensor]  # images in [0,1] -> labels
 
 
+class Connected(nn.Module):
+    """``model`` whose output autograd always connects to its input: where the model computes
+    outside autograd (numpy, ``torch.no_grad``, ``detach``), the input gradient is 0 instead of an
+    error in the attack library, so the attack runs, fails, and the diagnostics say why."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.training = model.training  # the wrapper's own flag: it has no layers of its own
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if x.requires_grad and not out.requires_grad and torch.is_grad_enabled():
+            out = out + 0.0 * x.flatten(1)[:, :1]
+        return out
+
+
 @torch.no_grad()
 def predict_labels(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x).argmax(1)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from bench.attacks import EOT, Attack, perturbation_norm
-from bench.attacks.base import frozen_parameters
+from bench.attacks.base import Connected, frozen_parameters
 from bench.datasets.base import Dataset, balanced_subset
 from bench.defenses.base import Certificate, Defense
 from bench.diagnostics import Assessment, Diagnostic, assess, probe_clean, randomized_points, verdict_flips
@@ -466,7 +466,7 @@ def evaluate_step(
         with frozen_parameters(target):
             probes = probe_clean("clean", target, x, y, defense.predict, predictions, randomized)
         return StepResult(records, varies + probes)
-    target = attack_target(defense, step.attack, surrogate)
+    target = Connected(attack_target(defense, step.attack, surrogate))
     randomized = declared or (step.attack.target != "surrogate" and bool(randomized_points(target, x).any()))
     if randomized and step.attack.target != "surrogate":
         target = EOT(target, eot_draws)

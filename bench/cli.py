@@ -347,6 +347,9 @@ def specs_from(options: dict[str, Any]) -> list[RunSpec]:
         DEFENSES.get(name)
     for name in attacks:
         ATTACKS.get(name)
+    epsilons = options.get("epsilons")
+    if options.get("audit", True) is not False:
+        attacks, epsilons = with_audit(attacks, epsilons)
     datasets = options.get("dataset") or ["digits"]
     seeds = options.get("seed") or [0]
     for name in datasets:
@@ -362,10 +365,8 @@ def specs_from(options: dict[str, Any]) -> list[RunSpec]:
                     "lr", "train_size", "test_size", "image_size", "eval_batch_size", "attack_batch_size")
         if key in options
     }
-    if options.get("audit", True) is not False:
-        attacks, audited_epsilons = with_audit(attacks, options.get("epsilons"))
-        if audited_epsilons is not None:
-            common["epsilons"] = audited_epsilons
+    if epsilons is not None:
+        common["epsilons"] = epsilons
     return [
         RunSpec(defense=name, dataset=dataset, seed=seed, params=dict(options["param"]), attacks=list(attacks),
                 attack_params=dict(options["attack_param"]), **common)

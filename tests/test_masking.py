@@ -1,0 +1,194 @@
+"""A zoo of defenses known to be broken (Athalye et al. 2018), written as plug-ins the way a user
+writes them: the default evaluation must flag every one of them, and must not flag the honest ones.
+
+Each broken defense wraps the same trained digits CNN and hides its gradients in one of the ways
+Athalye et al. name: input quantization (shattered: zero almost everywhere), preprocessing outside
+autograd, saturated logits, a random transformation that does not declare itself randomized
+(stochastic), shattered gradients (a tiny high-frequency term whose derivative swamps the
+model's), vanishing gradients (a saturating squash) and exploding gradients (a square root at 0).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bench
+from bench.attacks.audit import StraightThrough
+from bench.defenses.base import Defense
+from bench.models import build_model
+from bench.registry import DEFENSES
+
+SETTINGS = dict(epsilons=[0.1], test_size=100, attack_params={"restarts": 1, "square-linf.queries": 300})
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    return torch.round(x * 4) / 4
+
+
+class Preprocessed(nn.Module):
+    def __init__(self, preprocess, model: nn.Module):
+        super().__init__()
+        self.preprocess, self.model = preprocess, model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.preprocess(x))
+
+
+class Broken(Defense):
+    """Base of the zoo: the trained model behind a preprocessing step."""
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attack_model(self) -> nn.Module:
+        return Preprocessed(self.preprocess, self.model).eval()
+
+
+@DEFENSES.register("test-quantized")
+class Quantized(Broken):
+    """Bit-depth reduction to 5 levels (zero gradient almost everywhere); offers a BPDA approximation."""
+
+    def preprocess(self, x):
+        return quantize(x)
+
+    def bpda_model(self):
+        return StraightThrough(quantize, self.model)
+
+
+@DEFENSES.register("test-outside-autograd")
+class OutsideAutograd(Broken):
+    """A blur computed in numpy: autograd never sees the input."""
+
+    def preprocess(self, x):
+        array = x.detach().cpu().numpy()
+        blurred = (array + np.roll(array, 1, axis=-1) + np.roll(array, -1, axis=-1)) / 3
+        return torch.from_numpy(blurred.astype(np.float32))
+
+
+@DEFENSES.register("test-saturated")
+class Saturated(Defense):
+    """Logits scaled by 1e4: the softmax saturates and the cross-entropy gradient is 0."""
+
+    def attack_model(self):
+        return nn.Sequential(self.model, Scale(1e4)).eval()
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+@DEFENSES.register("test-undeclared-random")
+class UndeclaredRandom(Broken):
+    """Random pixel noise on every call, without ``randomized = True``."""
+
+    def preprocess(self, x):
+        return (x + 0.3 * torch.randn_like(x)).clamp(0, 1)
+
+
+@DEFENSES.register("test-shattered")
+class Shattered(Broken):
+    """A term of size 1e-3 whose derivative (1e3 cos) drowns the model's gradient."""
+
+    def preprocess(self, x):
+        return x + 1e-3 * torch.sin(1e6 * x)
+
+
+@DEFENSES.register("test-vanishing")
+class Vanishing(Broken):
+    """Binarisation by a steep sigmoid: its derivative underflows to 0 away from 0.5."""
+
+    def preprocess(self, x):
+        return torch.sigmoid(200 * (x - 0.5))
+
+
+@DEFENSES.register("test-exploding")
+class Exploding(Broken):
+    """The identity in value, with the gradient of a square root: infinite at the black pixels."""
+
+    def preprocess(self, x):
+        root = torch.sqrt(x)
+        return x + 1e-3 * (root - root.detach())
+
+
+@pytest.fixture(scope="module")
+def trained():
+    dataset = bench.load_dataset("digits")
+    torch.manual_seed(0)
+    model = build_model("digits-cnn", dataset.shape, dataset.num_classes, dataset.mean, dataset.std)
+    bench.train(model, "digits", epochs=10)
+    return model.eval()
+
+
+def diagnostics(results) -> dict:
+    return {d["name"]: d for d in results.runs["info"][0]["diagnostics"]}
+
+
+def headline(results) -> float:
+    table = results.accuracy_under_attack
+    return float(table[(table.attack == "worst-case") & (table.epsilon == 0.1)].accuracy.iloc[0])
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("test-quantized", {"zero-gradient", "unreached"}),
+    ("test-outside-autograd", {"zero-gradient", "unreached"}),
+    ("test-saturated", {"zero-gradient", "unreached"}),
+    ("test-undeclared-random", {"undeclared-randomness"}),
+    ("test-shattered", {"gradient-free-wins-linf"}),
+    ("test-vanishing", {"unreached"}),  # tiny (denormal) gradients, not zero ones
+    ("test-exploding", {"nonfinite-gradient"}),
+])
+def test_the_default_evaluation_flags_every_broken_defense(trained, name, expected):
+    results = bench.evaluate(bench.wrap(name, trained), "digits", ["pgd-linf"], **SETTINGS)
+    found = diagnostics(results)
+    fired = {n for n, d in found.items() if d["fired"]}
+    assert expected <= fired, found
+    assert results.runs["config"][0].endswith("⚠ FLAGGED")
+    assert results.tables["diagnostics"].verdict[0] == "flagged"
+    assert all(found[n]["message"] in results.warnings for n in fired)
+
+
+def test_the_honest_baseline_is_not_flagged_and_bpda_brings_quantization_down(trained):
+    honest = bench.evaluate(trained, "digits", ["pgd-linf"], **SETTINGS)
+    assert not any(d["fired"] for d in diagnostics(honest).values()), diagnostics(honest)
+    assert honest.tables["diagnostics"].verdict[0] == "clean"
+    # The adaptive attack by name: BPDA through the straight-through approximation the adapter offers.
+    quantized = bench.wrap("test-quantized", trained)
+    adaptive = bench.evaluate(quantized, "digits", ["bpda-linf"], epsilons=[0.1], test_size=100, audit=False)
+    table = adaptive.accuracy_under_attack
+    bpda = float(table[(table.attack == "bpda-linf") & (table.epsilon == 0.1)].accuracy.iloc[0])
+    plain = bench.evaluate(quantized, "digits", ["pgd-linf"], epsilons=[0.1], test_size=100,
+                           attack_params={"restarts": 1}, audit=False)
+    masked = float(plain.accuracy_under_attack.query("epsilon == 0.1").accuracy.iloc[0])
+    assert bpda < masked - 0.1  # PGD alone is fooled by the quantization; BPDA is not
+
+
+def test_a_flagged_run_is_named_in_every_output_also_on_a_rerun(tmp_path, capsys):
+    from bench.cli import main
+
+    run = ["run", "--defense", "test-quantized", "--attack", "pgd-linf", "--epsilons", "0.1", "--test-size", "60",
+           "--epochs", "5", "--attack-param", "restarts=1", "--attack-param", "square-linf.queries=200",
+           "--out", str(tmp_path), "--quiet"]
+    for attempt in ("first", "rerun"):  # the rerun has nothing to do and must say it all the same
+        assert main(run) == 0
+        out = capsys.readouterr().out
+        assert "test-quantized ⚠ FLAGGED" in out.split("## Diagnostics")[0]  # in the tables
+        diagnostics = out.split("## Diagnostics")[1]
+        assert "⚠ FLAGGED digits · test-quantized" in diagnostics and "zero-gradient:" in diagnostics, attempt
+    assert main(["report", "--results", str(tmp_path), "--format", "md"]) == 0
+    assert "zero-gradient:" in capsys.readouterr().out.split("## Diagnostics")[1]
+    assert main(["report", "--results", str(tmp_path), "--format", "json"]) == 0
+    (row,) = __import__("json").loads(capsys.readouterr().out)["diagnostics"]
+    assert row["verdict"] == "flagged" and "zero-gradient" in row["fired"]
+    assert main(["report", "--results", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "report.html").read_text()
+    first_section = page.split('<h2 id="warnings">')[1].split("<h2")[0]
+    assert 'class="alarm"' in first_section and "zero-gradient:" in first_section
+    assert '<span class="flag">⚠ FLAGGED</span>' in page.split('<h2 id="tables">')[1]
+    assert "no diagnostic fired" not in page
