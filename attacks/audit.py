@@ -58,6 +58,9 @@ class Square(Attack):
 
     Params = SquareParams
     kind = "gradient-free"
+    # Square queries the model about 50x as often as PGD-20 steps; on randomized defenses it
+    # averages 5 draws per query rather than 20 (docs/adaptive.md: 6x cheaper, no weaker there).
+    max_eot_draws = 5
     # Square's time goes to per-query Python overhead, not to the model: larger chunks are cheaper per image.
     default_chunk = 256
 

@@ -139,6 +139,9 @@ class Attack:
     # The model ``run`` is given: the defense's "defense" (attack model), an undefended
     # "surrogate", or the defense's "bpda" approximation.
     target: ClassVar[str] = "defense"
+    # At most this many EOT draws per forward pass on randomized defenses (None: the run's
+    # --eot-draws); for attacks that query far more often than they step.
+    max_eot_draws: ClassVar[int | None] = None
 
     @dataclass
     class Params:

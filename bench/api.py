@@ -469,7 +469,7 @@ def evaluate_step(
     target = Connected(attack_target(defense, step.attack, surrogate))
     randomized = declared or (step.attack.target != "surrogate" and bool(randomized_points(target, x).any()))
     if randomized and step.attack.target != "surrogate":
-        target = EOT(target, eot_draws)
+        target = EOT(target, min(eot_draws, step.attack.max_eot_draws or eot_draws))
     # The defense's own prediction rule judges success inside the attacks too (AutoAttack's
     # cascade, the minimisation attacks' re-judging), not the attack model's argmax.
     adversarials = step.attack.run(target, x, y, list(step.epsilons), predict=defense.predict)

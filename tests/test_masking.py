@@ -192,3 +192,65 @@ def test_a_flagged_run_is_named_in_every_output_also_on_a_rerun(tmp_path, capsys
     assert 'class="alarm"' in first_section and "zero-gradient:" in first_section
     assert '<span class="flag">⚠ FLAGGED</span>' in page.split('<h2 id="tables">')[1]
     assert "no diagnostic fired" not in page
+
+
+# -- the verdict of a point, its noise, and the assessment on records whose answer is known ----------
+def test_a_point_wrong_on_its_clean_input_is_robust_at_no_epsilon():
+    from bench.metrics import accuracy_under_attack, records_frame
+    from bench.types import Record
+
+    def record(index, attack, correct, epsilon=0.0):
+        return Record(index, attack, None if attack == "clean" else "linf", epsilon, correct and 1 or 2, 1,
+                      int(correct), None, None, None, None)
+
+    # point 0: right clean, right attacked; point 1: wrong clean, "right" attacked (a lucky call)
+    rows = [record(0, "clean", True), record(1, "clean", False),
+            record(0, "pgd-linf", True, 0.1), record(1, "pgd-linf", True, 0.1)]
+    table = accuracy_under_attack(records_frame(rows))
+    assert table.set_index("epsilon").accuracy.to_dict() == {0.0: 0.5, 0.1: 0.5}
+
+
+@DEFENSES.register("test-noisy")
+class Noisy(Broken):
+    """An honest randomized defense: pixel noise on every call, declared; one draw per prediction."""
+
+    randomized = True
+
+    def preprocess(self, x):
+        return (x + 0.5 * torch.randn_like(x)).clamp(0, 1)
+
+
+def test_a_randomized_defense_reports_how_often_its_verdict_flips(trained):
+    results = bench.evaluate(bench.wrap("test-noisy", trained), "digits", ["pgd-l2"], epsilons=[0.5], test_size=40,
+                             eot_draws=2, attack_params={"steps": 3, "restarts": 1}, audit=False)
+    flips = {d["name"]: d for d in results.runs["info"][0]["diagnostics"]}["verdict-flips"]
+    assert flips["n"] == 40 and 0 < flips["count"] <= 40 and not flips["fired"]
+    table = results.accuracy_under_attack.set_index("epsilon")
+    assert table.verdict_flips[0.0] == flips["count"] / 40
+    per_step = {(s["step"], s["epsilon"]): s["count"] / s["n"] for s in flips["detail"]["per_step"]}
+    assert table.verdict_flips[0.5] == per_step[("pgd-l2", 0.5)]
+    assert results.tables["diagnostics"].verdict_flips[0] == flips["count"] / 40
+
+
+def test_gradient_free_wins_fires_only_beyond_its_margin_and_the_verdict_noise():
+    from bench.diagnostics import BLACK_BOX_MARGIN, Diagnostic, assess
+    from bench.types import Record
+
+    n = 200
+    kinds = {"pgd-linf": "gradient", "square-linf": "gradient-free"}
+
+    def assessed(extra_broken: int, flips: int = 0):
+        rows = [Record(i, "clean", None, 0.0, 1, 1, 1, None, None, None, None) for i in range(n)]
+        rows += [Record(i, "pgd-linf", "linf", 0.1, 1, 1, 1, 0.1, None, None, None) for i in range(n)]
+        rows += [Record(i, "square-linf", "linf", 0.1, 1, 1, int(i >= extra_broken), 0.1, None, None, None)
+                 for i in range(n)]
+        probes = [Diagnostic("clean", "verdict-flips", 0.0, flips, n)] if flips else []
+        found = assess(rows, probes, kinds=kinds, declared_randomized=bool(flips), eot_draws=20,
+                       audited_norms=("linf",))
+        return {f.name: f for f in found.findings}["gradient-free-wins-linf"]
+
+    at_margin = int(BLACK_BOX_MARGIN * n)
+    assert not assessed(at_margin).fired and assessed(at_margin).count == at_margin
+    assert assessed(at_margin + 8).fired  # 6% of the points: well past the margin
+    # on a randomized defense whose verdict flips for 10% of the points, 6% is noise
+    assert not assessed(at_margin + 8, flips=n // 10).fired
