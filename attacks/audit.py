@@ -69,13 +69,21 @@ class Square(Attack):
     ) -> list[torch.Tensor]:
         from pyautoattack.square import SquareAttack
 
-        results = []
-        for eps in epsilons:
-            attack = SquareAttack(model, norm=REFERENCE_NORMS[self.norm], n_queries=self.params.queries, eps=eps,
-                                  p_init=self.params.p_init, n_restarts=1, seed=self.params.seed,
-                                  resc_schedule=False, device=x.device)
-            results.append(attack.perturb(x, y))
-        return results
+        # Smallest epsilon first: an adversarial found within a smaller budget lies within every
+        # larger one, so a larger budget attacks only the points the smaller ones left robust.
+        found: dict[float, torch.Tensor] = {}
+        best = x.clone()
+        for eps in sorted(set(epsilons)):
+            with torch.no_grad():
+                left = (model(best).argmax(1) == y).nonzero().flatten()
+            if len(left):
+                attack = SquareAttack(model, norm=REFERENCE_NORMS[self.norm], n_queries=self.params.queries, eps=eps,
+                                      p_init=self.params.p_init, n_restarts=1, seed=self.params.seed,
+                                      resc_schedule=False, device=x.device)
+                best = best.clone()
+                best[left] = attack.perturb(x[left], y[left]).to(x)
+            found[eps] = best
+        return [found[eps] for eps in epsilons]
 
 
 @ATTACKS.register("square-linf")

@@ -435,7 +435,7 @@ def attack_target(defense: Defense, attack: Attack, surrogate: nn.Module | None 
         if model is None:
             raise BenchError(f"attack {attack.name}: defense {defense_name(defense)} offers no BPDA approximation "
                              "(Defense.bpda_model() returns None)")
-        return model
+        return model.eval()
     return defense.attack_model()
 
 
@@ -790,12 +790,21 @@ def surrogate_for(defense: Defense, data: Data, *, seed: int = 0, data_dir: Path
     for module in model.modules():
         if hasattr(module, "reset_parameters") and module is not model:
             module.reset_parameters()
-    surrogate = wrap("baseline", model, device=device)
-    defaults = training_defaults("baseline", name)
-    started = time.perf_counter()
-    fit_and_check(surrogate, x, y, TrainConfig(epochs=defaults["epochs"], lr=defaults["lr"], seed=seed, device=device))
-    log(f"trained the undefended surrogate for transfer attacks in {time.perf_counter() - started:.1f} s")
-    return surrogate.attack_model().eval()
+    # The same architecture, initialisation, data and seed train the same surrogate: one per process.
+    key = f"{fingerprint(model)}/{name}/{tensors_name(x, y)}/{seed}/{device}"
+    if key not in _SURROGATES:
+        surrogate = wrap("baseline", model, device=device)
+        defaults = training_defaults("baseline", name)
+        started = time.perf_counter()
+        fit_and_check(surrogate, x, y, TrainConfig(epochs=defaults["epochs"], lr=defaults["lr"], seed=seed, device=device))
+        log(f"trained the undefended surrogate for transfer attacks in {time.perf_counter() - started:.1f} s")
+        while len(_SURROGATES) >= 4:
+            _SURROGATES.pop(next(iter(_SURROGATES)))
+        _SURROGATES[key] = surrogate.attack_model().eval()
+    return _SURROGATES[key]
+
+
+_SURROGATES: dict[str, nn.Module] = {}
 
 
 def evaluate(

@@ -254,3 +254,19 @@ def test_gradient_free_wins_fires_only_beyond_its_margin_and_the_verdict_noise()
     assert assessed(at_margin + 8).fired  # 6% of the points: well past the margin
     # on a randomized defense whose verdict flips for 10% of the points, 6% is noise
     assert not assessed(at_margin + 8, flips=n // 10).fired
+
+
+def test_a_flagged_configuration_is_red_in_plot_legends():
+    import matplotlib.colors as colors
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    from bench.reports.labels import FLAG
+    from bench.reports.plots import _legend
+
+    figure = plt.figure()
+    _legend(figure, [Line2D([], [], label="baseline"), Line2D([], [], label=f"quantized {FLAG}")], "configuration")
+    (legend,) = figure.legends
+    shown = {text.get_text(): colors.to_hex(text.get_color()) for text in legend.get_texts()}
+    plt.close(figure)
+    assert shown[f"quantized {FLAG}"] == "#c00000" and shown["baseline"] != "#c00000"
