@@ -788,7 +788,7 @@ def surrogate_for(defense: Defense, data: Data, *, seed: int = 0, data_dir: Path
     seed_everything(seed)
     model = copy.deepcopy(defense.model).to(device)
     for module in model.modules():
-        if hasattr(module, "reset_parameters") and module is not model:
+        if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     # The same architecture, initialisation, data and seed train the same surrogate: one per process.
     key = f"{fingerprint(model)}/{name}/{tensors_name(x, y)}/{seed}/{device}"

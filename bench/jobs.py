@@ -230,12 +230,12 @@ def plan_runs(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], de
         dataset = datasets[(spec.dataset, spec.image_size)]
         defense, model_name = build_defense(spec, dataset, device)
         label, params = describe(defense, spec.defense, model_name)
+        surrogate = surrogate_spec(dataclasses.replace(spec, model=model_name), dataset, device) if _transfers(spec) else None
         spec = resolved(spec, defense, model_name)
         planned.append(Planned(
             spec, label, params, dataset,
             balanced_subset(dataset.y_train, spec.train_size, spec.seed),
-            balanced_subset(dataset.y_test, spec.test_size, spec.seed), device=device,
-            surrogate=surrogate_spec(spec, dataset, device) if _transfers(spec) else None,
+            balanced_subset(dataset.y_test, spec.test_size, spec.seed), device=device, surrogate=surrogate,
         ))
     return planned
 
@@ -246,10 +246,10 @@ def _transfers(spec: RunSpec) -> bool:
 
 def surrogate_spec(spec: RunSpec, dataset: Dataset, device: str) -> RunSpec:
     """The training spec of ``spec``'s undefended surrogate: the baseline with the same model,
-    data, seed and subset, at the baseline's training defaults (a baseline run of the grid with
-    those settings is the surrogate itself: its checkpoint is shared)."""
-    baseline = dataclasses.replace(spec, defense="baseline", params={}, epochs=None, lr=None, attacks=[],
-                                   attack_params={}, epsilons=None)
+    data, seed, subset and the training settings the user gave (``spec`` as asked for, before
+    the defense's defaults fill it in), the baseline's defaults for the rest. A baseline run of
+    the same grid is then the surrogate itself: their checkpoint is shared."""
+    baseline = dataclasses.replace(spec, defense="baseline", params={}, attacks=[], attack_params={}, epsilons=None)
     defense, model_name = build_defense(baseline, dataset, device)
     return resolved(baseline, defense, model_name)
 
@@ -316,11 +316,12 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
             training[training_hash] = TrainJob(
                 run.spec, DataInfo.of(run.dataset), run.dataset.x_train[run.train_index],
                 run.dataset.y_train[run.train_index], run.label, device, threads)
-    for run in active:
-        evaluations_needed = run.surrogate is not None and any(
-            ATTACKS.get(step).target == "surrogate" for step in run.spec.attacks if step not in run.done)
-        training_hash = run.surrogate.training_hash() if run.surrogate is not None else None
-        if not evaluations_needed or training_hash in states or training_hash in training:
+    evaluations = {run.run_id: _evaluation_jobs(run, device, threads) for run in active}
+    for run in active:  # the surrogates of transfer attacks still to run: stored, or trained here
+        if not any(job.surrogate is not None for job in evaluations[run.run_id]):
+            continue
+        training_hash = run.surrogate.training_hash()
+        if training_hash in states or training_hash in training:
             continue
         state = store.load_checkpoint(training_hash)
         if state is not None:
@@ -329,7 +330,10 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
             training[training_hash] = TrainJob(
                 run.surrogate, DataInfo.of(run.dataset), run.dataset.x_train[run.train_index],
                 run.dataset.y_train[run.train_index], f"surrogate of {run.label}", device, threads)
-    evaluations = {run.run_id: _evaluation_jobs(run, device, threads) for run in active}
+        else:
+            LOGGER.warning(f"[{run.label}] transfer attacks skipped: {run.dataset.name} has no training split "
+                           "to train the undefended surrogate on")
+            evaluations[run.run_id] = [job for job in evaluations[run.run_id] if job.surrogate is None]
     for run in active:
         run.jobs_left = len(evaluations[run.run_id])
     total = len(training) + sum(len(jobs) for jobs in evaluations.values())

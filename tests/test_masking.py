@@ -270,3 +270,26 @@ def test_a_flagged_configuration_is_red_in_plot_legends():
     shown = {text.get_text(): colors.to_hex(text.get_color()) for text in legend.get_texts()}
     plt.close(figure)
     assert shown[f"quantized {FLAG}"] == "#c00000" and shown["baseline"] != "#c00000"
+
+
+def test_a_grid_shares_its_baseline_as_the_surrogate_and_two_workers_write_the_serial_records(tmp_path, bench):
+    from bench.store import Store
+
+    grid = ["--dataset", "digits", "--defense", "baseline", "--defense", "madry", "--epochs", "3", "--batch-size", "16", "--train-size", "150",
+            "--test-size", "20", "--attack", "pgd-linf", "--epsilons", "0.1", "--attack-param", "steps=3",
+            "--attack-param", "restarts=1", "--attack-param", "square-linf.queries=50", "--quiet"]
+    records = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / jobs
+        code, _, err = bench("run", *grid, "--jobs", jobs, "--out", str(out))
+        assert code == 0, err
+        # two trainings: the baseline run's checkpoint is madry's surrogate
+        assert len(list((out / "checkpoints").glob("*.pt"))) == 2
+        store = Store(out)
+        names = {run.run_id: run.defense for run in store.runs()}
+        frame = store.records()
+        frame["run_id"] = frame.run_id.map(names)
+        records[jobs] = frame.sort_values(["run_id", "attack", "epsilon", "sample_index"]).reset_index(drop=True)
+        assert set(frame.attack) == {"clean", "pgd-linf", "square-linf", "transfer-linf"}
+        assert all(run.info["diagnostics_complete"] for run in store.runs())
+    __import__("pandas").testing.assert_frame_equal(records["1"], records["2"])
