@@ -144,7 +144,7 @@ class Transfer(SurrogatePGD):
 
 @ATTACKS.register("transfer-linf")
 class LinfTransfer(Transfer):
-    """L-inf PGD on an undefended surrogate, replayed against the defense (gradient-free for the defense)."""
+    """L-inf PGD on an undefended surrogate, replayed against the defense."""
 
     name = "transfer-linf"
     norm = "linf"
@@ -177,7 +177,7 @@ class BPDA(SurrogatePGD):
 
 @ATTACKS.register("bpda-linf")
 class LinfBPDA(BPDA):
-    """L-inf PGD through the defense's BPDA approximation (``bpda_model()``)."""
+    """L-inf PGD through the differentiable approximation the defense offers (its bpda_model())."""
 
     name = "bpda-linf"
     norm = "linf"
@@ -187,7 +187,7 @@ class LinfBPDA(BPDA):
 
 @ATTACKS.register("bpda-l2")
 class L2BPDA(BPDA):
-    """L2 PGD through the defense's BPDA approximation (``bpda_model()``)."""
+    """L2 PGD through the differentiable approximation the defense offers (its bpda_model())."""
 
     name = "bpda-l2"
     norm = "l2"

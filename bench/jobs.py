@@ -291,6 +291,12 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
         run_ids.append(run.run_id)
         run.lease = store.hold(run.run_id)  # a heartbeat: other processes see the run is being worked on
         active.append(run)
+    for run in [run for run in active if run.resumed and not _evaluation_jobs(run, device, threads)]:
+        # Every step was stored before the process that wrote them stopped (Ctrl-C or a crash
+        # after the last commit): nothing to run, only the finish it missed.
+        LOGGER.info(f"[{run.label}] every step of unfinished run {run.run_id} is stored: completing it")
+        _finish_run(store, run, threads)
+        active.remove(run)
     skipped = len(runs) - len(active)
     if not active:
         LOGGER.info(f"nothing to do: all {len(runs)} run(s) of this grid are complete in {store.path}")

@@ -222,3 +222,25 @@ def test_a_changed_default_does_not_reuse_the_old_checkpoint(bench, tmp_path, mo
     second = Store(tmp_path / "r").runs()[-1]
     assert code == 0 and "reusing checkpoint" not in stderr
     assert second.spec["params"] == {"smoothing": 0.3} and second.training_hash != first.training_hash
+
+
+def test_a_run_whose_steps_are_all_stored_is_completed_by_the_next_command(bench, tmp_path):
+    """Ctrl-C or a crash after the last commit but before the finish: the next command has no
+    job left to run for it, and must still mark it complete, or it drops out of every table."""
+    args = ["run", *FAST[:-1], "--no-audit", "--attack", "pgd-linf", "--epsilons", "0.1", "--attack-param", "restarts=1",
+            "--out", str(tmp_path)]
+    assert bench(*args)[0] == 0
+    (run,) = Store(tmp_path).runs()
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that has ended: the owner is gone
+    with sqlite3.connect(Store(tmp_path).path) as connection:
+        connection.execute("UPDATE runs SET status = 'running', owner_host = ?, owner_pid = ?, lease_until = ?",
+                           (socket.gethostname(), dead.pid, time.time() + 60))
+    assert Store(tmp_path).runs() == []
+    code, _, err = bench(*args)
+    assert code == 0 and "every step of unfinished run" in err
+    (completed,) = Store(tmp_path).runs()
+    assert completed.run_id == run.run_id and completed.info["resumed"]
+    assert len(Store(tmp_path).records()) == 2 * 60  # nothing run twice
+    code, out, _ = bench("report", "--results", str(tmp_path), "--format", "csv", "--table", "clean")
+    assert code == 0 and run.run_id in out
