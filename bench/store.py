@@ -201,15 +201,36 @@ class Store:
             raise self._error(error, "opening it") from None
         try:
             connection.execute("PRAGMA journal_mode=WAL")
-            if create:
-                connection.executescript(SCHEMA)
+            # One transaction: a store is either new (no tables, e.g. left by a full disk) or whole.
+            if create or not _tables(connection):
+                connection.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
             self._migrate(connection)
         except sqlite3.Error as error:
             connection.close()
+            if not create:
+                return self._read_only(error)
             raise self._error(error, "opening it") from None
         except BaseException:
             connection.close()
             raise
+        return connection
+
+    def _read_only(self, error: sqlite3.Error) -> sqlite3.Connection:
+        """The store of a folder this process cannot write (published results, a read-only mount),
+        opened for reading only; ``error`` is why the usual opening failed."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        if wal.is_file() and wal.stat().st_size > 0:
+            raise BenchError(f"results store {self.path} cannot be opened for writing ({error}) and its {wal.name} "
+                             "holds steps not yet merged into it; open it once where it can be written") from None
+        try:
+            connection = sqlite3.connect(f"{self.path.resolve().as_uri()}?immutable=1", uri=True, isolation_level=None)
+            tables = _tables(connection)
+        except sqlite3.Error:
+            raise self._error(error, "opening it") from None
+        if not {"runs", "records", "work", "diagnostics"} <= tables:
+            connection.close()
+            raise BenchError(f"results store {self.path} cannot be opened for writing ({error}), and it needs to be: "
+                             "it has no runs yet or was written by an earlier version") from None
         return connection
 
     def _migrate(self, connection: sqlite3.Connection) -> None:
@@ -484,6 +505,10 @@ class Store:
             if temporary is not None and os.path.exists(temporary):
                 os.unlink(temporary)
         return path
+
+
+def _tables(connection: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
 @contextmanager

@@ -278,3 +278,33 @@ def test_a_checkpoint_the_disk_refuses_is_a_one_line_error_and_the_run_stays_res
     (run,) = Store(tmp_path).runs(complete_only=False)
     assert run.status == "interrupted"
     assert Store(tmp_path).resumable(run.spec_hash)[0].run_id == run.run_id
+
+
+def test_an_empty_results_file_is_a_new_store(bench, tmp_path):
+    """A results.sqlite without tables (a full disk while the store was created leaves one) is
+    an empty store, not a folder that is unusable for ever."""
+    (tmp_path / "results.sqlite").write_bytes(b"")
+    assert bench("report", "--results", str(tmp_path), "--format", "md")[0] == 0
+    code, _, err = bench("run", *FAST, "--out", str(tmp_path))
+    assert code == 0, err
+    assert len(Store(tmp_path).runs()) == 1
+
+
+def test_a_read_only_results_folder_can_be_reported(bench, tmp_path):
+    """Published results on a folder nobody may write: every report format reads it. The tests
+    run as root, whom permission bits do not stop, so the folder is made immutable (chattr +i)."""
+    assert bench("run", *FAST, "--out", str(tmp_path / "published"))[0] == 0
+    folder = tmp_path / "published"
+    locked = [folder, folder / "results.sqlite"]
+    if subprocess.run(["chattr", "+i", *map(str, locked)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available on this file system")
+    try:
+        with pytest.raises(OSError):
+            (folder / "probe").write_text("")  # the folder really is read-only
+        for fmt in ("md", "json"):
+            code, out, err = bench("report", "--results", str(folder), "--format", fmt)
+            assert code == 0 and "baseline" in out, err
+        code, out, err = bench("report", "--results", str(folder), "--out", str(tmp_path / "report"))
+        assert code == 0 and (tmp_path / "report" / "report.html").is_file(), err
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, locked)], check=True)
