@@ -14,7 +14,7 @@ from bench.spec import (
     DEFAULT_ATTACK_BATCH_SIZE, DEFAULT_EVAL_BATCH_SIZE, RunSpec, flatten, load_config, parse_assignments, with_audit,
     unclaimed,
 )
-from bench.validation import check_epsilons, check_writable_dir, validate_options, validate_request
+from bench.validation import check_epsilons, check_scheduler, check_writable_dir, validate_options, validate_request
 
 # TOML keys accepted by --config: the long options, with "_" for "-".
 CONFIG_KEYS = {
@@ -381,6 +381,8 @@ def _fields(params_class: type) -> set[str]:
 def command_run(args: argparse.Namespace) -> int:
     if args.scheduler and args.jobs > 1:
         raise BenchError("--jobs sets local worker processes and --scheduler a Dask cluster; give one of them")
+    if args.scheduler:
+        check_scheduler(args.scheduler)
     from bench.executors import DaskCluster, LocalProcesses, Serial
 
     executor = Serial()

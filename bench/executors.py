@@ -188,6 +188,9 @@ class DaskCluster:
             raise BenchError("--scheduler needs Dask: pip install 'robustness-bench[dask]'") from None
         try:
             self.client = Client(address, timeout="10s")
+        except ValueError as error:
+            raise BenchError(f"--scheduler {address!r} is not a scheduler address ({error}); expected e.g. "
+                             "tcp://HOST:8786") from None
         except (OSError, TimeoutError) as error:
             raise BenchError(f"cannot reach the Dask scheduler at {address} ({error}); start one with "
                              "'dask scheduler' and workers with 'dask worker ADDRESS'") from None

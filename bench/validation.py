@@ -156,6 +156,13 @@ def check_writable_dir(path: Any, what: str = "--out") -> None:
         raise BenchError(f"{what} {path} is not writable: cannot create a directory in {existing} ({reason})") from None
 
 
+def check_scheduler(address: str) -> None:
+    """A Dask scheduler address: ``PROTOCOL://HOST:PORT`` (tcp, tls, ws, wss, ucx) or ``HOST:PORT``."""
+    if not re.fullmatch(r"((tcp|tls|ws|wss|ucx)://)?(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}", address):
+        raise BenchError(f"--scheduler {address!r} is not a scheduler address; expected PROTOCOL://HOST:PORT "
+                         "(tcp, tls, ws, wss, ucx), e.g. tcp://10.0.0.5:8786, as 'dask scheduler' prints it")
+
+
 def _boolean(key: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise BenchError(f"{key} must be true or false, got {value!r}")
