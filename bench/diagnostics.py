@@ -13,8 +13,8 @@ name                        what is counted                                     
                             calls on the same input                                   does not declare ``randomized``
 ``unreached``               probe points still right after a gradient walk whose      share > ``UNREACHED_SHARE``
                             L-inf budget 1 reaches every image
-``gradient-free-wins``      per norm and epsilon: points a gradient-free or transfer  share > ``BLACK_BOX_MARGIN`` and
-                            attack breaks and no gradient attack does                 its 95% lower bound > noise
+``gradient-free-wins``      per norm and epsilon: points a gradient-free or transfer  the share's 95% lower bound >
+                            attack breaks and no gradient attack does                 ``BLACK_BOX_MARGIN`` + noise
 ``rises-with-epsilon``,     the checks of ``bench.metrics.sanity_warnings`` (accuracy  as there
 ``gray-image``, ``chance``,  rising with epsilon, not falling at a budget that
 ``eot-1``                   reaches the gray image, chance-level clean accuracy,
@@ -260,7 +260,9 @@ def _gradient_free_wins(frame: pd.DataFrame, kinds: dict[str, str], noise: float
         eps = float((by_epsilon["sum"] / by_epsilon["size"]).idxmax())
         count, n = int(by_epsilon.loc[eps, "sum"]), int(by_epsilon.loc[eps, "size"])
         low, _ = clopper_pearson_bounds(count, n, ALPHA)
-        fired = count > BLACK_BOX_MARGIN * n and float(low) > noise
+        # Significantly more than the margin above the verdict noise: a handful of points that
+        # Square finds by luck among a few dozen is not masking.
+        fired = float(low) > BLACK_BOX_MARGIN + noise
         message = ""
         if fired:
             at = correct.loc[eps]

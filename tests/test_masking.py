@@ -249,11 +249,16 @@ def test_gradient_free_wins_fires_only_beyond_its_margin_and_the_verdict_noise()
                        audited_norms=("linf",))
         return {f.name: f for f in found.findings}["gradient-free-wins-linf"]
 
-    at_margin = int(BLACK_BOX_MARGIN * n)
-    assert not assessed(at_margin).fired and assessed(at_margin).count == at_margin
-    assert assessed(at_margin + 8).fired  # 6% of the points: well past the margin
+    from scipy.stats import beta
+
+    def significant(k: int, noise: float = 0.0) -> bool:  # the rule, computed independently
+        return k > 0 and beta.ppf(0.05, k, n - k + 1) > BLACK_BOX_MARGIN + noise
+
+    for k in (0, 4, 8, 12, 20):
+        assert assessed(k).fired == significant(k) and assessed(k).count == k
+    assert not assessed(4).fired and assessed(12).fired  # 2% of the points is within the margin, 6% is not
     # on a randomized defense whose verdict flips for 10% of the points, 6% is noise
-    assert not assessed(at_margin + 8, flips=n // 10).fired
+    assert not assessed(12, flips=n // 10).fired and not significant(12, 0.1)
 
 
 def test_a_flagged_configuration_is_red_in_plot_legends():
@@ -293,3 +298,17 @@ def test_a_grid_shares_its_baseline_as_the_surrogate_and_two_workers_write_the_s
         assert set(frame.attack) == {"clean", "pgd-linf", "square-linf", "transfer-linf"}
         assert all(run.info["diagnostics_complete"] for run in store.runs())
     __import__("pandas").testing.assert_frame_equal(records["1"], records["2"])
+
+
+def test_honest_madry_and_pixeldp_raise_no_alarm(tmp_path):
+    from bench.cli import main
+    from bench.store import Store
+
+    assert main(["run", "--defense", "madry", "--defense", "pixeldp", "--param", "pixeldp.draws=20", "--epochs", "8",
+                 "--train-size", "500", "--test-size", "60", "--attack", "pgd-linf", "--attack", "pgd-l2",
+                 "--epsilons", "linf=0.1", "--epsilons", "l2=0.5", "--eot-draws", "5", "--attack-param", "restarts=2",
+                 "--attack-param", "square-linf.queries=200", "--attack-param", "square-l2.queries=200",
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    for run in Store(tmp_path).runs():
+        fired = [d["message"] for d in run.info["diagnostics"] if d["fired"]]
+        assert fired == [] and run.info["diagnostics_complete"], (run.defense, fired)
