@@ -529,6 +529,8 @@ class RunWriter:
         self._diagnostics: list[Diagnostic] = []
         if store is None:
             return
+        if resume:
+            store.wait_for_writer(run.spec_hash, lambda text: log(f"[{run.label}] {text}"))
         previous = store.resumable(run.spec_hash) if resume else None
         if previous is not None:
             stored, self.done = previous

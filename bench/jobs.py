@@ -269,6 +269,11 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
     active: list[Planned] = []
     run_ids: list[str] = []
     for run in runs:
+        if not force:  # another command writing this spec: wait, then resume its run or take it as complete
+            store.wait_for_writer(run.spec.hash(), lambda text: LOGGER.info(f"[{run.label}] {text}"))
+            finished = store.complete_run(run.spec.hash())
+            if finished is not None:
+                complete[run.spec.hash()] = finished.run_id
         if run.spec.hash() in complete:
             run_ids.append(complete[run.spec.hash()])
             LOGGER.info(f"[{run.label}] already complete: run {complete[run.spec.hash()]}; --force starts a new one")

@@ -32,7 +32,7 @@ import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pandas as pd
 import torch
@@ -392,6 +392,29 @@ class Store:
                     steps = {r[0] for r in connection.execute("SELECT DISTINCT attack FROM records WHERE run_id = ?", (run.run_id,))}
                     return run, steps
         return None
+
+    def writer(self, spec_hash: str) -> tuple[str, str, int] | None:
+        """(run id, host, pid) of another live process writing an unfinished run of this spec."""
+        if not self.path.is_file():
+            return None
+        with closing(self._connect(create=False)) as connection:
+            rows = connection.execute(
+                "SELECT run_id, owner_host, owner_pid, lease_until FROM runs WHERE spec_hash = ? AND status != 'complete'",
+                (spec_hash,)).fetchall()
+        for run_id, host, pid, lease_until in rows:
+            if (host, pid) != (socket.gethostname(), os.getpid()) and _owner_alive(host, pid, lease_until):
+                return run_id, host, pid
+        return None
+
+    def wait_for_writer(self, spec_hash: str, log: Callable[[str], None], poll: float = 0.5) -> None:
+        """Return once no other live process writes an unfinished run of this spec: two identical
+        commands on one folder then do the work once (the second resumes or finds it complete)."""
+        held = self.writer(spec_hash)
+        if held is not None:
+            log(f"run {held[0]} of this spec is being written by process {held[2]} on {held[1]}: waiting for it")
+        while held is not None:
+            time.sleep(poll)
+            held = self.writer(spec_hash)
 
     def complete_run(self, spec_hash: str) -> Run | None:
         """The latest complete run of this spec, if any."""

@@ -189,3 +189,29 @@ def test_a_failed_training_job_fails_its_runs_only(bench, tmp_path, monkeypatch)
     statuses = {run.defense: run.status for run in Store(tmp_path).runs(complete_only=False)}
     assert statuses == {"broken": "failed", "baseline": "complete"}
     assert "| baseline" in out
+
+
+def test_two_identical_commands_on_one_folder_do_the_work_once(tmp_path):
+    """The second command waits for the runs the first one is writing, then finds them complete
+    (or resumes them, had the first one died): one run per spec, each record once, same tables."""
+    grid = ["--dataset", "digits", "--defense", "baseline", "--seed", "0", "--seed", "1", "--epochs", "15",
+            "--train-size", "200", "--test-size", "40", "--no-audit", "--attack", "pgd-linf", "--epsilons", "0.05,0.1",
+            "--attack-param", "restarts=1", "--out", str(tmp_path / "out")]
+    command = [sys.executable, "-m", "bench.cli", "run", *grid]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and first.poll() is None:
+        if (tmp_path / "out" / "results.sqlite").is_file() and Store(tmp_path / "out").runs(complete_only=False):
+            break
+        time.sleep(0.02)
+    assert first.poll() is None, "the first command ended before the second could start"
+    second = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0 and second.returncode == 0, (err, second.stderr)
+    assert "waiting for it" in second.stderr
+    store = Store(tmp_path / "out")
+    assert len(store.runs(complete_only=False)) == 2 and len(store.runs()) == 2
+    records = store.records()
+    assert len(records) == 2 * 40 * 3 and not records.duplicated(["run_id", "attack", "epsilon", "sample_index"]).any()
+    assert second.stdout == out  # the same tables
