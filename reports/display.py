@@ -40,6 +40,16 @@ def _pivot(table: pd.DataFrame, rows: list[str], column: str, cells: pd.Series, 
     return pd.concat([keys, wide, counts.rename("n")], axis=1).reset_index(drop=True)
 
 
+def _with_flips_column(shown: pd.DataFrame, group: pd.DataFrame) -> pd.DataFrame:
+    """Randomized defenses: the largest share of points whose verdict flipped between two calls of
+    the defense's rule, over the row's epsilons (differences smaller than it are noise)."""
+    if "verdict_flips" not in group or group.verdict_flips.isna().all():
+        return shown
+    largest = group.groupby(["configuration", "attack"], sort=False).verdict_flips.max()
+    column = [largest.get((c, a)) for c, a in zip(shown.configuration, shown.attack)]
+    return shown.assign(**{"verdict flips": ["–" if v is None or pd.isna(v) else f"{v:.1%}" for v in column]})
+
+
 def _with_median_column(shown: pd.DataFrame, group: pd.DataFrame) -> pd.DataFrame:
     """The accuracy table plus each attack's median minimal perturbation ("> max eps" where the
     attack broke fewer than half the points; "–" on worst-case rows)."""
@@ -86,8 +96,9 @@ def display_tables(
         attack = _order(attack, ["dataset", "norm", "_rank", "attack"]).rename(columns={"config": "configuration"})
         for (dataset, norm), group in attack.groupby(["dataset", "norm"], sort=False):
             cells = pd.Series([cell(*v) for v in zip(group.accuracy, group.ci_low, group.ci_high)])
-            shown[f"Accuracy under attack: {dataset}, {NORM_NAMES.get(norm, norm)}"] = _with_median_column(_pivot(
-                group, ["configuration", "attack"], "epsilon", cells, group.n, "ε="), group)
+            shown[f"Accuracy under attack: {dataset}, {NORM_NAMES.get(norm, norm)}"] = _with_flips_column(
+                _with_median_column(_pivot(group, ["configuration", "attack"], "epsilon", cells, group.n, "ε="), group),
+                group)
     certified = tables.get("certified", pd.DataFrame())
     if not certified.empty:
         clean_rows = certified[certified.attack == "clean"]

@@ -71,7 +71,7 @@ def diagnostics_text(table: pd.DataFrame | None) -> str:
     for row in table.itertuples(index=False):
         name = f"{row.dataset} · {row.config}"
         if row.verdict == "flagged":
-            lines.append(f"- {FLAG} {name}:")
+            lines.append(f"- {name if FLAG in name else f'{name} {FLAG}'}:")
         lines += [f"  - {message}" if row.verdict == "flagged" else f"- {name}: {message}" for message in row.messages]
     unchecked = [f"{row.dataset} · {row.config}" for row in table.itertuples(index=False) if row.verdict == "unchecked"]
     if unchecked:

@@ -180,7 +180,7 @@ def test_a_flagged_run_is_named_in_every_output_also_on_a_rerun(tmp_path, capsys
         out = capsys.readouterr().out
         assert "test-quantized ⚠ FLAGGED" in out.split("## Diagnostics")[0]  # in the tables
         diagnostics = out.split("## Diagnostics")[1]
-        assert "⚠ FLAGGED digits · test-quantized" in diagnostics and "zero-gradient:" in diagnostics, attempt
+        assert "- digits · test-quantized ⚠ FLAGGED:" in diagnostics and "zero-gradient:" in diagnostics, attempt
     assert main(["report", "--results", str(tmp_path), "--format", "md"]) == 0
     assert "zero-gradient:" in capsys.readouterr().out.split("## Diagnostics")[1]
     assert main(["report", "--results", str(tmp_path), "--format", "json"]) == 0
@@ -230,6 +230,11 @@ def test_a_randomized_defense_reports_how_often_its_verdict_flips(trained):
     per_step = {(s["step"], s["epsilon"]): s["count"] / s["n"] for s in flips["detail"]["per_step"]}
     assert table.verdict_flips[0.5] == per_step[("pgd-l2", 0.5)]
     assert results.tables["diagnostics"].verdict_flips[0] == flips["count"] / 40
+    from bench.reports.display import display_tables
+
+    (shown,) = [t for name, t in display_tables(results.tables).items() if name.startswith("Accuracy under attack")]
+    largest = max(table.verdict_flips[0.0], table.verdict_flips[0.5])
+    assert shown.set_index("attack")["verdict flips"]["pgd-l2"] == f"{largest:.1%}"
 
 
 def test_gradient_free_wins_fires_only_beyond_its_margin_and_the_verdict_noise():
