@@ -29,7 +29,7 @@ DEFAULT_EPSILONS: dict[str, tuple[float, ...]] = {
     "l1": (0.5, 1.0, 2.0, 4.0, 8.0),
 }
 
-# 64 images per batch is the fastest on 2 CPU cores (DESIGN.md: PGD-20 on 256 images took
+# 64 images per batch is the fastest on 2 CPU cores (measured: PGD-20 on 256 images took
 # 2.4-2.9 s as one batch and 1.6 s as 4 x 64).
 DEFAULT_CHUNK = 64
 

@@ -16,7 +16,7 @@ from bench.types import NORMS
 # attack name (``pgd-l2``); an attack that no key names uses its own default epsilons.
 Epsilons = Union[list[float], dict[str, list[float]]]
 
-# Batch sizes tuned for CPUs (DESIGN.md: batches above about 128 rows are slower per image on 2
+# Batch sizes tuned for CPUs (measured: batches above about 128 rows are slower per image on 2
 # cores); a GPU user raises them with --eval-batch-size / --attack-batch-size.
 DEFAULT_EVAL_BATCH_SIZE = 128
 DEFAULT_ATTACK_BATCH_SIZE = 64

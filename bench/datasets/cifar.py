@@ -229,7 +229,7 @@ def load_cifar(spec: dict, name: str, data_dir: Path, download: bool, splits: tu
 @DATASETS.register("cifar10")
 def load_cifar10(data_dir: Path, download: bool = False, test_only: bool = False, **_: object) -> Dataset:
     """CIFAR-10 from ``data_dir/cifar-10-batches-py``; ``test_only`` skips the training batches
-    (for evaluating a stored checkpoint, e.g. on the 1,000-image test batch of ../shared/data)."""
+    (for evaluating a stored checkpoint, e.g. on a 1,000-image subset of the test batch)."""
     return load_cifar(CIFAR10, "cifar10", data_dir, download, ("test",) if test_only else ("train", "test"))
 
 
