@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "with the records of a serial run (default 1: in this process)")
     run.add_argument("--scheduler", metavar="ADDRESS",
                      help="run the jobs on a Dask distributed cluster, e.g. tcp://HOST:8786; needs "
-                          "pip install 'robustness-bench[dask]' (default: none, local)")
+                          "pip install -e '.[dask]' in a clone of the harness on every machine (default: none, local)")
     run.add_argument("--worker-threads", type=_positive_int, default=1,
                      help="torch threads per job in a worker process (default 1)")
     run.add_argument("--force", action="store_true",
