@@ -202,6 +202,8 @@ def load_model(spec: str, checkpoint: Path | str | None = None) -> nn.Module:
 def load_weights(model: nn.Module, checkpoint: Path | str, what: str = "the model") -> None:
     """Load a state dict into ``model`` with ``weights_only=True``; one-line errors."""
     path = Path(checkpoint)
+    if path.is_dir():
+        raise BenchError(f"--checkpoint {path} is a directory; give the state-dict file itself (what torch.save wrote)")
     if not path.is_file():
         raise BenchError(f"--checkpoint {path} does not exist")
     try:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -558,8 +560,18 @@ def command_perf(args: argparse.Namespace) -> int:
 COMMANDS = {"run": command_run, "eval": command_eval, "list": command_list, "report": command_report, "perf": command_perf}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is: the same clean-up as Ctrl-C (finished steps kept,
+    unfinished runs handed back, workers stopped)."""
+
+
+def _terminate(signum: int, frame: Any) -> NoReturn:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     committed_before = _committed_steps()
+    previous_handler = _handle_sigterm()
     try:
         args = build_parser().parse_args(argv)
         log.configure(log.QUIET if getattr(args, "quiet", False) else log.VERBOSE if getattr(args, "verbose", False) else log.NORMAL)
@@ -567,12 +579,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return getattr(error, "exit_status", 2)
+    except Terminated:
+        print(f"bench: terminated (SIGTERM); {_what_was_stored(committed_before)}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, what the shell reports for a process the signal ended
     except KeyboardInterrupt:
         print(f"bench: interrupted; {_what_was_stored(committed_before)}", file=sys.stderr)
         return 130
     except Exception:
         print(f"bench: unexpected error (a bug: please report it); {_what_was_stored(committed_before)}", file=sys.stderr)
         raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _handle_sigterm() -> Any:
+    """Make SIGTERM raise ``Terminated`` while ``main`` runs; returns the handler to restore
+    (None where signals cannot be handled: outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _terminate)
 
 
 def _committed_steps() -> int:
@@ -582,9 +608,13 @@ def _committed_steps() -> int:
 
 
 def _what_was_stored(committed_before: int) -> str:
-    if _committed_steps() > committed_before:
-        return "completed steps are stored and the same command resumes"
-    return "nothing was stored"
+    """What an interrupted or failed command kept: results are committed step by step, so the
+    steps (and checkpoints) finished before stay stored, and the same command resumes after them."""
+    committed = _committed_steps() - committed_before
+    if committed:
+        return (f"completed steps are stored and the same command resumes: this command stored {committed} "
+                "step(s) or checkpoint(s), and whatever earlier commands stored is kept")
+    return "nothing was stored by this command; whatever earlier commands stored is kept, and the same command resumes from it"
 
 
 if __name__ == "__main__":

@@ -338,6 +338,7 @@ def test_bench_eval_finds_a_module_in_the_current_folder(bench_cli, model_file, 
         ("factory", "five", "does not fit"),
         ("factory", "code", "is not a weights-only torch file"),
         ("factory", "missing", "does not exist"),
+        ("factory", "directory", "is a directory; give the state-dict file itself"),
     ],
 )
 def test_bench_eval_refuses_a_model_that_does_not_fit_in_one_line(bench_cli, model_file, tmp_path, factory, checkpoint, fragment):
@@ -352,6 +353,8 @@ def test_bench_eval_refuses_a_model_that_does_not_fit_in_one_line(bench_cli, mod
         args += ["--checkpoint", str(tmp_path / "code.pt")]
     elif checkpoint == "missing":
         args += ["--checkpoint", str(tmp_path / "missing.pt")]
+    elif checkpoint == "directory":
+        args += ["--checkpoint", str(tmp_path)]
     code, _, stderr = bench_cli(*args)
     assert code == 2 and stderr.startswith("bench: error:") and fragment in stderr
     assert stderr.count("\n") == 1 and not marker.exists()

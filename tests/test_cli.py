@@ -222,3 +222,57 @@ def test_a_changed_default_does_not_reuse_the_old_checkpoint(bench, tmp_path, mo
     second = Store(tmp_path / "r").runs()[-1]
     assert code == 0 and "reusing checkpoint" not in stderr
     assert second.spec["params"] == {"smoothing": 0.3} and second.training_hash != first.training_hash
+
+
+def test_ctrl_c_says_what_this_command_stored_and_what_was_kept(bench, tmp_path, monkeypatch):
+    from bench import api
+
+    evaluate_step = api.evaluate_step
+
+    def interrupted_at_clean(defense, step, *args, **kwargs):
+        if step.name == "clean":  # the last job: training and the attack come first
+            raise KeyboardInterrupt
+        return evaluate_step(defense, step, *args, **kwargs)
+
+    monkeypatch.setattr(api, "evaluate_step", interrupted_at_clean)
+    args = ["run", *FAST, "--attack", "pgd-linf", "--attack-param", "steps=2", "--attack-param", "restarts=1",
+            "--out", str(tmp_path)]
+    code, _, stderr = bench(*args)
+    assert code == 130 and stderr.count("\n") == 1
+    # the checkpoint and the pgd-linf step
+    assert stderr.startswith("bench: interrupted; completed steps are stored and the same command resumes: "
+                             "this command stored 2 step(s) or checkpoint(s)"), stderr
+    code, _, stderr = bench(*args)  # resumes, and is interrupted before it stores anything new
+    assert code == 130
+    assert stderr == ("bench: interrupted; nothing was stored by this command; whatever earlier commands stored is "
+                      "kept, and the same command resumes from it\n")
+    assert set(Store(tmp_path).records().attack) == {"pgd-linf"}
+    monkeypatch.setattr(api, "evaluate_step", evaluate_step)
+    assert bench(*args)[0] == 0
+    (run,) = Store(tmp_path).runs()
+    assert run.info["resumed"] and set(Store(tmp_path).records().attack) == {"pgd-linf", "clean"}
+
+
+def test_sigterm_keeps_the_finished_steps_and_exits_143_with_one_line(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "run", "--dataset", "digits", "--epochs", "2", "--train-size", "300",
+         "--test-size", "500", "--attack", "cw-l2", "--out", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path)
+    lines = []
+    for line in process.stderr:  # progress lines: wait until training is done and the attack runs
+        lines.append(line)
+        if "done: train" in line:
+            break
+    time.sleep(0.5)
+    assert process.poll() is None, "the run ended before it could be terminated"
+    process.send_signal(signal.SIGTERM)
+    rest = process.stderr.read()
+    process.stderr.close()
+    assert process.wait(timeout=60) == 143, lines + [rest]
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith("bench: terminated (SIGTERM); completed steps are stored and the same command resumes"), rest
+    assert "Traceback" not in rest
+    (run,) = Store(tmp_path).runs(complete_only=False)
+    assert run.status == "interrupted"  # handed back: the next command resumes it at once
+    assert list((tmp_path / "checkpoints").glob("*.pt"))

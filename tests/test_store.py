@@ -278,3 +278,14 @@ def test_a_checkpoint_the_disk_refuses_is_a_one_line_error_and_the_run_stays_res
     (run,) = Store(tmp_path).runs(complete_only=False)
     assert run.status == "interrupted"
     assert Store(tmp_path).resumable(run.spec_hash)[0].run_id == run.run_id
+
+
+def test_a_failed_write_says_steps_are_kept_only_when_this_process_committed_some(tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    refused = sqlite3.OperationalError("attempt to write a readonly database")
+    monkeypatch.setattr(store_module, "_committed", 0)
+    assert str(store._error(refused, "adding records")) == (
+        f"results store {store.path}: adding records failed: attempt to write a readonly database")
+    monkeypatch.setattr(store_module, "_committed", 3)
+    assert str(store._error(refused, "adding records")).endswith(
+        "readonly database; the 3 step(s) or checkpoint(s) this process committed before are kept")
