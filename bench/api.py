@@ -230,12 +230,30 @@ def _one_line(error: BaseException) -> str:
 
 
 # -- data ------------------------------------------------------------------------------------------
-def load_dataset(name: str, data_dir: Path | str | None = None, download: bool = False, image_size: int = 224) -> Dataset:
-    """A registered dataset (``digits`` ships with scikit-learn; others read ``data_dir``, default ./data)."""
+def load_dataset(
+    name: str, data_dir: Path | str | None = None, download: bool = False, image_size: int = 224, *,
+    test_only: bool = False,
+) -> Dataset:
+    """A registered dataset (``digits`` ships with scikit-learn; others read ``data_dir``, default ./data).
+
+    ``test_only=True``: only the test split is needed (evaluation); a loader that can, reads no
+    training files and needs none (CIFAR-10/100: ``test_batch``/``test`` and the meta file), and
+    returns an empty training split. Other loaders read their files as usual.
+    """
     loader = DATASETS.get(name)
     if data_dir is None and name != "digits":
         data_dir = Path("data")
-    return loader(data_dir=Path(data_dir) if data_dir is not None else None, download=download, image_size=image_size)
+    options = {"test_only": True} if test_only and _accepts(loader, "test_only") else {}
+    return loader(data_dir=Path(data_dir) if data_dir is not None else None, download=download, image_size=image_size,
+                  **options)
+
+
+def _accepts(function: Callable[..., Any], keyword: str) -> bool:
+    """Whether ``function`` takes ``keyword`` (by name, or through ``**kwargs``): a plug-in's loader may not."""
+    import inspect
+
+    parameters = inspect.signature(function).parameters.values()
+    return any(p.name == keyword or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 @dataclass
@@ -287,7 +305,7 @@ def evaluation_data(
     """The test split of a dataset name or ``Dataset`` (a seeded class-balanced subset of
     ``test_size``), or given ``(x, y)`` tensors (all of them, or a subset of ``test_size``)."""
     if isinstance(data, str):
-        data = load_dataset(data, data_dir, download)
+        data = load_dataset(data, data_dir, download, test_only=True)
     if isinstance(data, Dataset):
         index = balanced_subset(data.y_test, test_size, seed)
         return EvalData(name or data.name, data.x_test[index], data.y_test[index], index, data.num_classes, data.provenance)

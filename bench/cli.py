@@ -394,13 +394,13 @@ def command_run(args: argparse.Namespace) -> int:
         from bench.runner import load_dataset
         from bench.store import Store
 
-        store = Store(out)
         data_dir = options.get("data_dir")
         datasets = {}
         for spec in specs:
             if (spec.dataset, spec.image_size) not in datasets:
                 datasets[(spec.dataset, spec.image_size)] = load_dataset(
                     spec, Path(data_dir) if data_dir else None, bool(options.get("download")))
+        store = Store(out)  # after the data: missing or broken files leave no results folder behind
         outcome = run_grid(specs, datasets, store, executor, device=options.get("device", "cpu"), force=args.force)
     finally:
         executor.close()  # the fork server, if any, leaves with this process

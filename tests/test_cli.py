@@ -276,3 +276,33 @@ def test_sigterm_keeps_the_finished_steps_and_exits_143_with_one_line(tmp_path):
     (run,) = Store(tmp_path).runs(complete_only=False)
     assert run.status == "interrupted"  # handed back: the next command resumes it at once
     assert list((tmp_path / "checkpoints").glob("*.pt"))
+
+
+def test_bench_eval_works_on_a_cifar10_folder_holding_only_the_test_split(bench, tmp_path):
+    import torch
+    from torch import nn
+
+    from test_datasets import write_cifar
+
+    write_cifar(tmp_path / "data" / "cifar-10-batches-py", {"test_batch": 12}, b"labels",
+                ("batches.meta", b"label_names"), 10)
+    (tmp_path / "tiny.py").write_text(
+        "from torch import nn\n\ndef net():\n    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))\n")
+    torch.manual_seed(0)
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).state_dict(), tmp_path / "tiny.pt")
+    code, stdout, stderr = bench("eval", "--model", f"{tmp_path / 'tiny.py'}:net", "--checkpoint", str(tmp_path / "tiny.pt"),
+                                 "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--attack", "pgd-linf",
+                                 "--epsilons", "0.01", "--attack-param", "steps=2", "--attack-param", "restarts=1",
+                                 "--out", str(tmp_path / "out"), "--quiet")
+    assert code == 0, stderr
+    records = Store(tmp_path / "out").records()
+    assert len(records) == 24 and set(records.attack) == {"clean", "pgd-linf"}
+    (run,) = Store(tmp_path / "out").runs()
+    assert run.dataset == "cifar10" and run.info["data_official"] == {"test_batch": False}
+
+    code, stdout, stderr = bench("run", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                                 "--out", str(tmp_path / "run"))
+    assert code == 2 and stderr.count("\n") == 1 and stdout == ""
+    assert stderr.startswith("bench: error: cifar10: the training split is missing: expected data_batch_1")
+    assert str(tmp_path / "data" / "cifar-10-batches-py") in stderr
+    assert not (tmp_path / "run").exists()
