@@ -40,6 +40,7 @@ from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
 from bench.spec import RunSpec, check_epsilon_keys, epsilons_for, scoped, unclaimed
 from bench.store import MODEL_STEPS, Run, Store
 from bench.training import TrainConfig, check_learned, training_defaults
+from bench.threads import using_threads
 from bench.types import RECORD_COLUMNS, Record
 from bench.validation import check_epsilons, check_writable_dir, validate_options
 
@@ -687,7 +688,7 @@ def load_results(
 def train(
     model_or_defense: nn.Module | Defense, data: Data, *, epochs: int | None = None, batch_size: int = 64,
     lr: float | None = None, seed: int = 0, train_size: int | None = None, data_dir: Path | str | None = None,
-    download: bool = False, device: str = "cpu",
+    download: bool = False, device: str = "cpu", threads: int | None = None,
 ) -> Defense:
     """Train a model or defense on the training split of ``data`` with the shared loop (SGD,
     momentum, cosine schedule, seeded shuffles) and the defense's own loss; returns the defense.
@@ -697,15 +698,18 @@ def train(
     An ``nn.Module`` is trained in place with cross-entropy (``baseline``). ``lr`` and ``epochs``
     default to the defense's defaults on the dataset (``bench.training.TRAINING_DEFAULTS``: e.g.
     digits 30 epochs, MNIST 8; robustopt lr 0.01, others 0.05); 10 epochs for tensors.
+    ``threads``: torch threads while it trains (default ``bench.threads.default_threads()``: the
+    idle cores, at most 4, or ``OMP_NUM_THREADS``); the caller's setting is restored after.
     """
     validate_options({"seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr, "train_size": train_size,
-                      "download": download, "device": device})
+                      "download": download, "device": device, "threads": threads})
     defense = as_defense(model_or_defense, device)
     name, x, y = train_data(data, train_size=train_size, seed=seed, data_dir=data_dir, download=download)
     defaults = training_defaults(defense_name(defense), name)
     epochs = epochs if epochs is not None else defaults["epochs"] if isinstance(data, (str, Dataset)) else 10
     lr = defaults["lr"] if lr is None else lr
-    fit_and_check(defense, x, y, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device))
+    with using_threads(threads):
+        fit_and_check(defense, x, y, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device))
     return defense
 
 
@@ -736,6 +740,7 @@ def evaluate(
     download: bool = False,
     device: str = "cpu",
     log: Log | None = None,
+    threads: int | None = None,
 ) -> Results:
     """Evaluate a model or defense on clean and attacked test inputs; per-sample records and tables.
 
@@ -753,11 +758,12 @@ def evaluate(
       are attacked through EOT over ``eot_draws`` draws.
 
     The whole request (data, model, attacks, epsilons) is checked before any work, with the
-    one-line errors of the CLI.
+    one-line errors of the CLI. ``threads``: torch threads while it runs (default
+    ``bench.threads.default_threads()``); the caller's setting is restored after.
     """
     log = log or _quiet
     validate_options({"seed": seed, "test_size": test_size, "eot_draws": eot_draws, "attack_backend": attack_backend,
-                      "download": download, "device": device})
+                      "download": download, "device": device, "threads": threads})
     if isinstance(store, (str, Path)):
         check_writable_dir(store, "store")
     defense = as_defense(model_or_defense, device)
@@ -788,8 +794,9 @@ def evaluate(
     writer = RunWriter(store, run, log)
     try:
         started = time.perf_counter()
-        evaluate_steps(defense, steps, test.x, test.y, test.index, seed=seed, eot_draws=eot_draws,
-                       done=writer.done, commit=writer.commit, log=log, label=label)
+        with using_threads(threads):
+            evaluate_steps(defense, steps, test.x, test.y, test.index, seed=seed, eot_draws=eot_draws,
+                           done=writer.done, commit=writer.commit, log=log, label=label)
         eval_seconds = time.perf_counter() - started
         records = writer.records()
         warnings = sanity_warnings(records, defense.randomized, eot_draws if steps else None,

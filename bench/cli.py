@@ -24,6 +24,9 @@ CONFIG_KEYS = {
     "batch_size", "lr", "seed", "train_size", "test_size", "image_size", "data_dir", "download",
     "out", "device", "param", "attack_param", "eval_batch_size", "attack_batch_size",
 }
+# bench.threads.default_threads, in words.
+THREADS_RULE = ("OMP_NUM_THREADS if set, else the idle cores (cores minus the load average) shared among the "
+                "processes, at most 4 each")
 # The parts of `bench perf` (bench.perf.SECTIONS; not imported here, it imports torch).
 PERF_SECTIONS = ("attacks", "pixeldp", "training", "grid")
 
@@ -153,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scheduler", metavar="ADDRESS",
                      help="run the jobs on a Dask distributed cluster, e.g. tcp://HOST:8786; needs "
                           "pip install -e '.[dask]' in a clone of the harness on every machine (default: none, local)")
-    run.add_argument("--worker-threads", type=_positive_int, default=1,
-                     help="torch threads per job in a worker process (default 1)")
+    run.add_argument("--threads", type=_positive_int, help=f"torch threads per process: this one, and each worker of "
+                     f"--jobs or --scheduler (default: {THREADS_RULE}; 1 per job on a Dask cluster)")
+    run.add_argument("--worker-threads", dest="threads", type=_positive_int, help=argparse.SUPPRESS)  # the old name
     run.add_argument("--force", action="store_true",
                      help="start new runs even where a complete run of the same spec is stored (default: off, skip "
                           "complete runs, resume unfinished ones); checkpoints are still reused")
@@ -188,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--download", action="store_true", help="download missing dataset files")
     evaluation.add_argument("--out", type=Path, help="results directory to store the run in (default: not stored)")
     evaluation.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    evaluation.add_argument("--threads", type=_positive_int, help=f"torch threads (default: {THREADS_RULE})")
     evaluation.add_argument("--format", choices=["md", "json"], default="md", help="how to print the tables (default md)")
     _add_verbosity(evaluation)
 
@@ -200,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--only", action="append", choices=PERF_SECTIONS, help="measure only this part (repeatable; default: all)")
     perf.add_argument("--repeats", type=_positive_int, default=3, help="interleaved rounds; the best counts (default 3)")
     perf.add_argument("--images", type=_positive_int, default=128, help="images per attack comparison (default 128)")
-    perf.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's own)")
+    perf.add_argument("--threads", type=_positive_int, help=f"torch threads (default: {THREADS_RULE})")
     _add_verbosity(perf)
 
     report = commands.add_parser(
@@ -374,12 +379,15 @@ def command_run(args: argparse.Namespace) -> int:
     if args.scheduler and args.jobs > 1:
         raise BenchError("--jobs sets local worker processes and --scheduler a Dask cluster; give one of them")
     from bench.executors import DaskCluster, LocalProcesses, Serial
+    from bench.threads import default_threads, export_threads, set_threads
 
+    threads = args.threads or default_threads(args.jobs)
+    export_threads(threads)  # before the workers (or their fork server) load torch
     executor = Serial()
     if args.jobs > 1:
         # The workers' start-up (importing torch, seconds) overlaps the checks, this process's
         # own imports (the checks import torch) and the data loading.
-        executor = LocalProcesses(args.jobs, args.worker_threads, fork_server=True)
+        executor = LocalProcesses(args.jobs, threads, fork_server=True)
         executor.start()
     try:
         options = merged_options(args)
@@ -388,8 +396,9 @@ def command_run(args: argparse.Namespace) -> int:
         # The whole request, every spec of it, before any data is loaded or anything trained.
         for warning in validate_request(specs, device=options.get("device", "cpu"), out=out):
             print(f"bench: warning: {warning}", file=sys.stderr)
+        set_threads(threads)
         if args.scheduler:
-            executor = DaskCluster(args.scheduler, args.worker_threads)
+            executor = DaskCluster(args.scheduler, args.threads or 1)
         from bench.jobs import run_grid
         from bench.runner import load_dataset
         from bench.store import Store
@@ -440,6 +449,10 @@ def command_eval(args: argparse.Namespace) -> int:
     for name in attacks:
         ATTACKS.get(name)
     unclaimed(params, {args.defense: _fields(defense_class.Params)}, "defense parameter")
+    from bench.threads import default_threads, set_threads
+
+    threads = args.threads or default_threads()
+    set_threads(threads)
     from bench.api import evaluate, load_model, wrap
     from bench.metrics import TABLE_THRESHOLDS
     from bench.reports.render import render
@@ -449,7 +462,7 @@ def command_eval(args: argparse.Namespace) -> int:
     results = evaluate(
         defense, args.dataset, attacks, epsilons, store=args.out, seed=args.seed, test_size=args.test_size,
         attack_params=attack_params, attack_backend=args.attack_backend, eot_draws=args.eot_draws,
-        data_dir=args.data_dir, download=args.download, device=args.device, log=log.LOGGER.info,
+        data_dir=args.data_dir, download=args.download, device=args.device, log=log.LOGGER.info, threads=threads,
     )
     tables = dict(results.tables)
     if args.format == "json":
@@ -544,12 +557,10 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_perf(args: argparse.Namespace) -> int:
-    import torch
-
     from bench.perf import render, run_perf
+    from bench.threads import default_threads, set_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads or default_threads())
     rows, before, after = run_perf(tuple(args.only or PERF_SECTIONS), repeats=args.repeats, images=args.images)
     print(f"machine: {before}")
     print(render(rows))

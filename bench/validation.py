@@ -178,6 +178,7 @@ OPTION_CHECKS: dict[str, Callable[[Any], None]] = {
     "download": check_download,
     "out": lambda value: (_text("out")(value), check_writable_dir(value)),
     "device": check_device,
+    "threads": _positive_int("threads"),
 }
 
 

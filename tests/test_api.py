@@ -411,3 +411,24 @@ def test_a_step_is_a_plain_picklable_unit_of_work():
     step_copy, defense_copy = pickle.loads(pickle.dumps((step, smoothed)))
     there = bench.api.evaluate_step(defense_copy, step_copy, x, y, torch.arange(12), seed=4, eot_draws=2)
     assert there == here and len(here) == 12
+
+
+def test_evaluate_and_train_use_the_threads_asked_for_and_restore_the_callers(monkeypatch):
+    from bench import api
+
+    seen = []
+    evaluate_step = api.evaluate_step
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return evaluate_step(*args, **kwargs)
+
+    monkeypatch.setattr(api, "evaluate_step", recording)
+    before = torch.get_num_threads()
+    bench.evaluate(mlp(), "digits", test_size=10, threads=2)
+    assert seen == [2] and torch.get_num_threads() == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # without threads=: the rule, which takes the user's choice
+    bench.evaluate(mlp(), "digits", test_size=10)
+    assert seen == [2, 3] and torch.get_num_threads() == before
+    with pytest.raises(BenchError, match="threads must be a positive integer"):
+        bench.train(mlp(), "digits", epochs=1, threads=0)

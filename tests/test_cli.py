@@ -306,3 +306,59 @@ def test_bench_eval_works_on_a_cifar10_folder_holding_only_the_test_split(bench,
     assert stderr.startswith("bench: error: cifar10: the training split is missing: expected data_batch_1")
     assert str(tmp_path / "data" / "cifar-10-batches-py") in stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("cores, load, extra, expected", [
+    (8, 0.0, [], 4),  # idle: one thread per core, at most 4
+    (3, 0.0, [], 3),
+    (8, 6.5, [], 1),  # 1.5 idle cores: one thread
+    (8, 0.0, ["--threads", "2"], 2),  # the option wins
+])
+def test_run_chooses_torch_threads_from_idle_cores(bench, tmp_path, monkeypatch, cores, load, extra, expected):
+    import torch
+
+    from bench import api
+    from conftest import TEST_THREADS
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(name, "1")  # restored after the test
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    seen = []
+    evaluate_step = api.evaluate_step
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return evaluate_step(*args, **kwargs)
+
+    monkeypatch.setattr(api, "evaluate_step", recording)
+    try:
+        code, _, stderr = bench("run", *FAST, *extra, "--out", str(tmp_path))
+        assert code == 0, stderr
+        assert seen == [expected]
+        assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == str(expected)  # for its workers
+    finally:
+        torch.set_num_threads(TEST_THREADS)
+
+
+def test_run_respects_omp_num_threads_and_shares_cores_among_jobs(bench, tmp_path, monkeypatch):
+    import torch
+
+    from bench.threads import default_threads
+    from conftest import TEST_THREADS
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads(jobs=2) == 3  # the user's choice
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert [default_threads(jobs) for jobs in (1, 2, 3, 8, 16)] == [4, 4, 2, 1, 1]
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")  # restored after the test
+    try:
+        code, _, stderr = bench("run", *FAST, "--jobs", "3", "--out", str(tmp_path))
+        assert code == 0, stderr
+        (run,) = Store(tmp_path).runs()
+        assert run.info["worker_threads"] == 2  # 8 idle cores among 3 workers
+    finally:
+        torch.set_num_threads(TEST_THREADS)
