@@ -42,7 +42,9 @@ from bench.store import MODEL_STEPS, Run, Store
 from bench.training import TrainConfig, check_learned, training_defaults
 from bench.threads import using_threads
 from bench.types import RECORD_COLUMNS, Record
-from bench.validation import check_epsilons, check_writable_dir, validate_options
+from bench.validation import (
+    check_epsilon_bounds, check_epsilons, check_subset_size, check_writable_dir, validate_options,
+)
 
 Log = Callable[[str], None]
 Epsilons = Sequence[float] | Mapping[str, Sequence[float]] | None
@@ -116,6 +118,9 @@ def wrap(defense: str, model: nn.Module, *, device: str = "cpu", **params: Any) 
     :meth:`Defense.check_model`.
     """
     defense_class = DEFENSES.get(defense)
+    if not isinstance(model, nn.Module):
+        raise BenchError(f"wrap({defense!r}, model): model must be a torch nn.Module (images in [0,1] -> logits), "
+                         f"got {type(model).__name__}")
     values = build_params(defense_class.Params, params, f"defense {defense}")
     return defense_class.wrap(model, values, device=device)
 
@@ -156,6 +161,9 @@ def load_model(spec: str, checkpoint: Path | str | None = None) -> nn.Module:
     import importlib.util
     import os
 
+    if not isinstance(spec, str):
+        raise BenchError(f"load_model: expected a string 'MODULE:CALLABLE' or 'path/to/file.py:CALLABLE', "
+                         f"got {type(spec).__name__} {spec!r}")
     target, sep, attribute = spec.rpartition(":")
     if not sep or not target or not attribute.isidentifier():
         raise BenchError(f"--model {spec!r}: expected MODULE:CALLABLE or path/to/file.py:CALLABLE, e.g. my_models:small_cnn")
@@ -168,7 +176,7 @@ def load_model(spec: str, checkpoint: Path | str | None = None) -> nn.Module:
         sys.path.insert(0, str(path.resolve().parent))  # the file may import its neighbours
         try:
             module_spec.loader.exec_module(module)
-        except Exception as error:
+        except (Exception, SystemExit) as error:
             raise BenchError(f"--model {spec}: running {path} failed: {_one_line(error)}") from None
         finally:
             sys.path.remove(str(path.resolve().parent))
@@ -177,7 +185,7 @@ def load_model(spec: str, checkpoint: Path | str | None = None) -> nn.Module:
             sys.path.insert(0, os.getcwd())  # as `python -m`: a module in the current folder is found
         try:
             module = importlib.import_module(target)
-        except Exception as error:
+        except (Exception, SystemExit) as error:
             raise BenchError(f"--model {spec}: cannot import {target} ({_one_line(error)})") from None
     factory = getattr(module, attribute, None)
     if factory is None:
@@ -187,7 +195,7 @@ def load_model(spec: str, checkpoint: Path | str | None = None) -> nn.Module:
     elif callable(factory):
         try:
             model = factory()
-        except Exception as error:
+        except (Exception, SystemExit) as error:
             raise BenchError(f"--model {spec}: calling {attribute}() failed: {_one_line(error)}") from None
     else:
         raise BenchError(f"--model {spec}: {attribute} is a {type(factory).__name__}, not a callable or nn.Module")
@@ -224,6 +232,8 @@ def load_weights(model: nn.Module, checkpoint: Path | str, what: str = "the mode
 
 
 def _one_line(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return f"it called sys.exit({error.code!r}); a model file must define the model, not end the process"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = "; ".join(lines) or type(error).__name__
     text = text if len(text) <= 300 else text[:297] + "..."
@@ -245,8 +255,13 @@ def load_dataset(
     if data_dir is None and name != "digits":
         data_dir = Path("data")
     options = {"test_only": True} if test_only and _accepts(loader, "test_only") else {}
-    return loader(data_dir=Path(data_dir) if data_dir is not None else None, download=download, image_size=image_size,
-                  **options)
+    try:
+        return loader(data_dir=Path(data_dir) if data_dir is not None else None, download=download,
+                      image_size=image_size, **options)
+    except OSError as error:  # a file that exists but cannot be read (permissions, a folder in its place, I/O)
+        where = f" {error.filename}" if error.filename else ""
+        raise BenchError(f"{name}: cannot read{where}: {error.strerror or _one_line(error)}; check its permissions "
+                         "(the dataset files must be readable by this user)") from None
 
 
 def _accepts(function: Callable[..., Any], keyword: str) -> bool:
@@ -308,10 +323,12 @@ def evaluation_data(
     if isinstance(data, str):
         data = load_dataset(data, data_dir, download, test_only=True)
     if isinstance(data, Dataset):
+        check_subset_size(test_size, len(data.y_test), "test_size", data.name)
         index = balanced_subset(data.y_test, test_size, seed)
         return EvalData(name or data.name, data.x_test[index], data.y_test[index], index, data.num_classes, data.provenance)
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = check_images(*data)
+        check_subset_size(test_size, len(y), "test_size", "given")
         index = balanced_subset(y, test_size, seed)
         return EvalData(name or tensors_name(x, y), x[index], y[index], index, None)
     raise BenchError("data must be a dataset name (e.g. 'digits'), a Dataset, or a tuple (x, y) of tensors")
@@ -321,12 +338,15 @@ def train_data(data: Data, *, train_size: int | None, seed: int, data_dir: Path 
     if isinstance(data, str):
         data = load_dataset(data, data_dir, download)
     if isinstance(data, Dataset):
+        if len(data.y_train):
+            check_subset_size(train_size, len(data.y_train), "train_size", data.name)
         index = balanced_subset(data.y_train, train_size, seed)
         if len(index) == 0:
             raise BenchError(f"dataset {data.name} has no training split here; train elsewhere and load the weights")
         return data.name, data.x_train[index], data.y_train[index]
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = check_images(*data)
+        check_subset_size(train_size, len(y), "train_size", "given")
         index = balanced_subset(y, train_size, seed)
         return tensors_name(x, y), x[index], y[index]
     raise BenchError("data must be a dataset name (e.g. 'digits'), a Dataset, or a tuple (x, y) of tensors")
@@ -353,6 +373,9 @@ def check_model(model: nn.Module, data: EvalData, what: str = "model", device: s
         if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != len(inputs):
             got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             raise BenchError(f"{what} must return logits of shape (batch, classes) for {data.name} images ({shape}); got {got}")
+    if not all(output.is_floating_point() for output in outputs):
+        raise BenchError(f"{what} returns {outputs[0].dtype} outputs; logits must be floating point "
+                         "(the scores before softmax, which attacks differentiate)")
     classes = outputs[0].shape[1]
     expected = data.num_classes if data.num_classes is not None else int(data.y.max()) + 1
     # A known class count must match; for bare tensors, every label needs a logit.
@@ -362,6 +385,26 @@ def check_model(model: nn.Module, data: EvalData, what: str = "model", device: s
     if not all(torch.isfinite(output).all() for output in outputs):
         raise BenchError(f"{what} returns non-finite logits on {data.name} images in [0,1]; "
                          "does it expect another input range (e.g. 0..255 or normalised inputs)?")
+
+
+def check_gradients(model: nn.Module, data: EvalData, what: str = "model", device: str = "cpu") -> None:
+    """Attacks follow the gradient of the logits with respect to the input: the model must give
+    one (not a constant, not a forward under ``torch.no_grad()``, not a detached output)."""
+    was_training = model.training
+    model.eval()
+    probe = data.x[:2].to(device).clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            output = model(probe)
+            gradient = None
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                (gradient,) = torch.autograd.grad(output.sum(), probe, allow_unused=True)
+    finally:
+        model.train(was_training)
+    if gradient is None:
+        raise BenchError(f"{what} gives no gradient of its logits with respect to its input (a constant output, a "
+                         "forward under torch.no_grad() or a detached output), which attacks need; evaluate it "
+                         "without attacks, or make the forward differentiable")
 
 
 # -- attacks and their epsilons ---------------------------------------------------------------------
@@ -384,6 +427,8 @@ def attack_steps(
     (``linf``, ``l2``, ``l1``) to its list (the attack's name wins over its norm); an attack
     without epsilons uses its own defaults.
     """
+    if isinstance(attacks, (str, Attack)):
+        attacks = [attacks]  # one attack
     steps, names = [], set()
     attack_params = dict(attack_params or {})
     named = {entry: {f.name for f in dataclasses.fields(ATTACKS.get(entry).Params)} for entry in attacks if isinstance(entry, str)}
@@ -764,17 +809,27 @@ def evaluate(
     log = log or _quiet
     validate_options({"seed": seed, "test_size": test_size, "eot_draws": eot_draws, "attack_backend": attack_backend,
                       "download": download, "device": device, "threads": threads})
+    if epsilons is not None and not isinstance(epsilons, (list, tuple, Mapping)):
+        raise BenchError(f"epsilons must be a list of numbers ([0.05, 0.1]) or lists per norm or attack "
+                         f"({{'linf': [0.05], 'l2': [0.5]}}); got {type(epsilons).__name__} {epsilons!r}")
     if isinstance(store, (str, Path)):
         check_writable_dir(store, "store")
     defense = as_defense(model_or_defense, device)
     steps = attack_steps(attacks, epsilons, attack_params, attack_backend)
+    if epsilons is not None and not steps:
+        raise BenchError("epsilons set attack sizes, but no attack is given; pass attacks, e.g. ['pgd-linf']")
     test = evaluation_data(data, test_size=test_size, seed=seed, data_dir=data_dir, download=download)
+    input_dim = int(np.prod(test.x.shape[1:]))
+    for step in steps:
+        check_epsilon_bounds(step.name, step.attack.norm, step.epsilons, input_dim, test.name)
     name = defense_name(defense)
     check_model(defense.model, test, f"model ({type(defense.model).__name__})", device)
     try:
-        defense.attack_model()  # a defense that still needs training says so here, before any work
+        target = defense.attack_model()  # a defense that still needs training says so here, before any work
     except BenchError as error:
         raise BenchError(f"{error}: train it first, e.g. bench.train(defense, data, epochs=...)") from None
+    if steps:
+        check_gradients(target, test, f"model ({type(defense.model).__name__})", device)
     models = model_name(defense)
     default_label, params = describe(defense, name, models)
     label = label or default_label

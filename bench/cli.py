@@ -16,7 +16,9 @@ from bench.spec import (
     DEFAULT_ATTACK_BATCH_SIZE, DEFAULT_EVAL_BATCH_SIZE, RunSpec, flatten, load_config, parse_assignments,
     unclaimed,
 )
-from bench.validation import check_epsilons, check_writable_dir, validate_options, validate_request
+from bench.validation import (
+    check_epsilons, check_subset_size, check_writable_dir, validate_options, validate_request,
+)
 
 # TOML keys accepted by --config: the long options, with "_" for "-".
 CONFIG_KEYS = {
@@ -24,6 +26,7 @@ CONFIG_KEYS = {
     "batch_size", "lr", "seed", "train_size", "test_size", "image_size", "data_dir", "download",
     "out", "device", "param", "attack_param", "eval_batch_size", "attack_batch_size",
 }
+NO_ATTACK = "--epsilons sets attack sizes, but no attack is selected; add --attack NAME (bench list shows the attacks)"
 # bench.threads.default_threads, in words.
 THREADS_RULE = ("OMP_NUM_THREADS if set, else the idle cores (cores minus the load average) shared among the "
                 "processes, at most 4 each")
@@ -82,6 +85,17 @@ def _positive_int(text: str) -> int:
     value = _integer(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+# Print resolution is 300-600 dpi; a 6.4 x 4.8 inch figure at 1200 dpi is already 44 megapixels.
+DPI_MAX = 1200
+
+
+def _dpi(text: str) -> int:
+    value = _positive_int(text)
+    if value > DPI_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is above {DPI_MAX}; give a resolution from 1 to {DPI_MAX} dpi")
     return value
 
 
@@ -232,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
                         help="what changed from run A to run B, metric by metric (run ids or unique prefixes)")
     report.add_argument("--title", default="Robustness benchmark report", help="title of the HTML report")
-    report.add_argument("--dpi", type=_positive_int, default=150, help="resolution of the PNG plots (default 150)")
+    report.add_argument("--dpi", type=_dpi, default=150, help=f"resolution of the PNG plots, 1 to {DPI_MAX} (default 150)")
     return parser
 
 
@@ -393,6 +407,8 @@ def command_run(args: argparse.Namespace) -> int:
         options = merged_options(args)
         specs = specs_from(options)
         out = options.get("out", Path("results"))
+        if args.epsilons and not any(spec.attacks for spec in specs):
+            raise BenchError(NO_ATTACK)
         # The whole request, every spec of it, before any data is loaded or anything trained.
         for warning in validate_request(specs, device=options.get("device", "cpu"), out=out):
             print(f"bench: warning: {warning}", file=sys.stderr)
@@ -409,6 +425,10 @@ def command_run(args: argparse.Namespace) -> int:
             if (spec.dataset, spec.image_size) not in datasets:
                 datasets[(spec.dataset, spec.image_size)] = load_dataset(
                     spec, Path(data_dir) if data_dir else None, bool(options.get("download")))
+        for spec in specs:
+            dataset = datasets[(spec.dataset, spec.image_size)]
+            check_subset_size(spec.test_size, len(dataset.y_test), "test_size", spec.dataset)
+            check_subset_size(spec.train_size, len(dataset.y_train), "train_size", spec.dataset)
         store = Store(out)  # after the data: missing or broken files leave no results folder behind
         outcome = run_grid(specs, datasets, store, executor, device=options.get("device", "cpu"), force=args.force)
     finally:
@@ -446,6 +466,8 @@ def command_eval(args: argparse.Namespace) -> int:
     params = parse_assignments(args.param or [], "--param")
     attack_params = parse_assignments(args.attack_param or [], "--attack-param")
     attacks = args.attack or []
+    if epsilons is not None and not attacks:
+        raise BenchError(NO_ATTACK)
     for name in attacks:
         ATTACKS.get(name)
     unclaimed(params, {args.defense: _fields(defense_class.Params)}, "defense parameter")
