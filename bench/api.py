@@ -407,6 +407,22 @@ def check_gradients(model: nn.Module, data: EvalData, what: str = "model", devic
                          "without attacks, or make the forward differentiable")
 
 
+def plan_line(label: str, test: EvalData, test_size: int | None, steps: Sequence[Step], defense: Defense,
+              eot_draws: int) -> str:
+    """One line saying, before any work, how many images and which attacks an evaluation runs
+    (with each attack's steps and restarts, the numbers its cost grows with)."""
+    attacks = []
+    for step in steps:
+        params = getattr(step.attack, "params", None)
+        cost = [f"{getattr(params, key)} {key}" for key in ("steps", "restarts") if isinstance(getattr(params, key, None), int)]
+        if defense.randomized:
+            cost.append(f"EOT over {eot_draws} draws")
+        attacks.append(f"{step.name} at {len(step.epsilons)} epsilon(s)" + (f" ({', '.join(cost)})" if cost else ""))
+    whole = " (the whole test split; --test-size N for a seeded subset)" if test_size is None else ""
+    return (f"[{label}] evaluating {len(test.y)} {test.name} test images{whole}: clean"
+            + "".join(f", {attack}" for attack in attacks))
+
+
 # -- attacks and their epsilons ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class Step:
@@ -846,6 +862,7 @@ def evaluate(
         spec=dataclasses.asdict(spec), spec_hash=spec.hash(), training_hash=spec.training_hash(), seed=seed,
         versions=library_versions(), host=socket.gethostname(), info={}, warnings=[],
     )
+    log(plan_line(label, test, test_size, steps, defense, eot_draws))
     writer = RunWriter(store, run, log)
     try:
         started = time.perf_counter()

@@ -510,10 +510,29 @@ def command_list(_: argparse.Namespace) -> int:
                 defaults = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in dataclasses.asdict(obj.Params()).items()]
                 print(f"  {'':16s} {option} {' '.join(defaults) if defaults else '(none)'}")
+            if title == "defenses":
+                for line in _dataset_defaults(name):
+                    print(f"  {'':16s} {line}")
             epsilons = getattr(obj, "default_epsilons", None)
             if title == "attacks" and epsilons:
                 print(f"  {'':16s} {obj.norm} epsilons {','.join(f'{e:g}' for e in epsilons)}")
     return 0
+
+
+def _dataset_defaults(defense: str) -> list[str]:
+    """``bench list``'s lines for the defaults ``defense`` has per dataset (bench.training.TRAINING_DEFAULTS)."""
+    from bench.training import TRAINING_DEFAULTS
+
+    lines = []
+    for (name, dataset), row in TRAINING_DEFAULTS.items():
+        if name != defense:
+            continue
+        values = [f"--{key} {value:g}" if isinstance(value, float) else f"--{key} {value}"
+                  for key, value in row.items() if key != "params"]
+        values += [f"--param {key}={value:g}" if isinstance(value, float) else f"--param {key}={value}"
+                   for key, value in row.get("params", {}).items()]
+        lines.append(f"{'every dataset' if dataset == '*' else 'on ' + dataset}: {' '.join(values)}")
+    return lines
 
 
 def command_report(args: argparse.Namespace) -> int:

@@ -362,3 +362,20 @@ def test_run_respects_omp_num_threads_and_shares_cores_among_jobs(bench, tmp_pat
         assert run.info["worker_threads"] == 2  # 8 idle cores among 3 workers
     finally:
         torch.set_num_threads(TEST_THREADS)
+
+
+def test_eval_says_how_many_images_and_which_attacks_before_any_work(bench, tmp_path, monkeypatch):
+    from bench import api
+
+    def no_work(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "evaluate_step", no_work)
+    (tmp_path / "tiny.py").write_text("from torch import nn\n\ndef net():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n")
+    code, _, stderr = bench("eval", "--model", f"{tmp_path / 'tiny.py'}:net", "--attack", "pgd-linf", "--attack", "cw-l2",
+                            "--epsilons", "linf=0.05,0.1")
+    assert code == 130
+    assert ("evaluating 500 digits test images (the whole test split; --test-size N for a seeded subset): clean, "
+            "pgd-linf at 2 epsilon(s) (20 steps, 10 restarts), cw-l2 at 7 epsilon(s)") in stderr
+    code, _, stderr = bench("eval", "--model", f"{tmp_path / 'tiny.py'}:net", "--test-size", "30")
+    assert code == 130 and "evaluating 30 digits test images: clean\n" in stderr
