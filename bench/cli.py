@@ -170,9 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scheduler", metavar="ADDRESS",
                      help="run the jobs on a Dask distributed cluster, e.g. tcp://HOST:8786; needs "
                           "pip install -e '.[dask]' in a clone of the harness on every machine (default: none, local)")
-    run.add_argument("--threads", type=_positive_int, help=f"torch threads per process: this one, and each worker of "
-                     f"--jobs or --scheduler (default: {THREADS_RULE}; 1 per job on a Dask cluster)")
-    run.add_argument("--worker-threads", dest="threads", type=_positive_int, help=argparse.SUPPRESS)  # the old name
+    run.add_argument("--threads", "--worker-threads", type=_positive_int,
+                     help=f"torch threads per process: this one, and each worker of --jobs or --scheduler "
+                          f"(--worker-threads: its former name; default: {THREADS_RULE}; 1 per job on a Dask cluster)")
     run.add_argument("--force", action="store_true",
                      help="start new runs even where a complete run of the same spec is stored (default: off, skip "
                           "complete runs, resume unfinished ones); checkpoints are still reused")
