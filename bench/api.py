@@ -43,8 +43,11 @@ from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
 from bench.spec import RunSpec, check_epsilon_keys, epsilons_for, scoped, unclaimed, with_audit
 from bench.store import MODEL_STEPS, Run, Store
 from bench.training import TrainConfig, check_learned, training_defaults
+from bench.threads import using_threads
 from bench.types import RECORD_COLUMNS, Record
-from bench.validation import check_epsilons, check_writable_dir, validate_options
+from bench.validation import (
+    check_epsilon_bounds, check_epsilons, check_subset_size, check_writable_dir, validate_options,
+)
 
 Log = Callable[[str], None]
 Epsilons = Sequence[float] | Mapping[str, Sequence[float]] | None
@@ -118,6 +121,9 @@ def wrap(defense: str, model: nn.Module, *, device: str = "cpu", **params: Any) 
     :meth:`Defense.check_model`.
     """
     defense_class = DEFENSES.get(defense)
+    if not isinstance(model, nn.Module):
+        raise BenchError(f"wrap({defense!r}, model): model must be a torch nn.Module (images in [0,1] -> logits), "
+                         f"got {type(model).__name__}")
     values = build_params(defense_class.Params, params, f"defense {defense}")
     return defense_class.wrap(model, values, device=device)
 
@@ -158,6 +164,9 @@ def load_model(spec: str, checkpoint: Path | str | None = None) -> nn.Module:
     import importlib.util
     import os
 
+    if not isinstance(spec, str):
+        raise BenchError(f"load_model: expected a string 'MODULE:CALLABLE' or 'path/to/file.py:CALLABLE', "
+                         f"got {type(spec).__name__} {spec!r}")
     target, sep, attribute = spec.rpartition(":")
     if not sep or not target or not attribute.isidentifier():
         raise BenchError(f"--model {spec!r}: expected MODULE:CALLABLE or path/to/file.py:CALLABLE, e.g. my_models:small_cnn")
@@ -170,7 +179,7 @@ def load_model(spec: str, checkpoint: Path | str | None = None) -> nn.Module:
         sys.path.insert(0, str(path.resolve().parent))  # the file may import its neighbours
         try:
             module_spec.loader.exec_module(module)
-        except Exception as error:
+        except (Exception, SystemExit) as error:
             raise BenchError(f"--model {spec}: running {path} failed: {_one_line(error)}") from None
         finally:
             sys.path.remove(str(path.resolve().parent))
@@ -179,7 +188,7 @@ def load_model(spec: str, checkpoint: Path | str | None = None) -> nn.Module:
             sys.path.insert(0, os.getcwd())  # as `python -m`: a module in the current folder is found
         try:
             module = importlib.import_module(target)
-        except Exception as error:
+        except (Exception, SystemExit) as error:
             raise BenchError(f"--model {spec}: cannot import {target} ({_one_line(error)})") from None
     factory = getattr(module, attribute, None)
     if factory is None:
@@ -189,7 +198,7 @@ def load_model(spec: str, checkpoint: Path | str | None = None) -> nn.Module:
     elif callable(factory):
         try:
             model = factory()
-        except Exception as error:
+        except (Exception, SystemExit) as error:
             raise BenchError(f"--model {spec}: calling {attribute}() failed: {_one_line(error)}") from None
     else:
         raise BenchError(f"--model {spec}: {attribute} is a {type(factory).__name__}, not a callable or nn.Module")
@@ -205,6 +214,8 @@ def load_model(spec: str, checkpoint: Path | str | None = None) -> nn.Module:
 def load_weights(model: nn.Module, checkpoint: Path | str, what: str = "the model") -> None:
     """Load a state dict into ``model`` with ``weights_only=True``; one-line errors."""
     path = Path(checkpoint)
+    if path.is_dir():
+        raise BenchError(f"--checkpoint {path} is a directory; give the state-dict file itself (what torch.save wrote)")
     if not path.is_file():
         raise BenchError(f"--checkpoint {path} does not exist")
     try:
@@ -224,6 +235,8 @@ def load_weights(model: nn.Module, checkpoint: Path | str, what: str = "the mode
 
 
 def _one_line(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return f"it called sys.exit({error.code!r}); a model file must define the model, not end the process"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = "; ".join(lines) or type(error).__name__
     text = text if len(text) <= 300 else text[:297] + "..."
@@ -231,12 +244,35 @@ def _one_line(error: BaseException) -> str:
 
 
 # -- data ------------------------------------------------------------------------------------------
-def load_dataset(name: str, data_dir: Path | str | None = None, download: bool = False, image_size: int = 224) -> Dataset:
-    """A registered dataset (``digits`` ships with scikit-learn; others read ``data_dir``, default ./data)."""
+def load_dataset(
+    name: str, data_dir: Path | str | None = None, download: bool = False, image_size: int = 224, *,
+    test_only: bool = False,
+) -> Dataset:
+    """A registered dataset (``digits`` ships with scikit-learn; others read ``data_dir``, default ./data).
+
+    ``test_only=True``: only the test split is needed (evaluation); a loader that can, reads no
+    training files and needs none (CIFAR-10/100: ``test_batch``/``test`` and the meta file), and
+    returns an empty training split. Other loaders read their files as usual.
+    """
     loader = DATASETS.get(name)
     if data_dir is None and name != "digits":
         data_dir = Path("data")
-    return loader(data_dir=Path(data_dir) if data_dir is not None else None, download=download, image_size=image_size)
+    options = {"test_only": True} if test_only and _accepts(loader, "test_only") else {}
+    try:
+        return loader(data_dir=Path(data_dir) if data_dir is not None else None, download=download,
+                      image_size=image_size, **options)
+    except OSError as error:  # a file that exists but cannot be read (permissions, a folder in its place, I/O)
+        where = f" {error.filename}" if error.filename else ""
+        raise BenchError(f"{name}: cannot read{where}: {error.strerror or _one_line(error)}; check its permissions "
+                         "(the dataset files must be readable by this user)") from None
+
+
+def _accepts(function: Callable[..., Any], keyword: str) -> bool:
+    """Whether ``function`` takes ``keyword`` (by name, or through ``**kwargs``): a plug-in's loader may not."""
+    import inspect
+
+    parameters = inspect.signature(function).parameters.values()
+    return any(p.name == keyword or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 @dataclass
@@ -288,12 +324,14 @@ def evaluation_data(
     """The test split of a dataset name or ``Dataset`` (a seeded class-balanced subset of
     ``test_size``), or given ``(x, y)`` tensors (all of them, or a subset of ``test_size``)."""
     if isinstance(data, str):
-        data = load_dataset(data, data_dir, download)
+        data = load_dataset(data, data_dir, download, test_only=True)
     if isinstance(data, Dataset):
+        check_subset_size(test_size, len(data.y_test), "test_size", data.name)
         index = balanced_subset(data.y_test, test_size, seed)
         return EvalData(name or data.name, data.x_test[index], data.y_test[index], index, data.num_classes, data.provenance)
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = check_images(*data)
+        check_subset_size(test_size, len(y), "test_size", "given")
         index = balanced_subset(y, test_size, seed)
         return EvalData(name or tensors_name(x, y), x[index], y[index], index, None)
     raise BenchError("data must be a dataset name (e.g. 'digits'), a Dataset, or a tuple (x, y) of tensors")
@@ -303,12 +341,15 @@ def train_data(data: Data, *, train_size: int | None, seed: int, data_dir: Path 
     if isinstance(data, str):
         data = load_dataset(data, data_dir, download)
     if isinstance(data, Dataset):
+        if len(data.y_train):
+            check_subset_size(train_size, len(data.y_train), "train_size", data.name)
         index = balanced_subset(data.y_train, train_size, seed)
         if len(index) == 0:
             raise BenchError(f"dataset {data.name} has no training split here; train elsewhere and load the weights")
         return data.name, data.x_train[index], data.y_train[index]
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = check_images(*data)
+        check_subset_size(train_size, len(y), "train_size", "given")
         index = balanced_subset(y, train_size, seed)
         return tensors_name(x, y), x[index], y[index]
     raise BenchError("data must be a dataset name (e.g. 'digits'), a Dataset, or a tuple (x, y) of tensors")
@@ -335,6 +376,9 @@ def check_model(model: nn.Module, data: EvalData, what: str = "model", device: s
         if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != len(inputs):
             got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             raise BenchError(f"{what} must return logits of shape (batch, classes) for {data.name} images ({shape}); got {got}")
+    if not all(output.is_floating_point() for output in outputs):
+        raise BenchError(f"{what} returns {outputs[0].dtype} outputs; logits must be floating point "
+                         "(the scores before softmax, which attacks differentiate)")
     classes = outputs[0].shape[1]
     expected = data.num_classes if data.num_classes is not None else int(data.y.max()) + 1
     # A known class count must match; for bare tensors, every label needs a logit.
@@ -344,6 +388,22 @@ def check_model(model: nn.Module, data: EvalData, what: str = "model", device: s
     if not all(torch.isfinite(output).all() for output in outputs):
         raise BenchError(f"{what} returns non-finite logits on {data.name} images in [0,1]; "
                          "does it expect another input range (e.g. 0..255 or normalised inputs)?")
+
+
+def plan_line(label: str, test: EvalData, test_size: int | None, steps: Sequence[Step], defense: Defense,
+              eot_draws: int) -> str:
+    """One line saying, before any work, how many images and which attacks an evaluation runs
+    (with each attack's steps and restarts, the numbers its cost grows with)."""
+    attacks = []
+    for step in steps:
+        params = getattr(step.attack, "params", None)
+        cost = [f"{getattr(params, key)} {key}" for key in ("steps", "restarts") if isinstance(getattr(params, key, None), int)]
+        if defense.randomized:
+            cost.append(f"EOT over {eot_draws} draws")
+        attacks.append(f"{step.name} at {len(step.epsilons)} epsilon(s)" + (f" ({', '.join(cost)})" if cost else ""))
+    whole = " (the whole test split; --test-size N for a seeded subset)" if test_size is None else ""
+    return (f"[{label}] evaluating {len(test.y)} {test.name} test images{whole}: clean"
+            + "".join(f", {attack}" for attack in attacks))
 
 
 # -- attacks and their epsilons ---------------------------------------------------------------------
@@ -366,6 +426,8 @@ def attack_steps(
     (``linf``, ``l2``, ``l1``) to its list (the attack's name wins over its norm); an attack
     without epsilons uses its own defaults.
     """
+    if isinstance(attacks, (str, Attack)):
+        attacks = [attacks]  # one attack
     steps, names = [], set()
     attack_params = dict(attack_params or {})
     named = {entry: {f.name for f in dataclasses.fields(ATTACKS.get(entry).Params)} for entry in attacks if isinstance(entry, str)}
@@ -733,7 +795,7 @@ def load_results(
 def train(
     model_or_defense: nn.Module | Defense, data: Data, *, epochs: int | None = None, batch_size: int = 64,
     lr: float | None = None, seed: int = 0, train_size: int | None = None, data_dir: Path | str | None = None,
-    download: bool = False, device: str = "cpu",
+    download: bool = False, device: str = "cpu", threads: int | None = None,
 ) -> Defense:
     """Train a model or defense on the training split of ``data`` with the shared loop (SGD,
     momentum, cosine schedule, seeded shuffles) and the defense's own loss; returns the defense.
@@ -743,15 +805,18 @@ def train(
     An ``nn.Module`` is trained in place with cross-entropy (``baseline``). ``lr`` and ``epochs``
     default to the defense's defaults on the dataset (``bench.training.TRAINING_DEFAULTS``: e.g.
     digits 30 epochs, MNIST 8; robustopt lr 0.01, others 0.05); 10 epochs for tensors.
+    ``threads``: torch threads while it trains (default ``bench.threads.default_threads()``: the
+    idle cores, at most 4, or ``OMP_NUM_THREADS``); the caller's setting is restored after.
     """
     validate_options({"seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr, "train_size": train_size,
-                      "download": download, "device": device})
+                      "download": download, "device": device, "threads": threads})
     defense = as_defense(model_or_defense, device)
     name, x, y = train_data(data, train_size=train_size, seed=seed, data_dir=data_dir, download=download)
     defaults = training_defaults(defense_name(defense), name)
     epochs = epochs if epochs is not None else defaults["epochs"] if isinstance(data, (str, Dataset)) else 10
     lr = defaults["lr"] if lr is None else lr
-    fit_and_check(defense, x, y, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device))
+    with using_threads(threads):
+        fit_and_check(defense, x, y, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device))
     return defense
 
 
@@ -798,7 +863,12 @@ def surrogate_for(defense: Defense, data: Data, *, seed: int = 0, data_dir: Path
         surrogate = wrap("baseline", model, device=device)
         defaults = training_defaults("baseline", name)
         started = time.perf_counter()
-        fit_and_check(surrogate, x, y, TrainConfig(epochs=defaults["epochs"], lr=defaults["lr"], seed=seed, device=device))
+        try:
+            fit_and_check(surrogate, x, y, TrainConfig(epochs=defaults["epochs"], lr=defaults["lr"], seed=seed,
+                                                       device=device))
+        except Exception as error:  # noqa: BLE001 - the model's own code: a copy that cannot train is no surrogate
+            log(f"transfer attacks skipped: a copy of the model could not be trained as a surrogate ({_one_line(error)})")
+            return None
         log(f"trained the undefended surrogate for transfer attacks in {time.perf_counter() - started:.1f} s")
         while len(_SURROGATES) >= 4:
             _SURROGATES.pop(next(iter(_SURROGATES)))
@@ -827,6 +897,7 @@ def evaluate(
     download: bool = False,
     device: str = "cpu",
     log: Log | None = None,
+    threads: int | None = None,
 ) -> Results:
     """Evaluate a model or defense on clean and attacked test inputs; per-sample records and tables.
 
@@ -848,11 +919,15 @@ def evaluate(
       diagnostics (``bench.diagnostics``) are stored in ``Results.runs.info``.
 
     The whole request (data, model, attacks, epsilons) is checked before any work, with the
-    one-line errors of the CLI.
+    one-line errors of the CLI. ``threads``: torch threads while it runs (default
+    ``bench.threads.default_threads()``); the caller's setting is restored after.
     """
     log = log or _quiet
     validate_options({"seed": seed, "test_size": test_size, "eot_draws": eot_draws, "attack_backend": attack_backend,
-                      "download": download, "device": device})
+                      "download": download, "device": device, "threads": threads})
+    if epsilons is not None and not isinstance(epsilons, (list, tuple, Mapping)):
+        raise BenchError(f"epsilons must be a list of numbers ([0.05, 0.1]) or lists per norm or attack "
+                         f"({{'linf': [0.05], 'l2': [0.5]}}); got {type(epsilons).__name__} {epsilons!r}")
     if isinstance(store, (str, Path)):
         check_writable_dir(store, "store")
     defense = as_defense(model_or_defense, device)
@@ -861,7 +936,12 @@ def evaluate(
     if audit:
         attacks, epsilons = with_audit(attacks, epsilons)
     steps = attack_steps(attacks, epsilons, attack_params, attack_backend)
+    if epsilons is not None and not steps:
+        raise BenchError("epsilons set attack sizes, but no attack is given; pass attacks, e.g. ['pgd-linf']")
     test = evaluation_data(data, test_size=test_size, seed=seed, data_dir=data_dir, download=download)
+    input_dim = int(np.prod(test.x.shape[1:]))
+    for step in steps:
+        check_epsilon_bounds(step.name, step.attack.norm, step.epsilons, input_dim, test.name)
     name = defense_name(defense)
     check_model(defense.model, test, f"model ({type(defense.model).__name__})", device)
     try:
@@ -884,13 +964,15 @@ def evaluate(
         spec=dataclasses.asdict(spec), spec_hash=spec.hash(), training_hash=spec.training_hash(), seed=seed,
         versions=library_versions(), host=socket.gethostname(), info={}, warnings=[],
     )
+    log(plan_line(label, test, test_size, steps, defense, eot_draws))
     writer = RunWriter(store, run, log)
     try:
         started = time.perf_counter()
-        evaluate_steps(defense, steps, test.x, test.y, test.index, seed=seed, eot_draws=eot_draws,
-                       done=writer.done, commit=writer.commit, log=log, label=label,
-                       surrogate=lambda: surrogate_for(defense, data, seed=seed, data_dir=data_dir, download=download,
-                                                       device=device, log=log))
+        with using_threads(threads):
+            evaluate_steps(defense, steps, test.x, test.y, test.index, seed=seed, eot_draws=eot_draws,
+                           done=writer.done, commit=writer.commit, log=log, label=label,
+                           surrogate=lambda: surrogate_for(defense, data, seed=seed, data_dir=data_dir,
+                                                           download=download, device=device, log=log))
         eval_seconds = time.perf_counter() - started
         records = writer.records()
         assessment = assess_run(records, writer.diagnostics(), steps, defense.randomized, eot_draws,

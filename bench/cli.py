@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -14,7 +16,9 @@ from bench.spec import (
     DEFAULT_ATTACK_BATCH_SIZE, DEFAULT_EVAL_BATCH_SIZE, RunSpec, flatten, load_config, parse_assignments, with_audit,
     unclaimed,
 )
-from bench.validation import check_epsilons, check_scheduler, check_writable_dir, validate_options, validate_request
+from bench.validation import (
+    check_epsilons, check_scheduler, check_subset_size, check_writable_dir, validate_options, validate_request,
+)
 
 # TOML keys accepted by --config: the long options, with "_" for "-".
 CONFIG_KEYS = {
@@ -22,6 +26,10 @@ CONFIG_KEYS = {
     "batch_size", "lr", "seed", "train_size", "test_size", "image_size", "data_dir", "download",
     "out", "device", "param", "attack_param", "eval_batch_size", "attack_batch_size", "audit",
 }
+NO_ATTACK = "--epsilons sets attack sizes, but no attack is selected; add --attack NAME (bench list shows the attacks)"
+# bench.threads.default_threads, in words.
+THREADS_RULE = ("OMP_NUM_THREADS if set, else the idle cores (cores minus the load average) shared among the "
+                "processes, at most 4 each")
 # The parts of `bench perf` (bench.perf.SECTIONS; not imported here, it imports torch).
 PERF_SECTIONS = ("attacks", "pixeldp", "training", "grid")
 
@@ -77,6 +85,17 @@ def _positive_int(text: str) -> int:
     value = _integer(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+# Print resolution is 300-600 dpi; a 6.4 x 4.8 inch figure at 1200 dpi is already 44 megapixels.
+DPI_MAX = 1200
+
+
+def _dpi(text: str) -> int:
+    value = _positive_int(text)
+    if value > DPI_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is above {DPI_MAX}; give a resolution from 1 to {DPI_MAX} dpi")
     return value
 
 
@@ -153,9 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "with the records of a serial run (default 1: in this process)")
     run.add_argument("--scheduler", metavar="ADDRESS",
                      help="run the jobs on a Dask distributed cluster, e.g. tcp://HOST:8786; needs "
-                          "pip install 'robustness-bench[dask]' (default: none, local)")
-    run.add_argument("--worker-threads", type=_positive_int, default=1,
-                     help="torch threads per job in a worker process (default 1)")
+                          "pip install -e '.[dask]' in a clone of the harness on every machine (default: none, local)")
+    run.add_argument("--threads", "--worker-threads", type=_positive_int,
+                     help=f"torch threads per process: this one, and each worker of --jobs or --scheduler "
+                          f"(--worker-threads: its former name; default: {THREADS_RULE}; 1 per job on a Dask cluster)")
     run.add_argument("--force", action="store_true",
                      help="start new runs even where a complete run of the same spec is stored (default: off, skip "
                           "complete runs, resume unfinished ones); checkpoints are still reused")
@@ -191,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--download", action="store_true", help="download missing dataset files")
     evaluation.add_argument("--out", type=Path, help="results directory to store the run in (default: not stored)")
     evaluation.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    evaluation.add_argument("--threads", type=_positive_int, help=f"torch threads (default: {THREADS_RULE})")
     evaluation.add_argument("--format", choices=["md", "json"], default="md", help="how to print the tables (default md)")
     _add_verbosity(evaluation)
 
@@ -203,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--only", action="append", choices=PERF_SECTIONS, help="measure only this part (repeatable; default: all)")
     perf.add_argument("--repeats", type=_positive_int, default=3, help="interleaved rounds; the best counts (default 3)")
     perf.add_argument("--images", type=_positive_int, default=128, help="images per attack comparison (default 128)")
-    perf.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's own)")
+    perf.add_argument("--threads", type=_positive_int, help=f"torch threads (default: {THREADS_RULE})")
     _add_verbosity(perf)
 
     report = commands.add_parser(
@@ -230,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
                         help="what changed from run A to run B, metric by metric (run ids or unique prefixes)")
     report.add_argument("--title", default="Robustness benchmark report", help="title of the HTML report")
-    report.add_argument("--dpi", type=_positive_int, default=150, help="resolution of the PNG plots (default 150)")
+    report.add_argument("--dpi", type=_dpi, default=150, help=f"resolution of the PNG plots, 1 to {DPI_MAX} (default 150)")
     return parser
 
 
@@ -384,33 +405,43 @@ def command_run(args: argparse.Namespace) -> int:
     if args.scheduler:
         check_scheduler(args.scheduler)
     from bench.executors import DaskCluster, LocalProcesses, Serial
+    from bench.threads import default_threads, export_threads, set_threads
 
+    threads = args.threads or default_threads(args.jobs)
+    export_threads(threads)  # before the workers (or their fork server) load torch
     executor = Serial()
     if args.jobs > 1:
         # The workers' start-up (importing torch, seconds) overlaps the checks, this process's
         # own imports (the checks import torch) and the data loading.
-        executor = LocalProcesses(args.jobs, args.worker_threads, fork_server=True)
+        executor = LocalProcesses(args.jobs, threads, fork_server=True)
         executor.start()
     try:
         options = merged_options(args)
         specs = specs_from(options)
         out = options.get("out", Path("results"))
+        if args.epsilons and not any(spec.attacks for spec in specs):
+            raise BenchError(NO_ATTACK)
         # The whole request, every spec of it, before any data is loaded or anything trained.
         for warning in validate_request(specs, device=options.get("device", "cpu"), out=out):
             print(f"bench: warning: {warning}", file=sys.stderr)
+        set_threads(threads)
         if args.scheduler:
-            executor = DaskCluster(args.scheduler, args.worker_threads)
+            executor = DaskCluster(args.scheduler, args.threads or 1)
         from bench.jobs import run_grid
         from bench.runner import load_dataset
         from bench.store import Store
 
-        store = Store(out)
         data_dir = options.get("data_dir")
         datasets = {}
         for spec in specs:
             if (spec.dataset, spec.image_size) not in datasets:
                 datasets[(spec.dataset, spec.image_size)] = load_dataset(
                     spec, Path(data_dir) if data_dir else None, bool(options.get("download")))
+        for spec in specs:
+            dataset = datasets[(spec.dataset, spec.image_size)]
+            check_subset_size(spec.test_size, len(dataset.y_test), "test_size", spec.dataset)
+            check_subset_size(spec.train_size, len(dataset.y_train), "train_size", spec.dataset)
+        store = Store(out)  # after the data: missing or broken files leave no results folder behind
         outcome = run_grid(specs, datasets, store, executor, device=options.get("device", "cpu"), force=args.force)
     finally:
         executor.close()  # the fork server, if any, leaves with this process
@@ -447,9 +478,15 @@ def command_eval(args: argparse.Namespace) -> int:
     params = parse_assignments(args.param or [], "--param")
     attack_params = parse_assignments(args.attack_param or [], "--attack-param")
     attacks = args.attack or []
+    if epsilons is not None and not attacks:
+        raise BenchError(NO_ATTACK)
     for name in attacks:
         ATTACKS.get(name)
     unclaimed(params, {args.defense: _fields(defense_class.Params)}, "defense parameter")
+    from bench.threads import default_threads, set_threads
+
+    threads = args.threads or default_threads()
+    set_threads(threads)
     from bench.api import evaluate, load_model, wrap
     from bench.metrics import TABLE_THRESHOLDS
     from bench.reports.render import render
@@ -459,7 +496,7 @@ def command_eval(args: argparse.Namespace) -> int:
     results = evaluate(
         defense, args.dataset, attacks, epsilons, store=args.out, seed=args.seed, test_size=args.test_size,
         attack_params=attack_params, attack_backend=args.attack_backend, eot_draws=args.eot_draws, audit=args.audit,
-        data_dir=args.data_dir, download=args.download, device=args.device, log=log.LOGGER.info,
+        data_dir=args.data_dir, download=args.download, device=args.device, log=log.LOGGER.info, threads=threads,
     )
     tables = dict(results.tables)
     if args.format == "json":
@@ -485,10 +522,29 @@ def command_list(_: argparse.Namespace) -> int:
                 defaults = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in dataclasses.asdict(obj.Params()).items()]
                 print(f"  {'':16s} {option} {' '.join(defaults) if defaults else '(none)'}")
+            if title == "defenses":
+                for line in _dataset_defaults(name):
+                    print(f"  {'':16s} {line}")
             epsilons = getattr(obj, "default_epsilons", None)
             if title == "attacks" and epsilons:
                 print(f"  {'':16s} {obj.norm} epsilons {','.join(f'{e:g}' for e in epsilons)}")
     return 0
+
+
+def _dataset_defaults(defense: str) -> list[str]:
+    """``bench list``'s lines for the defaults ``defense`` has per dataset (bench.training.TRAINING_DEFAULTS)."""
+    from bench.training import TRAINING_DEFAULTS
+
+    lines = []
+    for (name, dataset), row in TRAINING_DEFAULTS.items():
+        if name != defense:
+            continue
+        values = [f"--{key} {value:g}" if isinstance(value, float) else f"--{key} {value}"
+                  for key, value in row.items() if key != "params"]
+        values += [f"--param {key}={value:g}" if isinstance(value, float) else f"--param {key}={value}"
+                   for key, value in row.get("params", {}).items()]
+        lines.append(f"{'every dataset' if dataset == '*' else 'on ' + dataset}: {' '.join(values)}")
+    return lines
 
 
 def command_report(args: argparse.Namespace) -> int:
@@ -554,12 +610,10 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_perf(args: argparse.Namespace) -> int:
-    import torch
-
     from bench.perf import render, run_perf
+    from bench.threads import default_threads, set_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads or default_threads())
     rows, before, after = run_perf(tuple(args.only or PERF_SECTIONS), repeats=args.repeats, images=args.images)
     print(f"machine: {before}")
     print(render(rows))
@@ -570,8 +624,18 @@ def command_perf(args: argparse.Namespace) -> int:
 COMMANDS = {"run": command_run, "eval": command_eval, "list": command_list, "report": command_report, "perf": command_perf}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is: the same clean-up as Ctrl-C (finished steps kept,
+    unfinished runs handed back, workers stopped)."""
+
+
+def _terminate(signum: int, frame: Any) -> NoReturn:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     committed_before = _committed_steps()
+    previous_handler = _handle_sigterm()
     try:
         args = build_parser().parse_args(argv)
         log.configure(log.QUIET if getattr(args, "quiet", False) else log.VERBOSE if getattr(args, "verbose", False) else log.NORMAL)
@@ -579,12 +643,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return getattr(error, "exit_status", 2)
+    except Terminated:
+        print(f"bench: terminated (SIGTERM); {_what_was_stored(committed_before)}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, what the shell reports for a process the signal ended
     except KeyboardInterrupt:
         print(f"bench: interrupted; {_what_was_stored(committed_before)}", file=sys.stderr)
         return 130
     except Exception:
         print(f"bench: unexpected error (a bug: please report it); {_what_was_stored(committed_before)}", file=sys.stderr)
         raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _handle_sigterm() -> Any:
+    """Make SIGTERM raise ``Terminated`` while ``main`` runs; returns the handler to restore
+    (None where signals cannot be handled: outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _terminate)
 
 
 def _committed_steps() -> int:
@@ -594,9 +672,13 @@ def _committed_steps() -> int:
 
 
 def _what_was_stored(committed_before: int) -> str:
-    if _committed_steps() > committed_before:
-        return "completed steps are stored and the same command resumes"
-    return "nothing was stored"
+    """What an interrupted or failed command kept: results are committed step by step, so the
+    steps (and checkpoints) finished before stay stored, and the same command resumes after them."""
+    committed = _committed_steps() - committed_before
+    if committed:
+        return (f"completed steps are stored and the same command resumes: this command stored {committed} "
+                "step(s) or checkpoint(s), and whatever earlier commands stored is kept")
+    return "nothing was stored by this command; whatever earlier commands stored is kept, and the same command resumes from it"
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ class DaskCluster:
         try:
             from distributed import Client
         except ImportError:
-            raise BenchError("--scheduler needs Dask: pip install 'robustness-bench[dask]'") from None
+            raise BenchError("--scheduler needs Dask: pip install -e '.[dask]' in a clone of the harness (on every machine)") from None
         try:
             self.client = Client(address, timeout="10s")
         except ValueError as error:

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from bench import progress
-from bench.api import Step, StepResult, assess_run, evaluate_step
+from bench import api
+from bench.api import Step, StepResult, assess_run
 from bench.datasets.base import Dataset, balanced_subset
 from bench.errors import BenchError
 from bench.executors import Serial, robust, start_worker
@@ -188,8 +189,8 @@ def _evaluate(job: EvalJob) -> StepResult:
         baseline.load_state_dict(job.surrogate_state)
         surrogate = baseline.attack_model()
     step = Step("clean") if job.step == "clean" else next(s for s in spec_steps(spec) if s.name == job.step)
-    return evaluate_step(defense, step, job.x, job.y, job.sample_index, seed=shard_seed(spec.seed, job.shard),
-                         eot_draws=spec.eot_draws, surrogate=surrogate)
+    return api.evaluate_step(defense, step, job.x, job.y, job.sample_index, seed=shard_seed(spec.seed, job.shard),
+                             eot_draws=spec.eot_draws, surrogate=surrogate)
 
 
 # -- the driver -----------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def torchvision_resnet(name: str, num_classes: int) -> tuple[nn.Module, nn.Modul
     try:
         import torchvision
     except ImportError:
-        raise BenchError(f"model {name} needs torchvision; pip install 'robustness-bench[imagenet]'") from None
+        raise BenchError(f"model {name} needs torchvision; pip install -e '.[imagenet]' in the harness's clone") from None
     net = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
     body = nn.Sequential(
         net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4,

@@ -117,6 +117,11 @@ def committed_steps() -> int:
     return _committed
 
 
+def _kept() -> str:
+    """The end of a failed write's message: what this process committed before stays stored."""
+    return f"; the {_committed} step(s) or checkpoint(s) this process committed before are kept" if _committed else ""
+
+
 def _count_commit() -> None:
     global _committed
     _committed += 1
@@ -285,7 +290,7 @@ class Store:
         """One line naming what failed: a damaged file, or a write the disk or permissions refused."""
         if getattr(error, "sqlite_errorname", "") in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
             return BenchError(f"results store {self.path} is not readable: {error}")
-        return BenchError(f"results store {self.path}: {doing} failed: {error}; steps committed before are kept")
+        return BenchError(f"results store {self.path}: {doing} failed: {error}{_kept()}")
 
     @contextmanager
     def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
@@ -522,8 +527,7 @@ class Store:
         except (OSError, RuntimeError) as error:
             cause = error if isinstance(error, OSError) else error.__context__ or error
             reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-            raise BenchError(f"could not write checkpoint {path}: {reason}; the trained model is not kept, "
-                             "steps committed before are") from None
+            raise BenchError(f"could not write checkpoint {path}: {reason}; the trained model is not kept{_kept()}") from None
         finally:
             if temporary is not None and os.path.exists(temporary):
                 os.unlink(temporary)

@@ -32,6 +32,10 @@ ATTACK_BACKENDS = ("foolbox", "art")
 DEVICES = "cpu, cuda, cuda:N (N = GPU index) or mps"
 # The largest meaningful attack size per norm for images in [0, 1] (L2/L1 depend on the image size).
 LINF_MAX = 1.0
+# Image shapes (C, H, W) of the built-in datasets, known before any file is read: the bounds of
+# L2 and L1 epsilons. imagenet's size is --image-size; a plug-in dataset's is known once loaded.
+DATASET_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "svhn": (3, 32, 32),
+                  "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 
 
 def _is_int(value: Any) -> bool:
@@ -95,6 +99,36 @@ def check_epsilons(value: Any, key: str = "epsilons") -> None:
     for eps in value:
         if not _is_number(eps) or not (math.isfinite(eps) and eps >= 0):
             raise BenchError(f"{key} must be finite numbers >= 0 ({example}); got {eps!r}")
+
+
+def epsilon_bound(norm: str, input_dim: int | None) -> float | None:
+    """The largest distance between two images in [0, 1]^d (d = C*H*W values) in ``norm``: 1 in
+    L-inf, sqrt(d) in L2, d in L1 (all-black to all-white). A larger epsilon constrains nothing
+    (every image is within reach), so it is a mistake. ``None`` where d is not known."""
+    if norm == "linf":
+        return LINF_MAX
+    if input_dim is None:
+        return None
+    return {"l2": math.sqrt(input_dim), "l1": float(input_dim)}.get(norm)
+
+
+def check_epsilon_bounds(attack: str, norm: str, epsilons: Sequence[float], input_dim: int | None,
+                         dataset: str = "the images") -> None:
+    """Every epsilon of ``attack`` is at most ``epsilon_bound(norm, input_dim)``; one rule for
+    ``bench run``, ``bench eval`` and ``bench.evaluate``."""
+    bound = epsilon_bound(norm, input_dim)
+    too_large = [eps for eps in epsilons if bound is not None and eps > bound]
+    if too_large:
+        reach = "1" if norm == "linf" else f"{'sqrt(d)' if norm == 'l2' else 'd'} = {bound:.6g} for d = {input_dim} values"
+        raise BenchError(f"{attack}: {norm} epsilon {too_large[0]:g} is larger than the distance between any two images "
+                         f"in [0, 1] of {dataset} ({reach}), so it constrains nothing; accepted: 0 to {bound:.6g}")
+
+
+def check_subset_size(size: int | None, available: int, what: str, dataset: str) -> None:
+    """A ``--test-size``/``--train-size`` the split can give (the whole split when ``None``)."""
+    if size is not None and size > available:
+        raise BenchError(f"{what} {size} is larger than the {dataset} {what.split('_')[0]} split ({available} images); "
+                         f"give at most {available}, or leave it out for the whole split")
 
 
 def check_attack_backend(value: Any) -> None:
@@ -191,6 +225,7 @@ OPTION_CHECKS: dict[str, Callable[[Any], None]] = {
     "audit": lambda value: _boolean("audit", value),
     "out": lambda value: (_text("out")(value), check_writable_dir(value)),
     "device": check_device,
+    "threads": _positive_int("threads"),
 }
 
 
@@ -246,6 +281,10 @@ def validate_request(
         fields = {f.name for f in dataclasses.fields(defense.Params)}
         build_params(defense.Params, scoped(spec.params, spec.defense, fields), f"defense {spec.defense}")
         check_epsilon_keys(spec.epsilons, {name: ATTACKS.get(name).norm for name in spec.attacks})
+        unused = (f"epsilons are set but run {spec.defense} on {spec.dataset} has no attack: they are not used "
+                  "(select attacks with --attack NAME or attack = [...])")
+        if spec.epsilons is not None and not spec.attacks and unused not in warnings:
+            warnings.append(unused)
         for name in spec.attacks:
             attack = ATTACKS.get(name)
             fields = {f.name for f in dataclasses.fields(attack.Params)}
@@ -254,12 +293,9 @@ def validate_request(
             if spec.attack_backend not in backends:
                 raise BenchError(f"attack {name} has no {spec.attack_backend!r} backend; use --attack-backend {' or '.join(backends)}")
             epsilons = epsilons_for(spec.epsilons, name, attack.norm, attack.default_epsilons)
-            too_large = [eps for eps in epsilons if attack.norm == "linf" and eps > LINF_MAX]
-            if too_large:
-                warning = (f"{name}: L-inf epsilon {too_large[0]:g} is above 1; for images in [0, 1] the meaningful "
-                           f"range is [0, 1] and every epsilon >= 1 allows any image")
-                if warning not in warnings:
-                    warnings.append(warning)
+            shape = DATASET_SHAPES.get(spec.dataset) or ((3, spec.image_size, spec.image_size)
+                                                        if spec.dataset == "imagenet" else None)
+            check_epsilon_bounds(name, attack.norm, epsilons, math.prod(shape) if shape else None, spec.dataset)
     return warnings
 
 

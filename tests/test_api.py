@@ -338,6 +338,7 @@ def test_bench_eval_finds_a_module_in_the_current_folder(bench_cli, model_file, 
         ("factory", "five", "does not fit"),
         ("factory", "code", "is not a weights-only torch file"),
         ("factory", "missing", "does not exist"),
+        ("factory", "directory", "is a directory; give the state-dict file itself"),
     ],
 )
 def test_bench_eval_refuses_a_model_that_does_not_fit_in_one_line(bench_cli, model_file, tmp_path, factory, checkpoint, fragment):
@@ -352,6 +353,8 @@ def test_bench_eval_refuses_a_model_that_does_not_fit_in_one_line(bench_cli, mod
         args += ["--checkpoint", str(tmp_path / "code.pt")]
     elif checkpoint == "missing":
         args += ["--checkpoint", str(tmp_path / "missing.pt")]
+    elif checkpoint == "directory":
+        args += ["--checkpoint", str(tmp_path)]
     code, _, stderr = bench_cli(*args)
     assert code == 2 and stderr.startswith("bench: error:") and fragment in stderr
     assert stderr.count("\n") == 1 and not marker.exists()
@@ -410,3 +413,24 @@ def test_a_step_is_a_plain_picklable_unit_of_work():
     step_copy, defense_copy = pickle.loads(pickle.dumps((step, smoothed)))
     there = bench.api.evaluate_step(defense_copy, step_copy, x, y, torch.arange(12), seed=4, eot_draws=2)
     assert there == here and len(here.records) == 12
+
+
+def test_evaluate_and_train_use_the_threads_asked_for_and_restore_the_callers(monkeypatch):
+    from bench import api
+
+    seen = []
+    evaluate_step = api.evaluate_step
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return evaluate_step(*args, **kwargs)
+
+    monkeypatch.setattr(api, "evaluate_step", recording)
+    before = torch.get_num_threads()
+    bench.evaluate(mlp(), "digits", test_size=10, threads=2)
+    assert seen == [2] and torch.get_num_threads() == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # without threads=: the rule, which takes the user's choice
+    bench.evaluate(mlp(), "digits", test_size=10)
+    assert seen == [2, 3] and torch.get_num_threads() == before
+    with pytest.raises(BenchError, match="threads must be a positive integer"):
+        bench.train(mlp(), "digits", epochs=1, threads=0)

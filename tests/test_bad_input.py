@@ -165,19 +165,85 @@ ROWS = [
     row("report --thresholds -1", "thresholds must be finite numbers >= 0"),
     row("report --dpi 0", "'0' must be a positive integer"),
     row("report --format pdf", "invalid choice: 'pdf'"),
+    row("report --dpi 100000", "'100000' is above 1200; give a resolution from 1 to 1200 dpi"),
+    # -- epsilons beyond the image domain, unused epsilons, subsets larger than the split -----------
+    row("run --attack pgd-linf --epsilons 1e308", "pgd-linf: linf epsilon 1e+308 is larger than the distance between any "
+                                                 "two images in [0, 1] of digits (1), so it constrains nothing; accepted: 0 to 1"),
+    row("run --attack pgd-l2 --epsilons l2=1e9", "pgd-l2: l2 epsilon 1e+09 is larger than the distance between any two "
+                                                "images in [0, 1] of digits (sqrt(d) = 8 for d = 64 values)"),
+    row("run --attack fmn-l1 --epsilons 65", "accepted: 0 to 64"),
+    row("run --dataset mnist --attack pgd-l2 --epsilons 30", "sqrt(d) = 28 for d = 784 values"),
+    row("run --epsilons 0.1", "--epsilons sets attack sizes, but no attack is selected; add --attack NAME"),
+    row("run --test-size 100000", "test_size 100000 is larger than the digits test split (500 images)"),
+    row("run --train-size 5000", "train_size 5000 is larger than the digits train split (1297 images)"),
+    # -- bench eval: models that cannot be attacked or are not models ------------------------------
+    row("eval --model {models}:net --attack pgd-linf --epsilons 5", "pgd-linf: linf epsilon 5 is larger than"),
+    row("eval --model {models}:net --attack pgd-l2 --epsilons l2=8.5", "accepted: 0 to 8"),
+    row("eval --model {models}:net --epsilons 0.1", "--epsilons sets attack sizes, but no attack is selected"),
+    row("eval --model {models}:net --test-size 100000", "test_size 100000 is larger than the digits test split (500 images)"),
+    row("eval --model {models}:integer_logits", "returns torch.int64 outputs; logits must be floating point"),
+    row("eval --model {models}:exits", "calling exits() failed: it called sys.exit(0)"),
+    row("eval --model {models}:net --checkpoint {readonly}", "ro is a directory; give the state-dict file itself"),
     row("nosuch", "invalid choice: 'nosuch'"),
 ]
 
 
+# Outside models for bench eval: {models}:NAME.
+MODELS = """
+import sys
+
+import torch
+from torch import nn
+
+
+def net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+
+class Constant(nn.Module):
+    def forward(self, x):
+        return torch.zeros(len(x), 10)
+
+
+def constant():
+    return Constant()
+
+
+class NoGrad(nn.Sequential):
+    def forward(self, x):
+        with torch.no_grad():
+            return super().forward(x)
+
+
+def no_grad():
+    return NoGrad(nn.Flatten(), nn.Linear(64, 10))
+
+
+class IntegerLogits(nn.Module):
+    def forward(self, x):
+        return (x.flatten(1)[:, :10] * 10).long()
+
+
+def integer_logits():
+    return IntegerLogits()
+
+
+def exits():
+    sys.exit(0)
+"""
+
+
 def prepare(tmp_path: Path, argv: list[str], toml: str | None) -> tuple[list[str], Path]:
     out = tmp_path / "out"
-    paths = {"out": out, "file": tmp_path / "a-file", "config": tmp_path / "config.toml", "readonly": tmp_path / "ro"}
+    paths = {"out": out, "file": tmp_path / "a-file", "config": tmp_path / "config.toml", "readonly": tmp_path / "ro",
+             "models": tmp_path / "models.py"}
     paths["file"].write_text("not a folder\n")
+    paths["models"].write_text(MODELS)
     paths["readonly"].mkdir(mode=0o555)
     if toml is not None:
         paths["config"].write_text(toml + "\n")
     argv = [arg.format(**paths) for arg in argv]
-    if argv[0] == "run" and "--out" not in argv and (toml is None or "out =" not in toml):
+    if argv[0] in ("run", "eval") and "--out" not in argv and (toml is None or "out =" not in toml):
         argv += ["--out", str(out)]
     return argv, out
 
@@ -270,10 +336,23 @@ def test_validate_request_is_the_api_entry_point(tmp_path):
         validate_request([])
 
 
-def test_linf_epsilons_above_1_warn_with_the_range():
-    (warning,) = validate_request([RunSpec("baseline", attacks=["pgd-linf", "pgd-l2"], epsilons=[0.1, 2.0])])
-    assert "pgd-linf" in warning and "2" in warning and "[0, 1]" in warning
-    assert validate_request([RunSpec("baseline", attacks=["pgd-l2"], epsilons=[2.0])]) == []
+def test_epsilons_are_bounded_by_the_distance_between_any_two_images():
+    # digits: d = 1 x 8 x 8 = 64 values in [0, 1]: L-inf at most 1, L2 at most sqrt(64) = 8, L1 at most 64
+    assert validate_request([RunSpec("baseline", attacks=["pgd-linf", "pgd-l2", "fmn-l1"],
+                                     epsilons={"linf": [1.0], "l2": [8.0], "l1": [64.0]})]) == []
+    for attack, epsilon, bound in (("pgd-linf", 1.5, "0 to 1"), ("pgd-l2", 8.5, "0 to 8"), ("fmn-l1", 65.0, "0 to 64")):
+        with pytest.raises(BenchError, match=f"{attack}: .* epsilon {epsilon:g} is larger than .*accepted: {bound}$"):
+            validate_request([RunSpec("baseline", attacks=[attack], epsilons=[epsilon])])
+    # mnist: d = 784, sqrt(d) = 28; the bound needs no data file
+    assert validate_request([RunSpec("baseline", dataset="mnist", attacks=["pgd-l2"], epsilons=[28.0])]) == []
+    with pytest.raises(BenchError, match="sqrt"):
+        validate_request([RunSpec("baseline", dataset="mnist", attacks=["pgd-l2"], epsilons=[28.5])])
+
+
+def test_epsilons_without_an_attack_in_a_config_entry_warn():
+    (warning,) = validate_request([RunSpec("baseline", epsilons=[0.1]), RunSpec("baseline", attacks=["pgd-linf"],
+                                                                                 epsilons=[0.1])])
+    assert "epsilons are set but run baseline on digits has no attack" in warning
 
 
 def test_an_unexpected_error_before_any_step_does_not_claim_stored_steps(tmp_path, capsys, monkeypatch):
@@ -302,3 +381,72 @@ def test_an_unexpected_error_after_a_step_says_completed_steps_are_stored(tmp_pa
               "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert "unexpected error" in err and "completed steps are stored and the same command resumes" in err
+
+
+def test_api_bad_input_is_a_bench_error_before_any_work(tmp_path):
+    import bench
+    from torch import nn
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    cases = [
+        (lambda: bench.load_model(123), "load_model: expected a string 'MODULE:CALLABLE'"),
+        (lambda: bench.wrap("smoothing", "notamodel"), "model must be a torch nn.Module"),
+        (lambda: bench.evaluate(model, "digits", ["pgd-linf"], epsilons=-1, store=tmp_path / "r"),
+         "epsilons must be a list of numbers"),
+        (lambda: bench.evaluate(model, "digits", ["pgd-l2"], epsilons=[9.0], store=tmp_path / "r"), "accepted: 0 to 8"),
+        (lambda: bench.evaluate(model, "digits", epsilons=[0.1], store=tmp_path / "r"), "no attack is given"),
+        (lambda: bench.evaluate(model, "digits", test_size=501, store=tmp_path / "r"), "larger than the digits test split"),
+        (lambda: bench.train(model, "digits", train_size=1298, epochs=1), "larger than the digits train split (1297"),
+    ]
+    for call, fragment in cases:
+        with pytest.raises(BenchError) as error:
+            call()
+        assert fragment in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_single_attack_name_is_one_attack():
+    import bench
+    from torch import nn
+
+    results = bench.evaluate(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), "digits", "pgd-linf", [0.05],
+                             test_size=10, attack_params={"steps": 1, "restarts": 1}, audit=False)
+    assert set(results.records.attack) == {"clean", "pgd-linf"}
+
+
+def write_mnist_files(directory: Path) -> None:
+    from test_datasets import write_mnist
+
+    write_mnist(directory, train=20, test=10)
+
+
+def test_an_unreadable_data_file_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """Simulated (tests run as root here, whom permission bits do not stop): reading the file
+    raises PermissionError, as it does for a file mode 000 to other users."""
+    import bench.datasets.base
+
+    write_mnist_files(tmp_path / "data")
+    locked = tmp_path / "data" / "t10k-images-idx3-ubyte.gz"
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(bench.datasets.base, "md5", refused)
+    out = tmp_path / "out"
+    code = main(["run", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("bench: error: mnist: cannot read ") and "Permission denied" in err
+    assert str(tmp_path / "data") in err and "check its permissions" in err
+    assert_nothing_stored(tmp_path, out)
+    assert locked.is_file()
+
+
+@NOT_ROOT
+def test_a_data_file_without_read_permission_is_one_line_exit_2(tmp_path, capsys):
+    write_mnist_files(tmp_path / "data")
+    locked = tmp_path / "data" / "t10k-images-idx3-ubyte.gz"
+    locked.chmod(0)
+    code = main(["run", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"cannot read {locked}: Permission denied" in err

@@ -244,3 +244,161 @@ def test_a_run_whose_steps_are_all_stored_is_completed_by_the_next_command(bench
     assert len(Store(tmp_path).records()) == 2 * 60  # nothing run twice
     code, out, _ = bench("report", "--results", str(tmp_path), "--format", "csv", "--table", "clean")
     assert code == 0 and run.run_id in out
+
+
+def test_ctrl_c_says_what_this_command_stored_and_what_was_kept(bench, tmp_path, monkeypatch):
+    from bench import api
+
+    evaluate_step = api.evaluate_step
+
+    def interrupted_at_clean(defense, step, *args, **kwargs):
+        if step.name == "clean":  # the last job: training and the attack come first
+            raise KeyboardInterrupt
+        return evaluate_step(defense, step, *args, **kwargs)
+
+    monkeypatch.setattr(api, "evaluate_step", interrupted_at_clean)
+    args = ["run", *FAST, "--no-audit", "--attack", "pgd-linf", "--attack-param", "steps=2", "--attack-param",
+            "restarts=1", "--out", str(tmp_path)]
+    code, _, stderr = bench(*args)
+    assert code == 130 and stderr.count("\n") == 1
+    # the checkpoint and the pgd-linf step
+    assert stderr.startswith("bench: interrupted; completed steps are stored and the same command resumes: "
+                             "this command stored 2 step(s) or checkpoint(s)"), stderr
+    code, _, stderr = bench(*args)  # resumes, and is interrupted before it stores anything new
+    assert code == 130
+    assert stderr == ("bench: interrupted; nothing was stored by this command; whatever earlier commands stored is "
+                      "kept, and the same command resumes from it\n")
+    assert set(Store(tmp_path).records().attack) == {"pgd-linf"}
+    monkeypatch.setattr(api, "evaluate_step", evaluate_step)
+    assert bench(*args)[0] == 0
+    (run,) = Store(tmp_path).runs()
+    assert run.info["resumed"] and set(Store(tmp_path).records().attack) == {"pgd-linf", "clean"}
+
+
+def test_sigterm_keeps_the_finished_steps_and_exits_143_with_one_line(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "run", "--dataset", "digits", "--epochs", "2", "--train-size", "300",
+         "--test-size", "500", "--attack", "cw-l2", "--out", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path)
+    lines = []
+    for line in process.stderr:  # progress lines: wait until training is done and the attack runs
+        lines.append(line)
+        if "done: train" in line:
+            break
+    time.sleep(0.5)
+    assert process.poll() is None, "the run ended before it could be terminated"
+    process.send_signal(signal.SIGTERM)
+    rest = process.stderr.read()
+    process.stderr.close()
+    assert process.wait(timeout=60) == 143, lines + [rest]
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith("bench: terminated (SIGTERM); completed steps are stored and the same command resumes"), rest
+    assert "Traceback" not in rest
+    (run,) = Store(tmp_path).runs(complete_only=False)
+    assert run.status == "interrupted"  # handed back: the next command resumes it at once
+    assert list((tmp_path / "checkpoints").glob("*.pt"))
+
+
+def test_bench_eval_works_on_a_cifar10_folder_holding_only_the_test_split(bench, tmp_path):
+    import torch
+    from torch import nn
+
+    from test_datasets import write_cifar
+
+    write_cifar(tmp_path / "data" / "cifar-10-batches-py", {"test_batch": 12}, b"labels",
+                ("batches.meta", b"label_names"), 10)
+    (tmp_path / "tiny.py").write_text(
+        "from torch import nn\n\ndef net():\n    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))\n")
+    torch.manual_seed(0)
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).state_dict(), tmp_path / "tiny.pt")
+    code, stdout, stderr = bench("eval", "--model", f"{tmp_path / 'tiny.py'}:net", "--checkpoint", str(tmp_path / "tiny.pt"),
+                                 "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--attack", "pgd-linf",
+                                 "--epsilons", "0.01", "--attack-param", "steps=2", "--attack-param", "restarts=1",
+                                 "--out", str(tmp_path / "out"), "--quiet")
+    assert code == 0, stderr
+    records = Store(tmp_path / "out").records()
+    # the audit's Square runs too; its transfer attack needs a training split, which is not there
+    assert len(records) == 36 and set(records.attack) == {"clean", "pgd-linf", "square-linf"}
+    (run,) = Store(tmp_path / "out").runs()
+    assert run.dataset == "cifar10" and run.info["data_official"] == {"test_batch": False}
+
+    code, stdout, stderr = bench("run", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                                 "--out", str(tmp_path / "run"))
+    assert code == 2 and stderr.count("\n") == 1 and stdout == ""
+    assert stderr.startswith("bench: error: cifar10: the training split is missing: expected data_batch_1")
+    assert str(tmp_path / "data" / "cifar-10-batches-py") in stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("cores, load, extra, expected", [
+    (8, 0.0, [], 4),  # idle: one thread per core, at most 4
+    (3, 0.0, [], 3),
+    (8, 6.5, [], 1),  # 1.5 idle cores: one thread
+    (8, 0.0, ["--threads", "2"], 2),  # the option wins
+])
+def test_run_chooses_torch_threads_from_idle_cores(bench, tmp_path, monkeypatch, cores, load, extra, expected):
+    import torch
+
+    from bench import api
+    from conftest import TEST_THREADS
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(name, "1")  # restored after the test
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    seen = []
+    evaluate_step = api.evaluate_step
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return evaluate_step(*args, **kwargs)
+
+    monkeypatch.setattr(api, "evaluate_step", recording)
+    try:
+        code, _, stderr = bench("run", *FAST, *extra, "--out", str(tmp_path))
+        assert code == 0, stderr
+        assert seen == [expected]
+        assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == str(expected)  # for its workers
+    finally:
+        torch.set_num_threads(TEST_THREADS)
+
+
+def test_run_respects_omp_num_threads_and_shares_cores_among_jobs(bench, tmp_path, monkeypatch):
+    import torch
+
+    from bench.threads import default_threads
+    from conftest import TEST_THREADS
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads(jobs=2) == 3  # the user's choice
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert [default_threads(jobs) for jobs in (1, 2, 3, 8, 16)] == [4, 4, 2, 1, 1]
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")  # restored after the test
+    try:
+        code, _, stderr = bench("run", *FAST, "--jobs", "3", "--out", str(tmp_path))
+        assert code == 0, stderr
+        (run,) = Store(tmp_path).runs()
+        assert run.info["worker_threads"] == 2  # 8 idle cores among 3 workers
+    finally:
+        torch.set_num_threads(TEST_THREADS)
+
+
+def test_eval_says_how_many_images_and_which_attacks_before_any_work(bench, tmp_path, monkeypatch):
+    from bench import api
+
+    def no_work(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "evaluate_step", no_work)
+    (tmp_path / "tiny.py").write_text("from torch import nn\n\ndef net():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n")
+    code, _, stderr = bench("eval", "--model", f"{tmp_path / 'tiny.py'}:net", "--attack", "pgd-linf", "--attack", "cw-l2",
+                            "--epsilons", "linf=0.05,0.1")
+    assert code == 130
+    assert ("evaluating 500 digits test images (the whole test split; --test-size N for a seeded subset): clean, "
+            "pgd-linf at 2 epsilon(s) (20 steps, 10 restarts), cw-l2 at 7 epsilon(s)") in stderr
+    code, _, stderr = bench("eval", "--model", f"{tmp_path / 'tiny.py'}:net", "--test-size", "30")
+    assert code == 130 and "evaluating 30 digits test images: clean\n" in stderr

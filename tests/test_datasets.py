@@ -199,3 +199,20 @@ def test_cifar_download_extracts_the_verified_archive(tmp_path, monkeypatch):
     monkeypatch.setitem(cifar.CIFAR10, "archive", (archive.as_uri(), md5(archive)))
     data = DATASETS.get("cifar10")(data_dir=tmp_path / "data", download=True)
     assert len(data.x_train) == 10 and len(data.x_test) == 3
+
+
+def test_a_test_only_cifar10_folder_loads_for_evaluation_and_names_the_missing_training_split(tmp_path):
+    import bench
+
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, {"test_batch": 6}, b"labels", ("batches.meta", b"label_names"), 10)
+    data = bench.load_dataset("cifar10", tmp_path, test_only=True)
+    assert data.x_test.shape == (6, 3, 32, 32) and len(data.x_train) == 0 and data.classes[9] == "class9"
+    assert data.provenance == {"test_batch": False}  # written here, not the official file
+    with pytest.raises(BenchError) as error:
+        bench.load_dataset("cifar10", tmp_path)
+    message = str(error.value)
+    assert message.startswith("cifar10: the training split is missing: expected data_batch_1, data_batch_2, "
+                              f"data_batch_3, data_batch_4, data_batch_5 in {folder} next to test_batch")
+    assert "bench eval" in message and "\n" not in message
+    assert bench.load_dataset("digits", test_only=True).x_test.shape == (500, 1, 8, 8)  # loaders without it: as usual

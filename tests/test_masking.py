@@ -317,3 +317,21 @@ def test_honest_madry_and_pixeldp_raise_no_alarm(tmp_path):
     for run in Store(tmp_path).runs():
         fired = [d["message"] for d in run.info["diagnostics"] if d["fired"]]
         assert fired == [] and run.info["diagnostics_complete"], (run.defense, fired)
+
+
+class NoGrad(nn.Sequential):
+    """A model that computes under torch.no_grad(): no input gradient exists at all."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            return super().forward(x)
+
+
+def test_a_model_without_input_gradients_is_evaluated_and_flagged_not_refused(trained):
+    model = NoGrad(*trained.children()).eval()
+    results = bench.evaluate(model, "digits", ["pgd-linf"], **SETTINGS)
+    fired = {d["name"] for d in diagnostics(results).values() if d["fired"]}
+    assert {"zero-gradient", "unreached"} <= fired
+    # PGD could not move a point; the gradient-free audit did
+    table = results.accuracy_under_attack.set_index(["attack", "epsilon"]).accuracy
+    assert table["pgd-linf", 0.1] == table["pgd-linf", 0.0] > table["worst-case", 0.1]

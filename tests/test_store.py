@@ -308,3 +308,14 @@ def test_a_read_only_results_folder_can_be_reported(bench, tmp_path):
         assert code == 0 and (tmp_path / "report" / "report.html").is_file(), err
     finally:
         subprocess.run(["chattr", "-i", *map(str, locked)], check=True)
+
+
+def test_a_failed_write_says_steps_are_kept_only_when_this_process_committed_some(tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    refused = sqlite3.OperationalError("attempt to write a readonly database")
+    monkeypatch.setattr(store_module, "_committed", 0)
+    assert str(store._error(refused, "adding records")) == (
+        f"results store {store.path}: adding records failed: attempt to write a readonly database")
+    monkeypatch.setattr(store_module, "_committed", 3)
+    assert str(store._error(refused, "adding records")).endswith(
+        "readonly database; the 3 step(s) or checkpoint(s) this process committed before are kept")

@@ -207,3 +207,21 @@ def test_small_cnns_match_their_published_layouts(name, size):
     model = build_model(name, (1, size, size), 10, (0.5,), (0.5,))
     assert [describe(layer) for layer in [model.stem, *model.body]] == ARCHITECTURES[name, size]
     assert model(torch.rand(2, 1, size, size)).shape == (2, 10)
+
+
+def test_madry_trains_at_an_epsilon_inside_the_attack_grid_of_small_datasets(capsys):
+    from bench.cli import main
+    from bench.datasets.digits import load_digits
+    from bench.runner import build_defense
+    from bench.spec import RunSpec
+    from bench.training import training_defaults
+
+    defense, _ = build_defense(RunSpec("madry"), load_digits(), "cpu")
+    assert defense.params.epsilon == 0.1
+    assert training_defaults("madry", "mnist")["params"] == {"epsilon": 0.1}
+    assert training_defaults("madry", "cifar10")["params"] == {}  # the class default: the CIFAR-10 recipe, 8/255
+    defense, _ = build_defense(RunSpec("madry", params={"epsilon": 0.2}), load_digits(), "cpu")
+    assert defense.params.epsilon == 0.2  # --param wins
+    assert main(["list"]) == 0
+    listing = capsys.readouterr().out
+    assert "on digits: --param epsilon=0.1" in listing and "on mnist: --lr 0.02 --param epsilon=0.1" in listing

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from bench.datasets.base import Dataset, corrupt, fetch, missing_files_error, md5, to_float_images
+from bench.errors import BenchError
 from bench.registry import DATASETS
 
 CIFAR10 = {
@@ -203,6 +204,14 @@ def load_cifar(spec: dict, name: str, data_dir: Path, download: bool, splits: tu
         with tarfile.open(archive) as tar:
             tar.extractall(data_dir, filter="data")
         missing = [f for f in needed if not (directory / f).is_file()]
+    test_files = [meta_file, *spec["test"]]
+    if missing and not any(f in missing for f in test_files):
+        # The test split is here, the training split is not: a run must train, an evaluation need not.
+        raise BenchError(
+            f"{name}: the training split is missing: expected {', '.join(spec['train'])} in {directory} next to "
+            f"{', '.join(spec['test'])} (found only the test split); put the training files there or pass --download "
+            "to train; to evaluate a trained model, the test split is enough: bench eval --model ... --dataset "
+            f"{name}")
     if missing:
         raise missing_files_error(name, directory, needed)
     checksums = {**spec["test"], **(spec["train"] if "train" in splits else {})}
