@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 import threading
@@ -400,6 +401,11 @@ def _fields(params_class: type) -> set[str]:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    most = 4 * (os.cpu_count() or 1)
+    if args.jobs > most:
+        raise BenchError(f"--jobs {args.jobs} is more worker processes than this machine can run: at most {most} "
+                         f"(4 per core, {os.cpu_count() or 1} cores; each worker holds a copy of torch and the data); "
+                         "for more, use --scheduler with a Dask cluster")
     if args.scheduler and args.jobs > 1:
         raise BenchError("--jobs sets local worker processes and --scheduler a Dask cluster; give one of them")
     if args.scheduler:
