@@ -140,7 +140,9 @@ def as_defense(model_or_defense: Any, device: str = "cpu") -> Defense:
 
 
 def defense_name(defense: Defense) -> str:
-    return defense.name or type(defense).__name__.lower()
+    """A defense's one name: its registry key (for a plug-in, the entry point's name), else its
+    declared ``name``, else its class name for an unregistered class."""
+    return DEFENSES.name_of(type(defense)) or defense.name or type(defense).__name__.lower()
 
 
 def model_name(defense: Defense) -> str:
@@ -826,7 +828,7 @@ def fit_and_check(defense: Defense, x: torch.Tensor, y: torch.Tensor, config: Tr
     (``bench.training.check_learned``). Every training of the harness goes through here."""
     seed_everything(config.seed)
     defense.fit(x, y, config)
-    check_learned(defense.attack_model(), x, y, desc=defense.name or type(defense).__name__, seed=config.seed,
+    check_learned(defense.attack_model(), x, y, desc=defense_name(defense), seed=config.seed,
                   device=config.device)
 
 

@@ -64,6 +64,12 @@ class Registry(Generic[T]):
         self._load()
         return sorted(self._items)
 
+    def name_of(self, obj: T) -> str | None:
+        """The name ``obj`` is registered under (built-ins and plug-ins alike), if any: the one name
+        a defense or attack has in stored runs, training defaults and reports."""
+        self._load()
+        return next((name for name, item in self._items.items() if item is obj), None)
+
     def items(self) -> list[tuple[str, T]]:
         return [(name, self.get(name)) for name in self.names()]
 

@@ -61,7 +61,13 @@ def test_entry_point_adapter_runs_from_the_cli(tmp_path):
     out = tmp_path / "results"
     run = ["run", "--defense", "label-smoothing", "--param", "smoothing=0.2", "--epochs", "1", "--batch-size", "16", "--train-size", "200",
            "--test-size", "20", "--quiet", "--out", str(out)]
-    script = f"import sys; from bench.cli import main; main(['list']); print('=== run'); sys.exit(main({run!r}))"
+    # The other doors: bench.wrap by name, and the class itself; one name whichever way it came.
+    api = ("import bench; from torch import nn; from my_defense import LabelSmoothing\n"
+           "model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n"
+           "for defense in (bench.wrap('label-smoothing', model, smoothing=0.2), LabelSmoothing(model, LabelSmoothing.Params(0.2))):\n"
+           "    runs = bench.evaluate(defense, 'digits', test_size=10).runs\n"
+           "    print('=== api', runs.defense[0], runs.label[0])\n")
+    script = f"import sys; from bench.cli import main; main(['list']); print('=== run'); code = main({run!r})\n{api}sys.exit(code)"
     # cwd: not the checkout, whose bench/ would shadow the installed package (tox installs it, not editable)
     process = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert process.returncode == 0, process.stderr
@@ -70,6 +76,8 @@ def test_entry_point_adapter_runs_from_the_cli(tmp_path):
     (stored,) = Store(out).runs()
     assert stored.defense == "label-smoothing" and stored.params["smoothing"] == 0.2
     assert stored.label == "label-smoothing(smoothing=0.2)"
+    doors = [line for line in process.stdout.splitlines() if line.startswith("=== api")]
+    assert doors == ["=== api label-smoothing label-smoothing(smoothing=0.2)"] * 2
 
 
 @dataclass
