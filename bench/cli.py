@@ -655,6 +655,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bench: interrupted; {_what_was_stored(committed_before)}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout left (`bench report | head`): not an error of ours. Output still
+        # buffered for the closed pipe goes nowhere instead of failing again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception:
         print(f"bench: unexpected error (a bug: please report it); {_what_was_stored(committed_before)}", file=sys.stderr)
         raise

@@ -31,13 +31,6 @@ def test_certificate_mask_covers_abstention_failed_tests_and_radius_zero():
     assert explicit.radius.tolist() == pytest.approx([0.5, 0.0, 0.0, 0.0])
 
 
-def test_defenses_importing_certificate_from_the_defense_base_get_the_same_type():
-    from bench.defenses.base import ABSTAIN as base_abstain
-    from bench.defenses.base import Certificate as base_certificate
-
-    assert base_certificate is Certificate and base_abstain == ABSTAIN
-
-
 def records(radii, certified_labels, correct, attack="clean", epsilon=0.0, certified=None):
     """Records of one run; true label 3; ``certified`` None leaves the flag to the stored-data rule."""
     rows = []
