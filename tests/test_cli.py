@@ -154,21 +154,20 @@ def test_a_failed_run_resumes_from_its_stored_steps(bench, tmp_path, monkeypatch
                 raise RuntimeError("simulated crash in the middle of a run")
             return [x.clone() for _ in epsilons]
 
-    ATTACKS.names()
-    monkeypatch.setitem(ATTACKS._items, "flaky", Flaky)
-    code, _, stderr = bench("run", *FAST, "--attack", "flaky", "--no-audit", "--out", str(tmp_path))
+    ATTACKS.register("flaky-once")(Flaky)  # as a plug-in registers itself
+    code, _, stderr = bench("run", *FAST, "--attack", "flaky-once", "--no-audit", "--out", str(tmp_path))
     assert code == 1 and "simulated crash" in stderr and "1 of 3 job(s) failed" in stderr
     assert Store(tmp_path).runs() == []
     (unfinished,) = Store(tmp_path).runs(complete_only=False)
     assert unfinished.status == "failed" and "simulated crash" in unfinished.info["errors"][0]
     assert set(Store(tmp_path).records().attack) == {"clean"}
 
-    code, _, stderr = bench("run", *FAST[:-1], "--attack", "flaky", "--no-audit", "--out", str(tmp_path))
+    code, _, stderr = bench("run", *FAST[:-1], "--attack", "flaky-once", "--no-audit", "--out", str(tmp_path))
     assert code == 0 and "resuming unfinished run" in stderr
     (run,) = Store(tmp_path).runs()
     assert run.run_id == unfinished.run_id and run.info["resumed"]
     records = Store(tmp_path).records()
-    assert sorted(records.attack.value_counts().items()) == [("clean", 60), ("flaky", 60)]
+    assert sorted(records.attack.value_counts().items()) == [("clean", 60), ("flaky-once", 60)]
     bench("run", *FAST, "--out", str(tmp_path / "fresh"))
     assert Store(tmp_path / "fresh").records().prediction.tolist() == records[records.attack == "clean"].prediction.tolist()
 
@@ -183,8 +182,7 @@ def test_a_run_still_being_written_is_not_resumed_by_another_process(bench, tmp_
         def perturb_chunk(self, model, x, y, epsilons, predict):
             raise RuntimeError("crash")
 
-    ATTACKS.names()
-    monkeypatch.setitem(ATTACKS._items, "crash", Crash)
+    ATTACKS.register("crash")(Crash)
     assert bench("run", *FAST, "--attack", "crash", "--no-audit", "--epsilons", "0.1", "--out", str(tmp_path))[0] == 1
     (unfinished,) = Store(tmp_path).runs(complete_only=False)
     assert unfinished.status == "failed"
@@ -215,8 +213,7 @@ def test_a_changed_default_does_not_reuse_the_old_checkpoint(bench, tmp_path, mo
     import my_defense
     from bench.registry import DEFENSES
 
-    DEFENSES.names()
-    monkeypatch.setitem(DEFENSES._items, "label-smoothing", my_defense.LabelSmoothing)
+    DEFENSES.register("label-smoothing")(my_defense.LabelSmoothing)
     bench("run", *FAST, "--defense", "label-smoothing", "--out", str(tmp_path / "r"))
     first = Store(tmp_path / "r").runs()[0]
     assert first.spec["params"] == {"smoothing": 0.1}

@@ -152,8 +152,7 @@ def test_shards_resume_one_by_one_and_match_an_uninterrupted_run(bench, tmp_path
                 raise RuntimeError("shard crash")
             return [(x + eps * torch.rand_like(x)).clamp(0, 1) for eps in epsilons]
 
-    ATTACKS.names()
-    monkeypatch.setitem(ATTACKS._items, "noisy", Noisy)
+    ATTACKS.register("noisy")(Noisy)
     monkeypatch.setattr(jobs, "SHARD_SIZE", 8)  # 30 test samples: shards of 8, 8, 8 and 6
     args = ["--dataset", "digits", "--epochs", "2", "--batch-size", "16", "--train-size", "100", "--test-size", "30", "--no-audit", "--attack", "noisy", "--quiet"]
     code, _, err = bench("run", *args, "--out", str(tmp_path / "a"))
@@ -181,8 +180,7 @@ def test_a_failed_training_job_fails_its_runs_only(bench, tmp_path, monkeypatch)
         def fit(self, x, y, config):
             raise ValueError("adapter bug")
 
-    DEFENSES.names()
-    monkeypatch.setitem(DEFENSES._items, "broken", Broken)
+    DEFENSES.register("broken")(Broken)
     code, out, err = bench("run", "--defense", "broken", "--defense", "baseline", "--dataset", "digits", "--epochs", "2",
                            "--batch-size", "16", "--train-size", "100", "--test-size", "20", "--quiet", "--out", str(tmp_path))
     assert code == 1 and "train broken: ValueError: adapter bug" in err and "1 of 4 job(s) failed" in err
@@ -194,9 +192,10 @@ def test_a_failed_training_job_fails_its_runs_only(bench, tmp_path, monkeypatch)
 def test_two_identical_commands_on_one_folder_do_the_work_once(tmp_path):
     """The second command waits for the runs the first one is writing, then finds them complete
     (or resumes them, had the first one died): one run per spec, each record once, same tables."""
-    grid = ["--dataset", "digits", "--defense", "baseline", "--seed", "0", "--seed", "1", "--epochs", "15",
-            "--train-size", "200", "--test-size", "40", "--no-audit", "--attack", "pgd-linf", "--epsilons", "0.05,0.1",
-            "--attack-param", "restarts=1", "--out", str(tmp_path / "out")]
+    # One run whose training (200 epochs) outlasts the second command's start-up several times over.
+    grid = ["--dataset", "digits", "--defense", "baseline", "--epochs", "200", "--train-size", "200", "--test-size", "40",
+            "--no-audit", "--attack", "pgd-linf", "--epsilons", "0.05,0.1", "--attack-param", "restarts=1",
+            "--out", str(tmp_path / "out")]
     command = [sys.executable, "-m", "bench.cli", "run", *grid]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
@@ -211,7 +210,7 @@ def test_two_identical_commands_on_one_folder_do_the_work_once(tmp_path):
     assert first.returncode == 0 and second.returncode == 0, (err, second.stderr)
     assert "waiting for it" in second.stderr
     store = Store(tmp_path / "out")
-    assert len(store.runs(complete_only=False)) == 2 and len(store.runs()) == 2
+    assert len(store.runs(complete_only=False)) == 1 and len(store.runs()) == 1
     records = store.records()
-    assert len(records) == 2 * 40 * 3 and not records.duplicated(["run_id", "attack", "epsilon", "sample_index"]).any()
+    assert len(records) == 40 * 3 and not records.duplicated(["run_id", "attack", "epsilon", "sample_index"]).any()
     assert second.stdout == out  # the same tables

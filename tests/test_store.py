@@ -217,9 +217,8 @@ def test_a_resumed_run_is_charged_the_time_of_every_process(bench, tmp_path, mon
                 raise RuntimeError("simulated crash")
             return [x.clone() for _ in epsilons]
 
-    ATTACKS.names()
-    monkeypatch.setitem(ATTACKS._items, "slow", Slow)
-    monkeypatch.setitem(ATTACKS._items, "flaky", Flaky)
+    ATTACKS.register("slow")(Slow)
+    ATTACKS.register("flaky")(Flaky)
     command = ("run", *SAYS, "--attack", "slow", "--attack", "flaky", "--out", str(tmp_path))
     code, _, stderr = bench(*command)  # trains, stores clean and slow; flaky fails and so does the run
     assert code == 1 and "simulated crash" in stderr
