@@ -946,6 +946,10 @@ def evaluate(
         check_epsilon_bounds(step.name, step.attack.norm, step.epsilons, input_dim, test.name)
     name = defense_name(defense)
     check_model(defense.model, test, f"model ({type(defense.model).__name__})", device)
+    for step in steps:
+        if step.attack.target == "bpda" and defense.bpda_model() is None:
+            raise BenchError(f"attack {step.name} runs through the defense's differentiable approximation, and defense "
+                             f"{defense_name(defense)} offers none (Defense.bpda_model()); see docs/adaptive.md")
     try:
         defense.attack_model()  # a defense that still needs training says so here, before any work
     except BenchError as error:

@@ -251,6 +251,11 @@ def _spec_options(spec: RunSpec) -> dict[str, Any]:
     return options
 
 
+def _offers_bpda(defense_class: type) -> bool:
+    """Whether a defense class overrides ``Defense.bpda_model`` (the base offers no approximation)."""
+    return defense_class.bpda_model.__qualname__ != "Defense.bpda_model"
+
+
 def validate_request(
     specs: Sequence[RunSpec], *, device: str = "cpu", out: str | os.PathLike | None = None
 ) -> list[str]:
@@ -289,6 +294,9 @@ def validate_request(
             attack = ATTACKS.get(name)
             fields = {f.name for f in dataclasses.fields(attack.Params)}
             build_params(attack.Params, scoped(spec.attack_params, name, fields), f"attack {name}")
+            if getattr(attack, "target", None) == "bpda" and not _offers_bpda(defense):
+                raise BenchError(f"attack {name} runs through the defense's differentiable approximation, and defense "
+                                 f"{spec.defense} offers none (Defense.bpda_model()); see docs/adaptive.md")
             backends = getattr(attack, "backends", ATTACK_BACKENDS)
             if spec.attack_backend not in backends:
                 raise BenchError(f"attack {name} has no {spec.attack_backend!r} backend; use --attack-backend {' or '.join(backends)}")

@@ -156,6 +156,7 @@ ROWS = [
     row("run --config {config}", "choose one of gaussian, laplace", 'defense = "pixeldp"\nparam = {mechanism = 5}'),
     row("run --config {config}", "epochs must be a positive integer", '[[runs]]\ndefense = "baseline"\n[[runs]]\nepochs = 0'),
     row("run --config {config} --epochs 0", "epochs must be a positive integer", "epochs = 3"),
+    row("run --attack bpda-linf", "attack bpda-linf runs through the defense's differentiable approximation, and defense baseline offers none"),
     row("run --jobs 100000", "--jobs 100000 is more worker processes than this machine can run"),
     row("run --scheduler notaurl", "--scheduler 'notaurl' is not a scheduler address"),
     row("run --scheduler tcp://host", "expected PROTOCOL://HOST:PORT"),
