@@ -314,35 +314,32 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
     # jobs of runs whose model is already trained go along. Wave 2: the remaining evaluations.
     states: dict[str, dict[str, Any]] = {}
     training: dict[str, TrainJob] = {}
-    for run in active:
-        training_hash = run.spec.training_hash()
+
+    def obtain_weights(run: Planned, spec: RunSpec, label: str) -> bool:
+        """``spec``'s weights: known, read from its checkpoint, or trained by a new job; False
+        when none of these can be (no training split)."""
+        training_hash = spec.training_hash()
         if training_hash in states or training_hash in training:
-            continue
+            return True
         state = store.load_checkpoint(training_hash)
         if state is not None:
             states[training_hash] = state
-            LOGGER.info(f"[{run.label}] reusing checkpoint {store.checkpoint_path(training_hash)}")
-        else:
-            if len(run.train_index) == 0:
-                raise BenchError(f"dataset {run.dataset.name} has no training split here; train elsewhere or pass a checkpoint")
-            training[training_hash] = TrainJob(
-                run.spec, DataInfo.of(run.dataset), run.dataset.x_train[run.train_index],
-                run.dataset.y_train[run.train_index], run.label, device, threads)
+            LOGGER.info(f"[{label}] reusing checkpoint {store.checkpoint_path(training_hash)}")
+            return True
+        if len(run.train_index) == 0:
+            return False
+        training[training_hash] = TrainJob(spec, DataInfo.of(run.dataset), run.dataset.x_train[run.train_index],
+                                           run.dataset.y_train[run.train_index], label, device, threads)
+        return True
+
+    for run in active:
+        if not obtain_weights(run, run.spec, run.label):
+            raise BenchError(f"dataset {run.dataset.name} has no training split here; train elsewhere or pass a checkpoint")
     evaluations = {run.run_id: _evaluation_jobs(run, device, threads) for run in active}
     for run in active:  # the surrogates of transfer attacks still to run: stored, or trained here
         if not any(job.surrogate is not None for job in evaluations[run.run_id]):
             continue
-        training_hash = run.surrogate.training_hash()
-        if training_hash in states or training_hash in training:
-            continue
-        state = store.load_checkpoint(training_hash)
-        if state is not None:
-            states[training_hash] = state
-        elif len(run.train_index):
-            training[training_hash] = TrainJob(
-                run.surrogate, DataInfo.of(run.dataset), run.dataset.x_train[run.train_index],
-                run.dataset.y_train[run.train_index], f"surrogate of {run.label}", device, threads)
-        else:
+        if not obtain_weights(run, run.surrogate, f"surrogate of {run.label}"):
             LOGGER.warning(f"[{run.label}] transfer attacks skipped: {run.dataset.name} has no training split "
                            "to train the undefended surrogate on")
             evaluations[run.run_id] = [job for job in evaluations[run.run_id] if job.surrogate is None]
