@@ -240,6 +240,8 @@ def test_interval_rank_is_one_plus_the_intervals_entirely_above():
     assert interval_rank([0.8, 0.5, 0.1, 0.25], [0.9, 0.85, 0.3, 0.6]) == [1, 1, 3, 2]
     assert interval_rank([0.5, 0.7], [0.7, 0.9]) == [1, 1]  # touching intervals overlap: a tie
     assert interval_rank([0.71, 0.5], [0.9, 0.7]) == [1, 2]  # separated by a hair: ranked
+    # docs/reports.md's example: B overlaps A but lies below C
+    assert interval_rank([0.5, 0.3, 0.65], [0.9, 0.6, 0.95]) == [1, 2, 1]
 
 
 def ranking_store(directory: Path) -> Store:
