@@ -7,7 +7,20 @@ from typing import Any, Sequence
 import pandas as pd
 
 from bench.metrics import PRECISION_THRESHOLDS, TABLE_THRESHOLDS
-from bench.reports.labels import NORM_NAMES, config_order, ranked
+from bench.reports.labels import FLAG, NORM_NAMES, config_order, ranked
+from bench.reports.tables import ranking_table
+
+RANKING_PREFIX = "Ranking: "
+RANKING_RULE = (
+    "Who wins, per dataset, threat model and epsilon (ε=0: clean accuracy), judged by each configuration's headline "
+    "row of accuracy under attack: the worst case over the norm's attacks where it faced several, else its one "
+    "attack. Cells: rank (accuracy). rank = 1 + the number of configurations whose 95% Clopper-Pearson interval "
+    "lies entirely above this one's, so configurations whose intervals overlap share a rank; rank 1 means no "
+    "configuration is clearly better.")
+FLAG_NOTE = (
+    f"{FLAG}: this configuration's gradient-masking diagnostics fired. Its figure is the worst case over all its "
+    "attacks of this norm, the audit attacks (gradient-free and transfer) included, and an adaptive attack may go "
+    "lower: its rank is an upper bound, not a win.")
 
 
 def number(value: Any, digits: int = 3) -> str:
@@ -75,7 +88,8 @@ def display_tables(
 ) -> dict[str, pd.DataFrame]:
     """Tables for people: values with their 95% Clopper-Pearson interval and sample count ``n``.
 
-    Accuracy under attack has one column per epsilon (0 = clean) and the worst case over the
+    First the rankings (``ranking_tables``, titles starting with ``RANKING_PREFIX``). Accuracy under
+    attack has one column per epsilon (0 = clean) and the worst case over the
     attacks of a norm as its own row; certified accuracy one column per threshold T; robust
     precision (its ``n=`` is the number of certified inputs) and recall one column per epsilon.
     """
@@ -83,6 +97,7 @@ def display_tables(
     order = config_order(tables)
     tables = {name: ranked(table, order) if not table.empty and "config" in table else table
               for name, table in tables.items()}
+    shown.update(ranking_tables(tables.get("accuracy_under_attack", pd.DataFrame()), order))
     clean = tables.get("clean", pd.DataFrame())
     if not clean.empty:
         clean = clean.sort_values(["dataset", "_rank"], kind="stable")
@@ -124,6 +139,42 @@ def display_tables(
         frame["checkpoint reused"] = cost.reused_checkpoint.map({True: "yes", False: "no"}).fillna("–")
         shown["Cost"] = frame.reset_index(drop=True)
     return shown
+
+
+def ranking_tables(under_attack: pd.DataFrame, order: list[str]) -> dict[str, pd.DataFrame]:
+    """One ranking per dataset and norm (``bench.reports.tables.ranking_table``, computed from the
+    accuracy-under-attack rows given): rows configurations (in ``order``), one column per epsilon,
+    cells ``rank (accuracy)``, then ``n``."""
+    ranking = ranking_table(under_attack)
+    if ranking.empty:
+        return {}
+    ranking = ranked(ranking, order).sort_values(["dataset", "norm", "_rank"], kind="stable")
+    shown = {}
+    for (dataset, norm), group in ranking.groupby(["dataset", "norm"], sort=False):
+        cells = pd.Series([f"{rank} ({number(accuracy)})" for rank, accuracy in zip(group["rank"], group.accuracy)])
+        shown[f"{RANKING_PREFIX}{dataset}, {NORM_NAMES.get(norm, norm)}"] = _pivot(
+            group.rename(columns={"config": "configuration"}), ["configuration"], "epsilon", cells, group.n, "ε=")
+    return shown
+
+
+def sample_counts(frame: pd.DataFrame) -> list[int]:
+    """The distinct sample counts in a shown table's ``n`` column (cells such as ``"100/500"`` hold several)."""
+    if "n" not in frame:
+        return []
+    return sorted({int(part) for value in frame.n for part in str(value).split("/") if part.strip().isdigit()})
+
+
+def table_notes(title: str, frame: pd.DataFrame) -> list[str]:
+    """One-line notes for under a shown table: the sample counts where they differ within it, and
+    for a ranking with a flagged configuration what its figure means (``FLAG_NOTE``)."""
+    notes = []
+    counts = sample_counts(frame)
+    if len(counts) > 1:
+        notes.append(f"n differs in this table: n = {', '.join(str(n) for n in counts)}; values over fewer samples "
+                     "have wider intervals.")
+    if title.startswith(RANKING_PREFIX) and frame.configuration.str.contains(FLAG, regex=False).any():
+        notes.append(FLAG_NOTE)
+    return notes
 
 
 def thresholds_present(rows: pd.DataFrame, wanted: Sequence[float]) -> list[float]:

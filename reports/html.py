@@ -7,6 +7,7 @@ import base64
 import datetime
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,10 +21,15 @@ body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans",
        max-width: 1200px; padding: 0 1rem; color: #1a1a1a; line-height: 1.45; }
 h1 { font-size: 1.6rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #ccc; } h3 { font-size: 1.05rem; }
 table { border-collapse: collapse; margin: 0.6rem 0 1.2rem; font-size: 0.85rem; }
-th, td { border: 1px solid #d0d0d0; padding: 0.25rem 0.5rem; text-align: left; vertical-align: top; white-space: nowrap; }
+th, td { border: 1px solid #d0d0d0; padding: 0.25rem 0.5rem; text-align: left; vertical-align: top; }
 th { background: #f2f2f2; } tr:nth-child(even) td { background: #fafafa; }
-.scroll { overflow-x: auto; }
-figure { margin: 1rem 0 2rem; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+.ci { white-space: nowrap; }
+.scroll { max-width: 100%; overflow-x: auto; }
+.note { font-size: 0.85rem; color: #444; margin: -0.8rem 0 1.2rem; }
+.plots { display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 0 1.5rem; }
+.plots figure.wide { grid-column: 1 / -1; }
+figure { margin: 1rem 0 2rem; } figure img { width: 100%; height: auto; box-sizing: border-box; border: 1px solid #eee; }
+@media (max-width: 800px) { .plots { grid-template-columns: minmax(0, 1fr); } }
 figcaption { font-size: 0.85rem; color: #444; }
 .flag { background: #c00000; color: #fff; font-weight: bold; padding: 0 0.3rem; border-radius: 3px; white-space: nowrap; }
 .alarm { background: #fde8e8; border-left: 4px solid #c00000; padding: 0.4rem 0.8rem; margin: 0.3rem 0; }
@@ -35,9 +41,33 @@ details { margin: 0.4rem 0; } summary { cursor: pointer; font-weight: 600; }
 """
 
 
+# An interval in a cell ("0.900 [0.555, 0.997]"): kept on one line, so a narrow column wraps
+# between the value and its interval and the table fits the page.
+INTERVAL = re.compile(r"\[[0-9.]+, [0-9.]+\]")
+WIDE_FIGURE = 700  # CSS pixels: a figure at least this wide at its own size spans both plot columns
+
+
 def _table(frame: pd.DataFrame, table_id: str) -> str:
+    """A table inside a ``.scroll`` box: cells wrap (intervals stay whole) and what still does not
+    fit scrolls inside the box instead of overflowing the page."""
     table = frame.to_html(index=False, escape=True, border=0, table_id=table_id, na_rep="–")
+    table = INTERVAL.sub(lambda m: f'<span class="ci">{m.group(0)}</span>', table)
     return f'<div class="scroll">{_badged(table)}</div>'
+
+
+def _notes(title: str, frame: pd.DataFrame) -> str:
+    """``display.table_notes`` under a table: the flag note as an alarm, the others as one line each."""
+    from bench.reports.display import FLAG_NOTE, table_notes
+
+    return "".join(f'<div class="alarm">{_badged(html.escape(note))}</div>' if note == FLAG_NOTE
+                   else f'<p class="note">{html.escape(note)}</p>' for note in table_notes(title, frame))
+
+
+def _tables(shown: dict[str, pd.DataFrame], runs: pd.DataFrame) -> str:
+    return "".join(
+        f'<h3>{html.escape(name)}</h3>{_table(frame, "table-" + name.lower().replace(" ", "-"))}'
+        f"{_notes(name, frame)}{_strength_notes(name, runs)}"
+        for name, frame in shown.items())
 
 
 def _badged(text: str) -> str:
@@ -49,7 +79,8 @@ def _image(plot: Plot) -> str:
     png = plot.png.read_bytes()
     width = round(int.from_bytes(png[16:20], "big") * 96 / plot.dpi)  # the figure's size in CSS pixels
     data = base64.b64encode(png).decode("ascii")
-    return (f'<figure id="plot-{plot.name}"><img src="data:image/png;base64,{data}" alt="{html.escape(plot.title)}" '
+    wide = ' class="wide"' if width >= WIDE_FIGURE else ""
+    return (f'<figure id="plot-{plot.name}"{wide}><img src="data:image/png;base64,{data}" alt="{html.escape(plot.title)}" '
             f'width="{width}" '
             f'data-plot="{plot.name}"><figcaption>{html.escape(plot.caption)} Files: {html.escape(plot.png.name)}, '
             f'{html.escape(plot.svg.name)}.</figcaption></figure>')
@@ -129,15 +160,18 @@ def build_html(
     sources: Sequence[str] = (),
     where: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The report as one HTML string; ``shown`` are the tables of ``bench.reports.display.display_tables``."""
+    """The report as one HTML string; ``shown`` are the tables of ``bench.reports.display.display_tables``:
+    the rankings (titles starting with ``RANKING_PREFIX``) get their own section after the
+    diagnostics, the other tables follow under *Tables*."""
+    from bench.reports.display import RANKING_PREFIX, RANKING_RULE
+
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     selection = ", ".join(f"{k}={v}" for k, v in where) or "all runs (latest of each spec)"
     warning_items = _verdicts(runs)
-    tables = "".join(
-        f'<h3>{html.escape(name)}</h3>{_table(frame, "table-" + name.lower().replace(" ", "-"))}'
-        f"{_strength_notes(name, runs)}"
-        for name, frame in shown.items()
-    ) or "<p>No runs.</p>"
+    rankings = {name: frame for name, frame in shown.items() if name.startswith(RANKING_PREFIX)}
+    ranking = (f'<p class="meta">{html.escape(RANKING_RULE)}</p>{_tables(rankings, runs)}' if rankings
+               else "<p>No accuracy under attack to rank.</p>")
+    tables = _tables({name: frame for name, frame in shown.items() if name not in rankings}, runs) or "<p>No runs.</p>"
     figures = "".join(_image(plot) for plot in plots) or "<p>No data to plot.</p>"
     run_list = "".join(_run_section(run) for _, run in runs.iterrows())
     return f"""<!DOCTYPE html>
@@ -145,17 +179,19 @@ def build_html(
 <title>{html.escape(title)}</title><style>{STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<nav class="meta"><a href="#warnings">Diagnostics</a> · <a href="#tables">Tables</a> · <a href="#plots">Plots</a> ·
+<nav class="meta"><a href="#warnings">Diagnostics</a> · <a href="#ranking">Ranking</a> · <a href="#tables">Tables</a> · <a href="#plots">Plots</a> ·
 <a href="#runs">Runs</a></nav>
 <p class="meta">Generated {now} from {html.escape(', '.join(sources) or 'the results store')}; selection: {html.escape(selection)};
 {len(runs)} run(s). Every number is computed from the stored per-sample records. Proportions show their 95%
 Clopper-Pearson (exact binomial) interval in brackets; n is the number of samples behind each value.</p>
 <h2 id="warnings">Diagnostics: can these numbers be trusted?</h2>
 {warning_items}
+<h2 id="ranking">Ranking: who wins at each epsilon</h2>
+{ranking}
 <h2 id="tables">Tables</h2>
 {tables}
 <h2 id="plots">Plots</h2>
-{figures}
+<div class="plots">{figures}</div>
 <h2 id="runs">Runs: spec, seed, library versions</h2>
 {run_list}
 </body></html>

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.reports.display import display_tables
+from bench.reports.display import RANKING_PREFIX, RANKING_RULE, display_tables, table_notes
 from bench.reports.labels import FLAG
 
 TEXT_FORMATS = ("md", "latex", "csv", "json")
@@ -55,10 +55,21 @@ def render(
     if fmt == "latex":
         return f"% {note}\n" + "\n".join(to_latex(table, title) for title, table in shown.items())
     if fmt == "md":
-        return (f"{note}\n\n" + "\n".join(f"## {title}\n\n{table.to_markdown(index=False)}\n" for title, table in shown.items())
-                + "\n" + diagnostics_text(tables.get("diagnostics")))
+        return f"{note}\n\n" + "\n".join(markdown_sections(shown)) + "\n" + diagnostics_text(tables.get("diagnostics"))
     raise ValueError(f"unknown table format {fmt!r}")
 
+
+def markdown_sections(shown: dict[str, pd.DataFrame]) -> list[str]:
+    """One ``## title`` section per shown table with its notes (``table_notes``) under it; the
+    ranking rule (``RANKING_RULE``) once, above the first ranking."""
+    sections, rule_given = [], False
+    for title, table in shown.items():
+        rule = ""
+        if title.startswith(RANKING_PREFIX) and not rule_given:
+            rule, rule_given = f"{RANKING_RULE}\n\n", True
+        notes = "".join(f"\nNote: {text}\n" for text in table_notes(title, table))
+        sections.append(f"## {title}\n\n{rule}{table.to_markdown(index=False)}\n{notes}")
+    return sections
 
 
 

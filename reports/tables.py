@@ -34,7 +34,17 @@ Added fields (compatible extensions):
   messages (what fired, and why)};
 - ``accuracy_under_attack`` rows carry ``verdict_flips``: on randomized defenses, the share of the
   points whose verdict at that epsilon changed between two calls of the defense's rule (the noise
-  that differences smaller than it drown in); empty for deterministic defenses and worst-case rows.
+  that differences smaller than it drown in); empty for deterministic defenses and worst-case rows;
+- a ``ranking`` list (``ranking_table``), one row per dataset, norm, epsilon and configuration:
+  {dataset, norm, epsilon, config, run_id, attack, accuracy, ci_low, ci_high, n, rank, flagged}.
+  It ranks the headline rows of ``accuracy_under_attack``: per configuration and norm the
+  ``worst-case`` row where it exists, else the single attack's row (epsilon 0 is clean accuracy).
+  ``rank`` = 1 + the number of configurations of that dataset, norm and epsilon whose 95% interval
+  lies entirely above this one's (their ``ci_low`` > this ``ci_high``): configurations whose
+  intervals overlap are not told apart, and rank 1 means no configuration is clearly better.
+  ``flagged``: the configuration's label carries ``bench.reports.labels.FLAG`` (its diagnostics
+  fired); it is ranked like the others, on its worst case over all its attacks of that norm (the
+  audit attacks included), and keeps its flag.
 """
 from __future__ import annotations
 
@@ -46,12 +56,12 @@ import pandas as pd
 from bench import metrics
 from bench.confidence import clopper_pearson_interval
 from bench.reports.cost import cost_table
-from bench.reports.labels import verdict
+from bench.reports.labels import FLAG, verdict
 from bench.reports.load import Results, load_results
 from bench.store import Store
 
 CONFIDENCE = 0.95  # of every interval in tables and plots
-TABLE_NAMES = ("clean", "accuracy_under_attack", "certified", "cost", "diagnostics")
+TABLE_NAMES = ("clean", "accuracy_under_attack", "certified", "cost", "diagnostics", "ranking")
 
 
 def with_interval(table: pd.DataFrame, successes: str, trials: str, prefix: str = "") -> pd.DataFrame:
@@ -85,8 +95,50 @@ def tables_from(results: Results, thresholds: Sequence[float] = metrics.THRESHOL
     config = results.runs.set_index("run_id").config
     tables = {name: order_by_configuration(table.assign(config=table.run_id.map(config)), results.runs)
               if not table.empty else table for name, table in tables.items()}
+    tables["ranking"] = ranking_table(tables["accuracy_under_attack"])
     return {name: table.assign(params=table.params.map(_params)) if "params" in table else table
             for name, table in tables.items()}
+
+
+RANKING_COLUMNS = ["dataset", "norm", "epsilon", "config", "run_id", "attack", "accuracy", "ci_low", "ci_high", "n",
+                   "rank", "flagged"]
+
+
+def headline_rows(under_attack: pd.DataFrame) -> pd.DataFrame:
+    """The rows a configuration is judged by: per run and norm its ``worst-case`` rows where it has
+    them (several attacks of that norm), else its single attack's rows. Epsilon 0 is clean accuracy."""
+    if under_attack.empty:
+        return under_attack
+    has_worst = under_attack.groupby(["run_id", "norm"], sort=False).attack.transform(
+        lambda attacks: (attacks == metrics.WORST_CASE).any())
+    return under_attack[(under_attack.attack == metrics.WORST_CASE) | ~has_worst]
+
+
+def interval_rank(low: Sequence[float], high: Sequence[float]) -> list[int]:
+    """Rank of each interval ``[low[i], high[i]]``: 1 + the number of intervals that lie entirely
+    above it (``low[j] > high[i]``). Overlapping (or touching) intervals do not outrank each other,
+    so they tie; a configuration is ranked below another only when the 95% intervals separate."""
+    return [1 + sum(other > top for other in low) for top in high]
+
+
+def ranking_table(under_attack: pd.DataFrame) -> pd.DataFrame:
+    """Who wins, per dataset, norm (threat model) and epsilon, from the headline rows of the
+    ``accuracy_under_attack`` table (``headline_rows``): ``rank`` = 1 + the number of
+    configurations whose 95% Clopper-Pearson interval lies entirely above this one's
+    (``interval_rank``). Where one configuration has several headline rows at one epsilon (several
+    runs of that norm), its lowest accuracy counts. ``flagged`` marks configurations whose
+    diagnostics fired (their label carries ``FLAG``): ranked on their worst case, the audit attacks
+    included, never hidden. Rows keep the order of ``under_attack`` (the configurations' order)."""
+    if under_attack.empty:
+        return pd.DataFrame(columns=RANKING_COLUMNS)
+    rows = headline_rows(under_attack)
+    rows = rows.assign(_position=range(len(rows))).sort_values("accuracy", kind="stable")
+    rows = rows.drop_duplicates(["dataset", "norm", "epsilon", "config"]).sort_values("_position")
+    groups = rows.groupby(["dataset", "norm", "epsilon"], sort=False)
+    rank = pd.concat([pd.Series(interval_rank(group.ci_low.tolist(), group.ci_high.tolist()), index=group.index)
+                      for _, group in groups])
+    rows = rows.assign(rank=rank, flagged=rows.config.str.contains(FLAG, regex=False))
+    return rows[RANKING_COLUMNS].reset_index(drop=True)
 
 
 def _findings(info: Any) -> list[dict[str, Any]]:

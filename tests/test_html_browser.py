@@ -1,5 +1,6 @@
-"""The HTML report in a real headless browser (Debian's chromium): every plot decodes and has a
-size, the tables are there, and a screenshot is kept as an artefact.
+"""The HTML report in a real headless browser (Debian's chromium): every plot decodes and is shown
+at a readable width (at least half the page's content width), the tables are there and none is
+wider than its container or the page, and a screenshot is kept as an artefact.
 
 Without a browser the test FAILS (CI installs chromium in .ci/run). Set BENCH_SKIP_BROWSER=1 to
 skip it on a machine without one; BENCH_CHROMIUM=/path/to/chrome picks another binary.
@@ -22,10 +23,15 @@ ARTIFACTS = Path(os.environ.get("BENCH_ARTIFACTS", ROOT / "artifacts"))
 # Appended to a copy of the report: after load, write what the browser rendered into the DOM.
 CHECK = """<script>
 window.addEventListener("load", () => {
+  const style = getComputedStyle(document.body);
+  const page = document.body.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
   const images = [...document.images].map(img => ({plot: img.dataset.plot || img.alt, ok: img.complete && img.naturalWidth > 0,
-                                                   width: img.naturalWidth, height: img.naturalHeight}));
-  const tables = [...document.querySelectorAll("table")].map(t => ({id: t.id, rows: t.rows.length}));
-  document.body.setAttribute("data-check", JSON.stringify({images, tables}));
+                                                   width: img.naturalWidth, height: img.naturalHeight,
+                                                   shown: img.getBoundingClientRect().width}));
+  const tables = [...document.querySelectorAll("table")].map(t => ({
+    id: t.id, rows: t.rows.length, visible: t.offsetParent !== null, width: t.getBoundingClientRect().width,
+    container: t.parentElement.getBoundingClientRect().width}));
+  document.body.setAttribute("data-check", JSON.stringify({page, images, tables}));
 });
 </script>"""
 
@@ -56,14 +62,26 @@ def test_report_renders_in_headless_chromium(fabricated_report, tmp_path):
     checked = tmp_path / "checked.html"
     checked.write_text(page.replace("</body>", CHECK + "</body>"), encoding="utf-8")
 
-    dom = browse(binary, tmp_path / "profile-dom", "--virtual-time-budget=5000", "--dump-dom", checked.as_uri()).stdout
+    dom = browse(binary, tmp_path / "profile-dom", "--window-size=1280,4000", "--virtual-time-budget=5000", "--dump-dom",
+                 checked.as_uri()).stdout
     match = re.search(r'data-check="([^"]*)"', dom)
     assert match, "the check script did not run: " + dom[:500]
     check = json.loads(unescape(match.group(1)))
     plots = {image["plot"]: image for image in check["images"]}
     assert set(plots) == {"accuracy_under_attack", "median_perturbation", "certified_accuracy", "robust_precision_recall", "cost"}
+    page_width = check["page"]
+    assert page_width > 1000, check["page"]  # the window is 1280 px wide: the page is its 1200 px container
     for name, image in plots.items():
         assert image["ok"] and image["width"] > 300 and image["height"] > 150, f"plot {name} did not render: {image}"
+        # readable: at least half of the content width (two per row or full width), never wider than it
+        assert page_width / 2 - 30 <= image["shown"] <= page_width + 0.5, f"plot {name} shown {image['shown']} px wide"
+    assert plots["cost"]["shown"] > page_width - 2  # a wide figure spans the row
+    for table in check["tables"]:
+        if table["visible"]:  # the library-version tables sit in closed <details>
+            assert table["width"] <= table["container"] + 0.5 <= page_width + 1, f"table wider than its container: {table}"
+    certified = next(t for t in check["tables"] if t["id"] == "table-certified-accuracy")
+    assert certified["width"] > page_width / 2  # it is the wide one: the check above means something
+    assert check["tables"][0]["id"].startswith("table-ranking")  # the ranking comes first, after the diagnostics
     tables = {table["id"]: table["rows"] for table in check["tables"]}
     for expected in ("table-clean-accuracy", "table-certified-accuracy", "table-cost"):
         assert tables.get(expected, 0) > 1, f"table {expected} missing or empty: {tables}"

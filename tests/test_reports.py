@@ -16,9 +16,12 @@ from bench.store import Run, Store
 from conftest import FAST
 from bench.confidence import clopper_pearson_interval
 from bench.reports.compare import compare
-from bench.reports.display import display_tables
+from bench.reports.display import FLAG_NOTE, RANKING_RULE, display_tables
+from bench.reports.html import build_html
+from bench.reports.labels import FLAG
+from bench.reports.load import load_results
 from bench.reports.render import render
-from bench.reports.tables import build_tables
+from bench.reports.tables import build_tables, interval_rank
 from bench.types import Record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +174,7 @@ def test_where_filters_runs_by_column_spec_field_or_parameter(store):
 
 def test_json_keeps_the_contract_and_adds_intervals(store):
     data = json.loads(render(build_tables(store), "json"))
-    assert set(data) == {"clean", "accuracy_under_attack", "certified", "cost", "diagnostics"}
+    assert set(data) == {"clean", "accuracy_under_attack", "certified", "cost", "diagnostics", "ranking"}
     for row in data["clean"]:
         assert set(row) >= {"run_id", "dataset", "defense", "label", "params", "accuracy", "n", "ci_low", "ci_high"}
     assert isinstance(data["clean"][0]["params"], dict)
@@ -181,7 +184,8 @@ def test_json_keeps_the_contract_and_adds_intervals(store):
 
 def test_human_tables_pivot_epsilons_and_carry_intervals_and_counts(store):
     shown = display_tables(build_tables(store))
-    assert list(shown) == ["Clean accuracy", "Accuracy under attack: mnist, L2", "Accuracy under attack: mnist, L∞",
+    assert list(shown) == ["Ranking: mnist, L2", "Ranking: mnist, L∞", "Ranking: svhn, L∞",
+                           "Clean accuracy", "Accuracy under attack: mnist, L2", "Accuracy under attack: mnist, L∞",
                            "Accuracy under attack: svhn, L∞", "Certified accuracy",
                            "Robust precision under attack: mnist, L2 attacks",
                            "Robust recall under attack: mnist, L2 attacks", "Cost"]
@@ -200,7 +204,7 @@ def test_human_tables_pivot_epsilons_and_carry_intervals_and_counts(store):
     markdown = render(build_tables(store), "md")
     assert "Clopper-Pearson" in markdown and "| worst-case" in markdown
     latex = render(build_tables(store), "latex")
-    assert latex.count(r"\begin{tabular}") == 8 and r"\toprule" in latex and "pixeldp(L=0.1)" in latex
+    assert latex.count(r"\begin{tabular}") == 11 and r"\toprule" in latex and "pixeldp(L=0.1)" in latex
 
 
 def test_same_label_twice_in_a_dataset_gets_the_differing_spec_field(tmp_path):
@@ -227,6 +231,95 @@ def test_compare_lists_changed_metrics_and_setup(store):
     assert certified.A.eq("–").all() and not certified.B.eq("–").any()
     with pytest.raises(BenchError, match="matches no run"):
         compare(store, "zzzz", "aaaa")
+
+
+# -- ranking: who wins per dataset, norm and epsilon ---------------------------------------------
+def test_interval_rank_is_one_plus_the_intervals_entirely_above():
+    # [0.8, 0.9] and [0.5, 0.85] overlap: both 1; [0.25, 0.6] lies below [0.8, 0.9] only: 2;
+    # [0.1, 0.3] lies below the first two but overlaps [0.25, 0.6]: 3
+    assert interval_rank([0.8, 0.5, 0.1, 0.25], [0.9, 0.85, 0.3, 0.6]) == [1, 1, 3, 2]
+    assert interval_rank([0.5, 0.7], [0.7, 0.9]) == [1, 1]  # touching intervals overlap: a tie
+    assert interval_rank([0.71, 0.5], [0.9, 0.7]) == [1, 2]  # separated by a hair: ranked
+    # docs/reports.md's example: B overlaps A but lies below C
+    assert interval_rank([0.5, 0.3, 0.65], [0.9, 0.6, 0.95]) == [1, 2, 1]
+
+
+def ranking_store(directory: Path) -> Store:
+    """One dataset, L-inf at 0.1 and 0.3 (counts out of n; the attacked correct points are a
+    subset of the clean ones, so accuracy under attack is the count / n):
+
+    config     n    clean   0.1                    0.3
+    strong     100  95      90 [0.824, 0.951]      80 [0.708, 0.873]
+    weak       100  94      30 [0.212, 0.400]      10 [0.049, 0.176]
+    small      20   19      12 [0.361, 0.809]       4 [0.057, 0.437]
+    masked     100  99      pgd 99, square 97      pgd 95, square 60   (diagnostics fired)
+                            worst 97 [0.915, 0.994] worst 60 [0.497, 0.697]
+    """
+    store = Store(directory)
+
+    def attacked(attack, counts, n):
+        return [r for eps, k in zip((0.1, 0.3), counts) for r in correct_set(attack, "linf", eps, set(range(k)), n)]
+
+    for run_id, label, n, clean, counts in (("r1", "strong", 100, 95, (90, 80)), ("r2", "weak", 100, 94, (30, 10)),
+                                            ("r3", "small", 20, 19, (12, 4))):
+        store.save_run(make_run(run_id, "toy", "baseline", label, {}, {"num_test": n}),
+                       correct_set("clean", None, 0.0, set(range(clean)), n) + attacked("pgd-linf", counts, n))
+    fired = {"num_test": 100, "diagnostics": [{"name": "gradient-free-wins-linf", "fired": True, "count": 37, "n": 100,
+                                               "message": "gradient-free-wins (linf): the defense masks its gradients"}]}
+    store.save_run(make_run("r4", "toy", "baseline", "masked", {}, fired),
+                   correct_set("clean", None, 0.0, set(range(99)), 100) + attacked("pgd-linf", (99, 95), 100)
+                   + attacked("square-linf", (97, 60), 100))
+    return store
+
+
+def test_ranking_ties_where_intervals_overlap_and_names_a_clear_winner(tmp_path):
+    ranking = build_tables(ranking_store(tmp_path))["ranking"]
+    ranks = {(row.config.replace(f" {FLAG}", ""), row.epsilon): row.rank for row in ranking.itertuples()}
+    # clean: every interval overlaps every other ([0.887, 0.984], [0.874, 0.978], [0.751, 0.999], [0.946, 1])
+    assert [ranks[(c, 0.0)] for c in ("strong", "weak", "small", "masked")] == [1, 1, 1, 1]
+    # 0.1: strong and masked overlap (0.915 < 0.951): both 1; weak and small lie below both and overlap
+    # each other (0.361 < 0.400): both 3
+    assert [ranks[(c, 0.1)] for c in ("strong", "weak", "small", "masked")] == [1, 3, 3, 1]
+    # 0.3: strong wins alone (0.708 > 0.697); masked 2; weak and small overlap below it: 3
+    assert [ranks[(c, 0.3)] for c in ("strong", "weak", "small", "masked")] == [1, 3, 3, 2]
+    masked = ranking[ranking.config.str.startswith("masked")]
+    assert masked.flagged.all() and masked.config.str.contains(FLAG, regex=False).all()
+    assert not ranking[~ranking.config.str.startswith("masked")].flagged.any()
+    # the flagged run is ranked on its worst case over pgd and the audit's square attack, not on pgd
+    at_03 = masked[np.isclose(masked.epsilon, 0.3)]
+    assert at_03.attack.item() == "worst-case" and at_03.accuracy.item() == 0.6
+    assert set(ranking[ranking.config == "small"].n) == {20}
+
+
+def test_ranking_is_a_json_list(tmp_path):
+    data = json.loads(render(build_tables(ranking_store(tmp_path)), "json"))
+    rows = data["ranking"]
+    assert len(rows) == 4 * 3  # four configurations, epsilons 0, 0.1, 0.3, one norm
+    assert set(rows[0]) == {"dataset", "norm", "epsilon", "config", "run_id", "attack", "accuracy", "ci_low", "ci_high",
+                            "n", "rank", "flagged"}
+    weak = next(r for r in rows if r["config"] == "weak" and r["epsilon"] == 0.1)
+    assert (weak["rank"], weak["accuracy"], weak["n"], weak["attack"], weak["flagged"]) == (3, 0.3, 100, "pgd-linf", False)
+    assert [r["config"] for r in rows[:3]] == ["strong"] * 3  # the configurations' order
+
+
+def test_ranking_and_n_notes_in_markdown_and_html(tmp_path):
+    store = ranking_store(tmp_path)
+    tables = build_tables(store)
+    markdown = render(tables, "md")
+    ranking = markdown.split("## Ranking: toy, L∞")[1].split("## ")[0]
+    assert RANKING_RULE in ranking
+    assert "| strong " in ranking and "| 1 (0.900) | 1 (0.800) |" in ranking
+    assert "| 3 (0.600) | 3 (0.200) |" in ranking  # small: 12/20 at 0.1, 4/20 at 0.3
+    assert f"masked {FLAG}" in ranking and FLAG_NOTE in ranking
+    note = "Note: n differs in this table: n = 20, 100;"
+    assert note in ranking
+    assert note in markdown.split("## Accuracy under attack: toy, L∞")[1].split("## ")[0]
+    assert note in markdown.split("## Clean accuracy")[1].split("## ")[0]
+    assert "n differs" not in render(build_tables(fabricate(tmp_path / "same-n")), "md")  # n = 10 everywhere
+    page = build_html(display_tables(tables), [], load_results(store).runs)
+    assert page.index('id="warnings"') < page.index('id="ranking"') < page.index('id="table-ranking:-toy,-l∞"') \
+        < page.index('id="tables"')
+    assert page.count("n differs in this table: n = 20, 100") >= 3 and "the audit attacks" in page
 
 
 # -- CLI ------------------------------------------------------------------------------------------
