@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--format", choices=["md", "csv", "latex", "html", "json", "robustbench"], default="md",
                         help="what to print when --out is not given (default md; robustbench: RobustBench-style "
                              "model cards as JSON)")
-    report.add_argument("--table", choices=["clean", "accuracy_under_attack", "certified", "cost"],
+    report.add_argument("--table", choices=["clean", "accuracy_under_attack", "certified", "cost", "diagnostics", "ranking"],
                         default="accuracy_under_attack",
                         help="the table --format csv prints (one tidy table; default accuracy_under_attack); "
                              "--out DIR writes one CSV per table")

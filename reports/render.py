@@ -20,7 +20,7 @@ def rows(table: pd.DataFrame) -> list[dict[str, Any]]:
 def latex_escape(text: Any) -> str:
     replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                    "ε": r"$\epsilon$", "–": "--", "∞": r"$\infty$"}
+                    "ε": r"$\epsilon$", "–": "--", "∞": r"$\infty$", "⚠": r"\textbf{(!)}"}
     return "".join(replacements.get(ch, ch) for ch in str(text))
 
 
@@ -97,7 +97,9 @@ def diagnostics_text(table: pd.DataFrame | None) -> str:
 
 def to_csv(table: pd.DataFrame) -> str:
     """One table as a tidy CSV that ``pandas.read_csv`` reads back: one header line, one row per
-    observation, ``params`` as JSON text, missing values empty."""
-    if "params" in table:
-        table = table.assign(params=table.params.map(lambda p: p if isinstance(p, str) else json.dumps(p, sort_keys=True)))
+    observation, ``params`` and lists (the diagnostics' ``messages``) as JSON text, missing values empty."""
+    for column in ("params", "messages"):
+        if column in table:
+            table = table.assign(**{column: table[column].map(
+                lambda v: v if isinstance(v, str) else json.dumps(v, sort_keys=True, ensure_ascii=False))})
     return table.to_csv(index=False)

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from bench.metrics import WORST_CASE
+from bench.reports.labels import verdict
 from bench.types import THREAT_MODELS
 
 
@@ -60,6 +61,8 @@ def robustbench_cards(tables: dict[str, pd.DataFrame], runs: pd.DataFrame) -> li
             "seed": int(run["seed"]),
             "run_id": row.run_id,
             "versions": run["versions"],
+            # bench.diagnostics' verdict: "flagged" means gradient masking was found; do not submit
+            "diagnostics": verdict(run["info"]),
         })
         cards.append(card)
     return cards

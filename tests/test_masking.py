@@ -9,7 +9,11 @@ model's), vanishing gradients (a saturating squash) and exploding gradients (a s
 """
 from __future__ import annotations
 
+import io
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -184,8 +188,13 @@ def test_a_flagged_run_is_named_in_every_output_also_on_a_rerun(tmp_path, capsys
     assert main(["report", "--results", str(tmp_path), "--format", "md"]) == 0
     assert "zero-gradient:" in capsys.readouterr().out.split("## Diagnostics")[1]
     assert main(["report", "--results", str(tmp_path), "--format", "json"]) == 0
-    (row,) = __import__("json").loads(capsys.readouterr().out)["diagnostics"]
+    (row,) = json.loads(capsys.readouterr().out)["diagnostics"]
     assert row["verdict"] == "flagged" and "zero-gradient" in row["fired"]
+    assert main(["report", "--results", str(tmp_path), "--format", "csv", "--table", "diagnostics"]) == 0
+    (row,) = pd.read_csv(io.StringIO(capsys.readouterr().out)).itertuples()
+    assert row.verdict == "flagged" and any(m.startswith("zero-gradient:") for m in json.loads(row.messages))
+    assert main(["report", "--results", str(tmp_path), "--format", "robustbench"]) == 0
+    assert {card["diagnostics"] for card in json.loads(capsys.readouterr().out)} == {"flagged"}
     assert main(["report", "--results", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
     page = (tmp_path / "report" / "report.html").read_text()
     first_section = page.split('<h2 id="warnings">')[1].split("<h2")[0]
