@@ -41,7 +41,7 @@ from bench.errors import BenchError
 from bench.metrics import THRESHOLD_GRID
 from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
 from bench.spec import RunSpec, check_epsilon_keys, epsilons_for, scoped, unclaimed, with_audit
-from bench.store import MODEL_STEPS, Run, Store
+from bench.store import MODEL_STEPS, RUN_FIELDS, Run, Store
 from bench.training import TrainConfig, check_learned, training_defaults
 from bench.threads import using_threads
 from bench.types import RECORD_COLUMNS, Record
@@ -646,7 +646,6 @@ class RunWriter:
 
 
 # -- results ---------------------------------------------------------------------------------------
-RUN_COLUMNS = [f.name for f in dataclasses.fields(Run)]
 
 
 class Results:
@@ -735,7 +734,7 @@ class Results:
         """Results of runs held in memory (``records`` pairs each record with its run id)."""
         from bench.reports.labels import configuration_labels
 
-        frame = pd.DataFrame([vars(run) for run in runs], columns=RUN_COLUMNS).assign(store=store)
+        frame = pd.DataFrame([vars(run) for run in runs], columns=RUN_FIELDS).assign(store=store)
         frame["model_train_seconds"] = [
             run.info.get("train_seconds") if run.info.get("reused_checkpoint") is False else None for run in runs
         ]

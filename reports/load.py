@@ -1,7 +1,6 @@
 """Loading runs and records from one or several results stores, and selecting runs (``--where``)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -12,9 +11,8 @@ import pandas as pd
 
 from bench.errors import BenchError
 from bench.reports.labels import configuration_labels
-from bench.store import Run, Store
+from bench.store import RUN_FIELDS, Store
 
-RUN_COLUMNS = [f.name for f in dataclasses.fields(Run)]
 
 
 @dataclass
@@ -106,9 +104,9 @@ def load_results(stores: Store | Sequence[Store], where: Sequence[tuple[str, str
     """
     frames = []
     for store in _as_stores(stores):
-        runs = pd.DataFrame([vars(run) for run in store.runs()], columns=RUN_COLUMNS)
+        runs = pd.DataFrame([vars(run) for run in store.runs()], columns=RUN_FIELDS)
         frames.append(runs.assign(store=str(store.directory)))
-    runs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RUN_COLUMNS + ["store"])
+    runs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RUN_FIELDS + ["store"])
     runs = runs.sort_values(["created"], kind="stable")
     runs["model_train_seconds"] = _training_seconds(runs)
     if latest:
