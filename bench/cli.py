@@ -645,7 +645,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         log.configure(log.QUIET if getattr(args, "quiet", False) else log.VERBOSE if getattr(args, "verbose", False) else log.NORMAL)
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, where a reader that left (BrokenPipeError) is caught, not at exit
+        return code
     except BenchError as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return getattr(error, "exit_status", 2)
