@@ -126,7 +126,7 @@ def test_a_killed_jobs_2_driver_leaves_no_process_and_a_rerun_completes_with_no_
 def test_a_dask_local_cluster_writes_the_serial_records(serial, bench, tmp_path):
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=None) as cluster:
+                                  dashboard_address=":0") as cluster:
         code, _, _ = bench("run", *GRID, "--scheduler", cluster.scheduler_address, "--out", str(tmp_path))
     assert code == 0
     pd.testing.assert_frame_equal(records_by_run(tmp_path), serial)
