@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-import time
 
 import pytest
 
@@ -121,41 +120,3 @@ def test_perf_calls_foolbox_cw_with_the_attacks_own_settings():
     adversarials = foolbox_cw_direct(model, x, y, CWL2Params(binary_search_steps=1, steps=3), chunk=4)
     assert adversarials.shape == x.shape
     assert adversarials.min() >= 0 and adversarials.max() <= 1
-
-
-def test_a_long_unit_of_work_is_not_silent(monkeypatch):
-    """Between two updates of a loop whose units are long (one AutoAttack chunk, one epoch), the
-    heartbeat writes a line at least every HEARTBEAT seconds, naming the outer and inner loop."""
-    stream = io.StringIO()
-    monkeypatch.setattr("sys.stderr", stream)
-    monkeypatch.setattr(progress, "HEARTBEAT", 0.2)
-    log.configure(log.NORMAL)
-    try:
-        with progress.Progress(2, "grid", unit="job") as outer:
-            with progress.Progress(8, "autoattack-linf stages", unit="stage") as inner:
-                inner.update(stage="apgd-ce")
-                deadline = time.monotonic() + 1.5
-                while time.monotonic() < deadline:  # one long stage: no update of its own
-                    time.sleep(0.01)
-            outer.update()
-    finally:
-        log.configure(log.NORMAL)
-    beats = [line for line in stream.getvalue().splitlines() if "still working" in line]
-    # every 0.2 s of 1.5: at least a few, whatever the machine's speed; each says where it is
-    assert len(beats) >= 3, stream.getvalue()
-    assert all("grid: still working after" in line and "now in autoattack-linf stages 1/8 stage" in line for line in beats)
-    seconds = [float(line.split("after ")[1].split(" s")[0]) for line in beats]
-    assert seconds == sorted(seconds)
-
-
-def test_quiet_has_no_heartbeat(monkeypatch):
-    stream = io.StringIO()
-    monkeypatch.setattr("sys.stderr", stream)
-    monkeypatch.setattr(progress, "HEARTBEAT", 0.1)
-    log.configure(log.QUIET)
-    try:
-        with progress.Progress(1, "quiet step"):
-            time.sleep(0.6)
-    finally:
-        log.configure(log.NORMAL)
-    assert stream.getvalue() == ""
