@@ -22,6 +22,7 @@ from torch import nn
 from bench.attacks.base import DEFAULT_EPSILONS, Attack, Predict
 from bench.attacks.pgd import PGD, PGDParams, L2PGD, LinfPGD
 from bench.errors import BenchError
+from bench.progress import Progress
 from bench.registry import ATTACKS
 
 REFERENCE_NORMS = {"linf": "Linf", "l2": "L2"}
@@ -73,16 +74,20 @@ class Square(Attack):
         # larger one, so a larger budget attacks only the points the smaller ones left robust.
         found: dict[float, torch.Tensor] = {}
         best = x.clone()
-        for eps in sorted(set(epsilons)):
-            with torch.no_grad():
-                left = (model(best).argmax(1) == y).nonzero().flatten()
-            if len(left):
-                attack = SquareAttack(model, norm=REFERENCE_NORMS[self.norm], n_queries=self.params.queries, eps=eps,
-                                      p_init=self.params.p_init, n_restarts=1, seed=self.params.seed,
-                                      resc_schedule=False, device=x.device)
-                best = best.clone()
-                best[left] = attack.perturb(x[left], y[left]).to(x)
-            found[eps] = best
+        budgets = sorted(set(epsilons))
+        with Progress(len(budgets), f"{self.name} epsilons", unit="epsilon") as bar:
+            for eps in budgets:
+                with torch.no_grad():
+                    left = (model(best).argmax(1) == y).nonzero().flatten()
+                if len(left):
+                    bar.doing(f"eps={eps:g} on {len(left)} points, {self.params.queries} queries")
+                    attack = SquareAttack(model, norm=REFERENCE_NORMS[self.norm], n_queries=self.params.queries, eps=eps,
+                                          p_init=self.params.p_init, n_restarts=1, seed=self.params.seed,
+                                          resc_schedule=False, device=x.device)
+                    best = best.clone()
+                    best[left] = attack.perturb(x[left], y[left]).to(x)
+                found[eps] = best
+                bar.update(eps=eps)
         return [found[eps] for eps in epsilons]
 
 

@@ -24,6 +24,7 @@ from bench.attacks.adapters import foolbox_model
 from bench.attacks.base import Attack, DEFAULT_EPSILONS, Predict
 from bench.attacks.eot import is_randomized
 from bench.errors import BenchError
+from bench.progress import Progress
 from bench.registry import ATTACKS
 
 REFERENCE_NORMS = {"linf": "Linf", "l2": "L2"}
@@ -175,24 +176,29 @@ class AutoAttack(Attack):
             classes = int(model(x[:1]).shape[1])
         clean_robust = predict(x).to(y.device) == y
         results = []
-        for eps in epsilons:
-            x_adv, robust = x.clone(), clean_robust.clone()
-            for name in components:
-                index = robust.nonzero().flatten()
-                if len(index) == 0:
-                    break
-                for candidate in COMPONENTS[name](model, x[index], y[index], eps, self.norm, self.params, classes):
-                    still = robust[index]
-                    candidate = candidate.detach().to(x)[still]
-                    broken = predict(candidate).to(y.device) != y[index[still]]
-                    # A randomized rule gives a boundary point a fair chance of a wrong label at
-                    # every call: keeping the latest candidate, not the clean input, where no
-                    # call has confirmed one yet is what the accuracy *expected* over the
-                    # defense's noise asks for (the reference keeps the clean input).
-                    keep = broken | randomized
-                    x_adv[index[still][keep]] = candidate[keep]
-                    robust[index[still][broken]] = False
-            results.append(x_adv)
+        # One chunk runs every stage at every epsilon: each stage is a unit of progress.
+        with Progress(len(epsilons) * len(components), f"{self.name} stages", unit="stage") as stages:
+            for eps in epsilons:
+                x_adv, robust = x.clone(), clean_robust.clone()
+                for number, name in enumerate(components):
+                    index = robust.nonzero().flatten()
+                    if len(index) == 0:  # every point is broken: the later stages have nothing to do
+                        stages.update(len(components) - number)
+                        break
+                    stages.doing(f"{name} eps={eps:g} on {len(index)} points")
+                    for candidate in COMPONENTS[name](model, x[index], y[index], eps, self.norm, self.params, classes):
+                        still = robust[index]
+                        candidate = candidate.detach().to(x)[still]
+                        broken = predict(candidate).to(y.device) != y[index[still]]
+                        # A randomized rule gives a boundary point a fair chance of a wrong label at
+                        # every call: keeping the latest candidate, not the clean input, where no
+                        # call has confirmed one yet is what the accuracy *expected* over the
+                        # defense's noise asks for (the reference keeps the clean input).
+                        keep = broken | randomized
+                        x_adv[index[still][keep]] = candidate[keep]
+                        robust[index[still][broken]] = False
+                    stages.update(finished=name, eps=eps, robust=int(robust.sum()))
+                results.append(x_adv)
         return results
 
 

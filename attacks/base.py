@@ -178,7 +178,7 @@ class Attack:
         predict = predict or (lambda inputs: predict_labels(model, inputs))
         parts = []
         with frozen_parameters(model):
-            for start in progress(range(0, len(x), self.chunk_size), f"{self.name or type(self).__name__} batches"):
+            for start in progress(range(0, len(x), self.chunk_size), f"{self.name or type(self).__name__} chunks", unit="chunk"):
                 xc, yc = x[start:start + self.chunk_size], y[start:start + self.chunk_size]
                 x_adv = self.minimize_chunk(model, xc, yc).detach().to(xc).clamp(0.0, 1.0)
                 # Libraries differ in what they return for a failed point (foolbox's CW: an all-zero
@@ -222,7 +222,7 @@ class Attack:
     ) -> list[torch.Tensor]:
         results: list[list[torch.Tensor]] = [[] for _ in epsilons]
         nonzero = [i for i, eps in enumerate(epsilons) if eps > 0]
-        for start in progress(range(0, len(x), self.chunk_size), f"{self.name or type(self).__name__} batches"):
+        for start in progress(range(0, len(x), self.chunk_size), f"{self.name or type(self).__name__} chunks", unit="chunk"):
             xc, yc = x[start:start + self.chunk_size], y[start:start + self.chunk_size]
             for i, eps in enumerate(epsilons):
                 if eps <= 0:  # a zero budget is the clean input; ART refuses eps = 0

@@ -35,7 +35,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from bench import progress
+from bench import log, progress
 from bench import api
 from bench.api import Step, StepResult, assess_run
 from bench.datasets.base import Dataset, balanced_subset
@@ -84,6 +84,7 @@ class TrainJob:
     device: str = "cpu"
     threads: int | None = None  # torch threads in a worker; None: leave as it is (in-process)
     driver_pid: int | None = None  # local workers: leave when this process is gone
+    verbosity: int = field(default_factory=log.verbosity)  # the driver's: a worker's heartbeat follows --quiet
 
     @property
     def key(self) -> tuple:
@@ -110,6 +111,7 @@ class EvalJob:
     device: str = "cpu"
     threads: int | None = None
     driver_pid: int | None = None
+    verbosity: int = field(default_factory=log.verbosity)
     # Transfer attacks: the undefended surrogate's training spec and, once trained, its weights.
     surrogate: RunSpec | None = None
     surrogate_state: dict[str, Any] | None = None
@@ -153,12 +155,16 @@ def run_job(job: TrainJob | EvalJob) -> JobResult:
     started = time.perf_counter()
     if job.threads:
         torch.set_num_threads(job.threads)
-        progress.QUIET = True  # a worker's stderr is not the user's terminal
+        # A worker's stderr is not the user's terminal: no bars or loop lines, only the heartbeat's
+        # line (one per progress.HEARTBEAT seconds) naming this job, at the driver's verbosity.
+        progress.QUIET = True
+        log.configure(job.verbosity)
     try:
-        if isinstance(job, TrainJob):
-            state = _train(job)
-            return JobResult(job.key, time.perf_counter() - started, state=state)
-        result = _evaluate(job)
+        with progress.step(job.describe()):
+            if isinstance(job, TrainJob):
+                state = _train(job)
+                return JobResult(job.key, time.perf_counter() - started, state=state)
+            result = _evaluate(job)
         return JobResult(job.key, time.perf_counter() - started, records=result.records, diagnostics=result.diagnostics)
     except Exception as error:  # noqa: BLE001 - any failure of one job is recorded, not fatal
         where = traceback.extract_tb(error.__traceback__)[-1]

@@ -108,24 +108,27 @@ def train_classifier(
     with Progress(config.epochs, f"{desc} training", unit="epoch") as bar:
         for epoch in range(config.epochs):
             running, seen = 0.0, 0
-            for step, index in enumerate(batches(len(x), config.batch_size, generator), 1):
-                x_batch = x[index].to(config.device, non_blocking=True)
-                y_batch = y[index].to(config.device, non_blocking=True)
-                loss = loss_fn(x_batch, y_batch)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrainingFailed(
-                        f"{desc}: training diverged, the loss became {value} at epoch {epoch + 1}, step {step} "
-                        f"(lr {config.lr:g}); try a lower --lr"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                if after_step is not None:
-                    after_step()
-                running += value * len(index)
-                seen += len(index)
+            # Each epoch's batches are a loop of their own: a long epoch reports inside itself.
+            with Progress(steps_per_epoch, f"{desc} epoch {epoch + 1}/{config.epochs}", unit="batch", debug=False) as inner:
+                for step, index in enumerate(batches(len(x), config.batch_size, generator), 1):
+                    x_batch = x[index].to(config.device, non_blocking=True)
+                    y_batch = y[index].to(config.device, non_blocking=True)
+                    loss = loss_fn(x_batch, y_batch)
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise TrainingFailed(
+                            f"{desc}: training diverged, the loss became {value} at epoch {epoch + 1}, step {step} "
+                            f"(lr {config.lr:g}); try a lower --lr"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    if after_step is not None:
+                        after_step()
+                    running += value * len(index)
+                    seen += len(index)
+                    inner.update(loss=running / seen)
             history.append(running / max(1, seen))
             bar.update(loss=history[-1])
     for module in modules:

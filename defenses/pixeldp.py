@@ -485,7 +485,7 @@ class PixelDP(Defense):
         draws = draws or self.params.draws
         net = self.attack_model().eval()
         means, squares, votes = [], [], []
-        for group in progress(batches(len(x), self.images_per_group), "pixeldp certification groups"):
+        for group in progress(batches(len(x), self.images_per_group), f"pixeldp {draws} draws per image", unit="group"):
             h = net.pre(x[group].to(self.device))
             rows = len(group) * draws
             chunks = []

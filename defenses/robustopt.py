@@ -222,7 +222,7 @@ class RobustOpt(Defense):
         labels = self.predict(x)
         max_radius = self.params.max_radius or 2 * self.params.epsilon
         radii = []
-        for index in progress(batches(len(x), self.params.certify_batch_size), "robustopt certification batches"):
+        for index in progress(batches(len(x), self.params.certify_batch_size), "robustopt certification", unit="batch"):
             xb, lb = x[index].to(self.device), labels[index].to(self.device)
             low = torch.zeros(len(index), device=self.device)
             high = torch.full((len(index),), max_radius, device=self.device)

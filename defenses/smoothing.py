@@ -76,7 +76,7 @@ class Smoothing(Defense):
         per_pass = min(draws, self.params.draw_batch)  # copies of one image per pass
         group = max(1, self.params.draw_batch // per_pass)  # images per pass
         parts = []
-        for start in progress(range(0, len(x), group), f"smoothing {draws} draws"):
+        for start in progress(range(0, len(x), group), f"smoothing {draws} draws per image", unit="group"):
             xs = x[start:start + group].to(self.device)
             total = None
             remaining = draws

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import re
 
 import pytest
 
@@ -120,3 +121,89 @@ def test_perf_calls_foolbox_cw_with_the_attacks_own_settings():
     adversarials = foolbox_cw_direct(model, x, y, CWL2Params(binary_search_steps=1, steps=3), chunk=4)
     assert adversarials.shape == x.shape
     assert adversarials.min() >= 0 and adversarials.max() <= 1
+
+
+class TimedStream(io.StringIO):
+    """A non-terminal stderr that notes when each line arrives."""
+
+    def __init__(self):
+        super().__init__()
+        self.arrivals: list[tuple[float, str]] = []
+
+    def write(self, text: str) -> int:
+        import time
+
+        self.arrivals += [(time.monotonic(), line) for line in text.splitlines() if line]
+        return super().write(text)
+
+
+def _slow_step(monkeypatch, verbosity=log.NORMAL, seconds=2.0):
+    """A step whose one unit of work lasts ``seconds`` with a heartbeat of 0.2 s; the lines it logs."""
+    import time
+
+    stream = TimedStream()
+    monkeypatch.setattr("sys.stderr", stream)
+    monkeypatch.setattr(progress, "HEARTBEAT", 0.2)
+    log.configure(verbosity)
+    started = time.monotonic()
+    with progress.step("train demo"), progress.Progress(3, "demo training", unit="epoch") as bar:
+        bar.doing("epoch 1")
+        time.sleep(seconds)
+        bar.update()
+    return started, stream.arrivals
+
+
+def test_a_long_unit_of_work_logs_a_heartbeat_at_every_interval(monkeypatch):
+    started, arrivals = _slow_step(monkeypatch)
+    beats = [(at, line) for at, line in arrivals if "still running" in line]
+    assert len(beats) >= 4, arrivals
+    pattern = r"\d\d:\d\d:\d\d still running: train demo \(\d s\) > demo training: 0/3 epoch \(now epoch 1\), \d s so far"
+    assert all(re.fullmatch(pattern, line) for _, line in beats), beats
+    # The heartbeat thread may be in its 1 s tick of the default interval when the test sets 0.2 s.
+    times = [started] + [at for at, _ in beats]
+    assert times[1] - times[0] < 1.5 and max(b - a for a, b in zip(times[1:], times[2:])) < 0.8, times
+
+
+def test_quiet_silences_the_heartbeat(monkeypatch):
+    _, arrivals = _slow_step(monkeypatch, log.QUIET, seconds=1.0)
+    assert arrivals == []
+
+
+def test_a_worker_logs_the_heartbeat_but_no_loop_lines(monkeypatch):
+    monkeypatch.setattr(progress, "QUIET", True)
+    monkeypatch.setattr(progress, "EVERY", 0.0)  # a loop line at every update, were they not silenced
+    _, arrivals = _slow_step(monkeypatch, seconds=1.0)
+    assert arrivals and all("still running: train demo" in line for _, line in arrivals), arrivals
+
+
+def test_autoattack_names_its_running_stage_inside_one_chunk(monkeypatch):
+    """One chunk of a real AutoAttack run (Square only, on a model slowed to 5 ms a query)."""
+    import time
+
+    import torch
+    from torch import nn
+
+    from bench.attacks.autoattack import AutoAttackParams, LinfAutoAttack
+
+    class Slow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+
+        def forward(self, x):
+            time.sleep(0.005)
+            return self.net(x)
+
+    stream = TimedStream()
+    monkeypatch.setattr("sys.stderr", stream)
+    monkeypatch.setattr(progress, "HEARTBEAT", 0.2)
+    log.configure(log.NORMAL)
+    model = Slow().eval()
+    x = torch.rand(6, 1, 4, 4)
+    y = model.net(x).argmax(1)  # every point starts robust
+    attack = LinfAutoAttack(AutoAttackParams(attacks="square", square_queries=150))
+    adversarials = attack.run(model, x, y, [0.01, 0.02])
+    assert len(adversarials) == 2
+    lines = [line for _, line in stream.arrivals]
+    assert any("> autoattack-linf stages: 0/2 stage (now square eps=0.01 on 6 points)" in line for line in lines), lines
