@@ -19,14 +19,12 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from bench.attacks.autoattack import run_square
 from bench.attacks.base import DEFAULT_EPSILONS, Attack, Predict
 from bench.attacks.pgd import PGD, PGDParams, L2PGD, LinfPGD
 from bench.errors import BenchError
 from bench.progress import Progress
 from bench.registry import ATTACKS
-
-REFERENCE_NORMS = {"linf": "Linf", "l2": "L2"}
-
 
 @dataclass
 class SquareParams:
@@ -68,8 +66,6 @@ class Square(Attack):
     def perturb_chunk(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float], predict: Predict
     ) -> list[torch.Tensor]:
-        from pyautoattack.square import SquareAttack
-
         # Smallest epsilon first: an adversarial found within a smaller budget lies within every
         # larger one, so a larger budget attacks only the points the smaller ones left robust.
         found: dict[float, torch.Tensor] = {}
@@ -81,11 +77,9 @@ class Square(Attack):
                     left = (model(best).argmax(1) == y).nonzero().flatten()
                 if len(left):
                     bar.doing(f"eps={eps:g} on {len(left)} points, {self.params.queries} queries")
-                    attack = SquareAttack(model, norm=REFERENCE_NORMS[self.norm], n_queries=self.params.queries, eps=eps,
-                                          p_init=self.params.p_init, n_restarts=1, seed=self.params.seed,
-                                          resc_schedule=False, device=x.device)
                     best = best.clone()
-                    best[left] = attack.perturb(x[left], y[left]).to(x)
+                    best[left] = run_square(model, x[left], y[left], eps, self.norm, self.params.queries,
+                                            self.params.seed, self.params.p_init).to(x)
                 found[eps] = best
                 bar.update(eps=eps)
         return [found[eps] for eps in epsilons]

@@ -99,12 +99,18 @@ def fab_targeted(model, x, y, eps, norm, p, classes):
     return [fab.perturb(x, y)]
 
 
-def square(model, x, y, eps, norm, p, classes):
+def run_square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, queries: int, seed: int,
+               p_init: float = 0.8) -> torch.Tensor:
+    """Croce & Hein's Square, as AutoAttack's standard version runs it (one restart, no rescaled schedule)."""
     from pyautoattack.square import SquareAttack
 
-    attack = SquareAttack(model, norm=REFERENCE_NORMS[norm], n_queries=p.square_queries, eps=eps, p_init=0.8,
-                          n_restarts=1, seed=p.seed, resc_schedule=False, device=x.device)
-    return [attack.perturb(x, y)]
+    attack = SquareAttack(model, norm=REFERENCE_NORMS[norm], n_queries=queries, eps=eps, p_init=p_init,
+                          n_restarts=1, seed=seed, resc_schedule=False, device=x.device)
+    return attack.perturb(x, y)
+
+
+def square(model, x, y, eps, norm, p, classes):
+    return [run_square(model, x, y, eps, norm, p.square_queries, p.seed)]
 
 
 def margin_walk(model, x, y, eps, norm, p, classes):
