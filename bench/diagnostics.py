@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.confidence import clopper_pearson_bounds
-from bench.metrics import CLEAN, STRENGTH_PREFIX, WORST_CASE, records_frame, sanity_warnings
+from bench.metrics import CLEAN, STRENGTH_PREFIX, WORST_CASE, records_frame, sanity_warnings, strength_warnings
 
 # Kinds of attack (``Attack.kind``) that do not follow the defense's own gradients.
 GRADIENT_FREE_KINDS = ("gradient-free", "transfer")
@@ -222,22 +222,18 @@ def assess(
     findings += _gradient_free_wins(frame, kinds, noise, audited_norms)
 
     sanity = sanity_warnings(records, declared_randomized or noise > 0, eot_draws, input_dim)
-    strength = [w for w in sanity if w.startswith(STRENGTH_PREFIX)]
     for name, marker in (("chance", "clean accuracy"), ("rises-with-epsilon", "rises with epsilon"),
                          ("gray-image", "uniform gray image"), ("eot-1", "--eot-draws 1")):
         fired = [w for w in sanity if marker in w and not w.startswith(STRENGTH_PREFIX)]
         findings.append(Finding(name, bool(fired), message="; ".join(fired)))
-    # Strength notes between two gradient attacks are not alarms: the worst case is the figure.
-    strength = [w for w in strength if not _names_black_box(w, kinds)]
+    # Strength notes between two gradient attacks are not alarms (the worst case is the figure);
+    # gradient-free attacks against gradient ones are gradient-free-wins' business.
+    strength = strength_warnings(frame, among=lambda name: kinds.get(name) not in GRADIENT_FREE_KINDS)
     probed = {"zero-gradient", "nonfinite-gradient", "unreached"} <= {f.name for f in findings}
     attacked_norms = set(frame[frame.attack != CLEAN].norm.dropna())
     complete = probed and attacked_norms <= set(audited_norms) and bool(attacked_norms)
     warnings = [f.message for f in findings if f.fired] + strength
     return Assessment(findings, warnings, complete)
-
-
-def _names_black_box(warning: str, kinds: dict[str, str]) -> bool:
-    return any(f" {name} " in warning for name, kind in kinds.items() if kind in GRADIENT_FREE_KINDS)
 
 
 def _gradient_free_wins(frame: pd.DataFrame, kinds: dict[str, str], noise: float, norms: tuple[str, ...]) -> list[Finding]:

@@ -15,6 +15,8 @@ input for every attack (``clean_at_epsilon_zero``), whatever an attack stored at
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pandas as pd
 
@@ -199,19 +201,20 @@ STRENGTH_MARGIN = 0.01  # per-sample disagreement between two attacks of one nor
 STRENGTH_PREFIX = "attack strength"
 
 
-def strength_warnings(frame: pd.DataFrame) -> list[str]:
+def strength_warnings(frame: pd.DataFrame, among: Callable[[str], bool] | None = None) -> list[str]:
     """Where two attacks of one norm disagree per sample by more than ``STRENGTH_MARGIN``.
 
     For every ordered pair (a, b) of attacks with the same norm and epsilon: the share of samples
     that b breaks and a misses. Above the margin, a's figure overstates robustness; one warning
     per pair names both accuracies at the epsilon where the gap is largest and the per-sample
-    worst case, the figure to quote. Each warning starts with ``attack strength (NORM)``.
+    worst case, the figure to quote. Each warning starts with ``attack strength (NORM)``. ``among``
+    limits the pairs to the attacks it accepts (the worst case still counts every attack).
     """
     attacked = frame[frame.attack != "clean"]
     warnings = []
     for norm, by_norm in attacked.groupby("norm", sort=True):
         correct = by_norm.pivot_table(index=["epsilon", "sample_index"], columns="attack", values="correct", aggfunc="min")
-        names = sorted(correct.columns)
+        names = sorted(name for name in correct.columns if among is None or among(name))
         for a in names:
             for b in names:
                 if a == b:

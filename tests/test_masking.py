@@ -344,3 +344,21 @@ def test_a_model_without_input_gradients_is_evaluated_and_flagged_not_refused(tr
     # PGD could not move a point; the gradient-free audit did
     table = results.accuracy_under_attack.set_index(["attack", "epsilon"]).accuracy
     assert table["pgd-linf", 0.1] == table["pgd-linf", 0.0] > table["worst-case", 0.1]
+
+
+def test_strength_notes_compare_gradient_attacks_only():
+    from bench.diagnostics import assess
+    from bench.metrics import STRENGTH_PREFIX
+    from bench.types import Record
+
+    n = 100
+    kinds = {"pgd-linf": "gradient", "autoattack-linf": "gradient", "square-linf": "gradient-free"}
+    breaks = {"pgd-linf": 30, "autoattack-linf": 40, "square-linf": 10}  # points 0..k-1 broken
+    rows = [Record(i, "clean", None, 0.0, 1, 1, 1, None, None, None, None) for i in range(n)]
+    rows += [Record(i, attack, "linf", 0.1, 1, 1, int(i >= k), 0.1, None, None, None)
+             for attack, k in breaks.items() for i in range(n)]
+    notes = [w for w in assess(rows, [], kinds=kinds, declared_randomized=False, eot_draws=20,
+                               audited_norms=("linf",)).warnings if w.startswith(STRENGTH_PREFIX)]
+    # autoattack breaks 10 points pgd misses: one note; Square, weaker than both, is no one's note
+    assert len(notes) == 1 and "pgd-linf leaves 70.0%" in notes[0] and "square" not in notes[0]
+    assert notes[0].endswith("quote the per-sample worst case over linf attacks, 60.0%")
