@@ -169,6 +169,16 @@ class Attack:
         with frozen_parameters(model):
             return self._fixed_budget(model, x, y, epsilons, predict or (lambda inputs: predict_labels(model, inputs)))
 
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float) -> torch.Tensor:
+        """Every point attacked at one budget, with no verdicts and no carrying (adversarial
+        training wants an adversarial for each example, right or wrong unattacked)."""
+        predict = lambda inputs: predict_labels(model, inputs)  # noqa: E731 (only restarts consult it)
+        with frozen_parameters(model):
+            parts = [project(x[s:s + self.chunk_size], self.perturb_chunk(
+                model, x[s:s + self.chunk_size], y[s:s + self.chunk_size], [epsilon], predict)[0].detach().to(x),
+                epsilon, self.norm) for s in range(0, len(x), self.chunk_size)]
+        return torch.cat(parts) if parts else x.clone()
+
     def smallest_adversarials(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, predict: Predict | None = None
     ) -> torch.Tensor:
@@ -221,17 +231,40 @@ class Attack:
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float], predict: Predict
     ) -> list[torch.Tensor]:
         results: list[list[torch.Tensor]] = [[] for _ in epsilons]
-        nonzero = [i for i, eps in enumerate(epsilons) if eps > 0]
         for start in progress(range(0, len(x), self.chunk_size), f"{self.name or type(self).__name__} chunks", unit="chunk"):
             xc, yc = x[start:start + self.chunk_size], y[start:start + self.chunk_size]
-            for i, eps in enumerate(epsilons):
-                if eps <= 0:  # a zero budget is the clean input; ART refuses eps = 0
-                    results[i].append(xc.clone())
-            if nonzero:
-                chosen = [epsilons[i] for i in nonzero]
-                for i, eps, x_adv in zip(nonzero, chosen, self.perturb_chunk(model, xc, yc, chosen, predict)):
-                    results[i].append(project(xc, x_adv.detach().to(xc), eps, self.norm))
+            for i, x_adv in self._sweep(model, xc, yc, epsilons, predict).items():
+                results[i].append(x_adv)
         return [torch.cat(parts) if parts else x[:0].clone() for parts in results]
+
+    def _sweep(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float], predict: Predict
+    ) -> dict[int, torch.Tensor]:
+        """One chunk at every epsilon, smallest first, attacking only the points that no smaller
+        budget broke: an adversarial inside a small ball lies inside every larger one, so it is
+        carried up instead of searched for again (the attack's cost follows the points left
+        robust, not the number of epsilons). Points the defense gets wrong unattacked are not
+        attacked at all. A randomized rule re-judges carried points at each epsilon, and those it
+        now gets right are attacked like the others."""
+        randomized = is_randomized(model)
+        current = x.clone()
+        broken = predict(x).to(y.device) != y
+        out: dict[int, torch.Tensor] = {}
+        for i in sorted(range(len(epsilons)), key=lambda k: epsilons[k]):
+            eps = epsilons[i]
+            if eps <= 0:  # a zero budget is the clean input; ART refuses eps = 0
+                out[i] = x.clone()
+                continue
+            if randomized and broken.any():
+                carried = broken.nonzero().flatten()
+                broken[carried] = predict(current[carried]).to(y.device) != y[carried]
+            todo = (~broken).nonzero().flatten()
+            if len(todo):
+                x_adv = self.perturb_chunk(model, x[todo], y[todo], [eps], predict)[0]
+                current[todo] = project(x[todo], x_adv.detach().to(x), eps, self.norm)
+                broken[todo] = predict(current[todo]).to(y.device) != y[todo]
+            out[i] = current.clone()
+        return out
 
     # -- what subclasses implement ------------------------------------------------------------
     def perturb_chunk(

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,10 @@ class Madry(Defense):
                                 restarts=1)  # one walk per batch, as Madry et al. train (pgd's evaluation default is 5)
         )
 
+    @classmethod
+    def training_cost(cls, params: Any) -> float:
+        return 1.0 + params.adversarial_fraction * params.steps  # each PGD step: a forward and backward pass
+
     def adversarial_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``x`` with its first ``adversarial_fraction`` replaced by PGD examples at ``epsilon``."""
         count = round(self.params.adversarial_fraction * len(x))
@@ -54,7 +58,7 @@ class Madry(Defense):
         # adversarial probes, and foolbox refuses to warn-free attack a module in training mode).
         self.model.eval()
         try:
-            x_adv = self.attack.run(self.model, x[:count], y[:count], [self.params.epsilon])[0]
+            x_adv = self.attack.perturb(self.model, x[:count], y[:count], self.params.epsilon)
         finally:
             self.model.train()
         return torch.cat([x_adv.detach(), x[count:]])

@@ -341,9 +341,9 @@ def test_a_model_without_input_gradients_is_evaluated_and_flagged_not_refused(tr
     results = bench.evaluate(model, "digits", ["pgd-linf"], **SETTINGS)
     fired = {d["name"] for d in diagnostics(results).values() if d["fired"]}
     assert {"zero-gradient", "unreached"} <= fired
-    # PGD could not move a point; the gradient-free audit did
+    # PGD's walks could not move a point (only its random starts could); the gradient-free audit did
     table = results.accuracy_under_attack.set_index(["attack", "epsilon"]).accuracy
-    assert table["pgd-linf", 0.1] == table["pgd-linf", 0.0] > table["worst-case", 0.1]
+    assert table["pgd-linf", 0.1] > table["worst-case", 0.1]
 
 
 def test_strength_notes_compare_gradient_attacks_only():
