@@ -464,12 +464,15 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
 
 def _longest_first(job: TrainJob | EvalJob) -> tuple:
     """Costly jobs first, so that no worker is left with a long one at the end while the others
-    idle: training by epochs x images; then evaluations of randomized defenses (every prediction
+    idle: training by epochs x images x the defense's work per image (``Defense.training_cost``); then evaluations of randomized defenses (every prediction
     averages many noisy draws), attacks before the clean step, bigger shards first."""
     from bench.registry import DEFENSES
 
     if isinstance(job, TrainJob):
-        return (0, -(job.spec.epochs or 1) * len(job.x))
+        defense = DEFENSES.get(job.spec.defense)
+        fields = {f.name for f in dataclasses.fields(defense.Params)}
+        params = defense.Params(**{k: v for k, v in job.spec.params.items() if k in fields})  # resolved: every field
+        return (0, -(job.spec.epochs or 1) * len(job.x) * defense.training_cost(params))
     return (1, not DEFENSES.get(job.spec.defense).randomized, job.step == "clean", -len(job.x))
 
 

@@ -45,6 +45,12 @@ class Defense:
     class Params:
         pass
 
+    @classmethod
+    def training_cost(cls, params: Any) -> float:
+        """Work per training image relative to plain training (one forward and backward pass): a
+        grid starts the costliest training first, so that no worker is left alone with it."""
+        return 1.0
+
     def __init__(self, model: nn.Module, params: Any = None, device: str = "cpu"):
         self.model = model.to(device)
         self.params = params if params is not None else self.Params()

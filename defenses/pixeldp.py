@@ -356,6 +356,10 @@ class PixelDP(Defense):
                 raise BenchError("pixeldp parameter classifier_checkpoint needs autoencoder=true")
 
     @classmethod
+    def training_cost(cls, params: Any) -> float:
+        return 2.0 if params.autoencoder else 1.0  # the classifier first, then the auto-encoder
+
+    @classmethod
     def check_model(cls, model: nn.Module, params: Any) -> None:
         # Noise after conv1 needs the model split at its first layer, whose sensitivity is bounded
         # (Parseval step, measured operator norm): only the zoo's normalize -> stem -> body has that.
@@ -442,7 +446,7 @@ class PixelDP(Defense):
         # Auto-encoder: classify through the frozen classifier, and reconstruct the clean image.
         h = self.net.add_noise(self.autoencoder.first(x))
         decoded = self.autoencoder.decode(h, x.shape[-2:])
-        return F.cross_entropy(self.model(decoded), y) + F.mse_loss(decoded, x, reduction="sum") / len(x)
+        return F.cross_entropy(self.model(decoded), y) + F.mse_loss(decoded, x)
 
     def after_step(self) -> None:
         layer = self._sensitivity_layer()
