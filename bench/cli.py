@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from bench import log
 from bench.errors import BenchError
@@ -218,6 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("list", help="registered defenses, attacks and datasets")
 
+    again = commands.add_parser(
+        "reproduce", help="re-run a paper's evaluation and judge each of its claims (holds, contradicted, inconclusive)",
+        description="Runs a reproduction's experiments (resumable: what is stored is not redone), then writes the "
+                    "HTML report whose first section is the verdict table, and prints that table. Verdicts are "
+                    "results: the exit status is 0 whatever they say, non-zero only when something failed.")
+    again.add_argument("name", nargs="?", help="the reproduction, e.g. pixeldp-mnist (bench reproduce --list)")
+    again.add_argument("--list", action="store_true", help="name the reproductions and exit")
+    again.add_argument("--profile", default="cpu", help="cpu (a 2-core machine) or paper (the paper's settings, for a GPU) (default cpu)")
+    again.add_argument("--dataset", help="run on another dataset of the same kind (default: the paper's)")
+    again.add_argument("--data-dir", type=Path, help="where dataset files are (default ./data)")
+    again.add_argument("--download", action="store_true", default=None, help="download missing dataset files (default: off)")
+    again.add_argument("--out", type=Path, help="results directory (default ./results/reproduce-NAME-PROFILE[-DATASET])")
+    again.add_argument("--docs", type=Path, metavar="DIR", help="also write the generated page DIR/NAME.md with its figures")
+    again.add_argument("--jobs", type=_positive_int, default=1, help="worker processes on this machine (default 1)")
+    again.add_argument("--scheduler", metavar="ADDRESS", help="run the jobs on a Dask distributed cluster (default: local)")
+    again.add_argument("--threads", type=_positive_int, help=f"torch threads per process (default: {THREADS_RULE})")
+    _add_verbosity(again)
+
     perf = commands.add_parser(
         "perf", help="our attacks, PixelDP and parallel grids against their floors, side by side",
         description="Times each code path of the harness against a reference doing the same work on the same "
@@ -274,7 +292,7 @@ def merged_options(args: argparse.Namespace) -> dict[str, Any]:
     config: dict[str, Any] = {}
     profile = getattr(args, "profile", None)
     if args.config is not None:
-        config = _with_profile(load_config(args.config), args.config, profile)
+        config = _with_profile(experiment_of(load_config(args.config)), args.config, profile)
     elif profile is not None:
         raise BenchError("--profile selects a profile of a config file; give --config FILE too")
     runs = config.pop("runs", None)
@@ -286,6 +304,7 @@ def merged_options(args: argparse.Namespace) -> dict[str, Any]:
         entries = []
         for number, entry in enumerate(runs, 1):
             where = f"config {args.config}, [[runs]] entry {number}"
+            entry = _entry_profile(entry, profile, where) if isinstance(entry, dict) else entry
             _check_keys(entry, where)
             shared = sorted(set(entry) & {"out", "data_dir", "download", "device"})
             if shared:
@@ -294,6 +313,24 @@ def merged_options(args: argparse.Namespace) -> dict[str, Any]:
         options["runs"] = entries
     validate_options(options)
     return options
+
+
+def experiment_of(config: dict[str, Any]) -> dict[str, Any]:
+    """A config's experiment: the file itself, or a reproduction file's ``[experiment]`` table
+    (so ``bench run --config`` runs a reproduction's experiments without judging its claims)."""
+    if "experiment" in config and isinstance(config["experiment"], dict):
+        return config["experiment"]
+    return config
+
+
+def _entry_profile(entry: dict[str, Any], profile: str | None, where: str) -> dict[str, Any]:
+    """A ``[[runs]]`` entry with its own ``[runs.profiles.NAME]`` table merged over it (a setting
+    that only one run changes in one profile, e.g. a smaller training set for RobustOpt on CPU)."""
+    entry = dict(entry)
+    profiles = entry.pop("profiles", {})
+    if not isinstance(profiles, dict) or not all(isinstance(table, dict) for table in profiles.values()):
+        raise BenchError(f"{where}: 'profiles' must hold tables, e.g. [runs.profiles.cpu]")
+    return _deep_merge(entry, profiles.get(profile, {})) if profile is not None else entry
 
 
 def _check_keys(config: dict[str, Any], where: str) -> None:
@@ -352,7 +389,9 @@ def specs_from(options: dict[str, Any]) -> list[RunSpec]:
     if options.get("runs"):
         # A parameter scoped to a defense/attack of another entry (e.g. a profile's pixeldp.draws
         # seen by the baseline entry) is not an error for this entry.
-        selected = [{"defense": set(entry.get("defense") or ["baseline"]), "attack": set(entry.get("attack") or [])}
+        selected = [{"defense": set(entry.get("defense") or ["baseline"]),
+                     "attack": set(with_audit(entry.get("attack") or [], entry.get("epsilons"))[0]
+                                   if entry.get("audit", True) is not False else entry.get("attack") or [])}
                     for entry in options["runs"]]
         everywhere = {key: set().union(*(names[key] for names in selected)) for key in ("defense", "attack")}
         specs = []
@@ -401,6 +440,38 @@ def _fields(params_class: type) -> set[str]:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    store, outcome, _ = run_request(args)
+    from bench.metrics import TABLE_THRESHOLDS
+    from bench.reports.render import render
+    from bench.reports.tables import build_tables
+
+    run_ids = outcome.run_ids
+    tables = build_tables(store)
+    shown = {name: table[table.run_id.isin(run_ids)] if not table.empty else table for name, table in tables.items()}
+    if not shown["certified"].empty:
+        certified = shown["certified"]
+        shown["certified"] = certified[(certified.attack == "clean") & certified.threshold.isin(TABLE_THRESHOLDS)]
+    print(render(shown, "md"))
+    if _report_failures(outcome):
+        return 1
+    log.LOGGER.info(f"{len(run_ids)} run(s) in {store.path}")
+    return 0
+
+
+def _report_failures(outcome: Any) -> bool:
+    if not outcome.failures:
+        return False
+    print(f"bench: {len(outcome.failures)} of {outcome.jobs} job(s) failed; their runs are marked failed, "
+          "the others are stored, and the same command retries the failed jobs:", file=sys.stderr)
+    for failure in outcome.failures:
+        print(f"  {failure}", file=sys.stderr)
+    return True
+
+
+def run_request(args: argparse.Namespace, check_data: Callable[[Any], None] | None = None) -> tuple[Any, Any, list[Any]]:
+    """What ``bench run`` does before printing: check the whole request, load the data, run the
+    grid. ``check_data`` sees each loaded dataset before any work starts. Returns the store, the
+    grid's outcome and the datasets."""
     most = 4 * (os.cpu_count() or 1)
     if args.jobs > most:
         raise BenchError(f"--jobs {args.jobs} is more worker processes than this machine can run: at most {most} "
@@ -447,29 +518,59 @@ def command_run(args: argparse.Namespace) -> int:
             dataset = datasets[(spec.dataset, spec.image_size)]
             check_subset_size(spec.test_size, len(dataset.y_test), "test_size", spec.dataset)
             check_subset_size(spec.train_size, len(dataset.y_train), "train_size", spec.dataset)
+        if check_data is not None:
+            for dataset in datasets.values():
+                check_data(dataset)
         store = Store(out)  # after the data: missing or broken files leave no results folder behind
         outcome = run_grid(specs, datasets, store, executor, device=options.get("device", "cpu"), force=args.force)
     finally:
         executor.close()  # the fork server, if any, leaves with this process
-    from bench.metrics import TABLE_THRESHOLDS
-    from bench.reports.render import render
-    from bench.reports.tables import build_tables
+    return store, outcome, list(datasets.values())
 
-    run_ids = outcome.run_ids
-    tables = build_tables(store)
-    shown = {name: table[table.run_id.isin(run_ids)] if not table.empty else table for name, table in tables.items()}
-    if not shown["certified"].empty:
-        certified = shown["certified"]
-        shown["certified"] = certified[(certified.attack == "clean") & certified.threshold.isin(TABLE_THRESHOLDS)]
-    print(render(shown, "md"))
-    if outcome.failures:
-        print(f"bench: {len(outcome.failures)} of {outcome.jobs} job(s) failed; their runs are marked failed, "
-              "the others are stored, and the same command retries the failed jobs:", file=sys.stderr)
-        for failure in outcome.failures:
-            print(f"  {failure}", file=sys.stderr)
-        return 1
-    log.LOGGER.info(f"{len(run_ids)} run(s) in {store.path}")
-    return 0
+
+def command_reproduce(args: argparse.Namespace) -> int:
+    from bench import reproduce
+
+    if args.list:
+        for name in reproduce.names():
+            print(f"{name}: {reproduce.load(name).title}")
+        return 0
+    if not args.name:
+        raise BenchError(f"bench reproduce needs a reproduction name: {', '.join(reproduce.names())} (or --list)")
+    reproduction = reproduce.load(args.name)
+    out = args.out or Path("results") / "-".join(["reproduce", args.name, args.profile] + ([args.dataset] if args.dataset else []))
+    check_writable_dir(out, "reproduce --out")
+    if args.docs is not None:
+        check_writable_dir(args.docs, "reproduce --docs")
+    argv = ["run", "--config", str(reproduction.path), "--profile", args.profile, "--jobs", str(args.jobs), "--out", str(out)]
+    for flag, value in (("--dataset", args.dataset), ("--data-dir", args.data_dir), ("--scheduler", args.scheduler),
+                        ("--threads", args.threads)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += ["--download"] if args.download else []
+    run_args = build_parser().parse_args(argv)
+    log.LOGGER.info(f"reproduction {args.name} ({reproduction.title}), profile {args.profile}: "
+                    f"{len(reproduction.claims)} claims to judge, results in {out}")
+    journal = reproduce.Journal(out) if out.is_dir() else None
+    store, outcome, datasets = run_request(
+        run_args, check_data=lambda dataset: reproduce.check_dataset_kind(reproduction, dataset))
+    journal = journal or reproduce.Journal(out)
+    overhead = None
+    if reproduction.uses_overhead:
+        log.LOGGER.info("training and prediction overhead (Q4): interleaved rounds of each defense's training steps "
+                        "and of PixelDP predictions (measured once per results folder)")
+        overhead = reproduce.overhead_table(out, datasets[0], **reproduction.overhead_settings(args.profile))
+    journal.save(failed_jobs=len(outcome.failures))
+    journal = reproduce.Journal(out)
+    shown_dir = "DIR" if args.data_dir is not None else None
+    command = " ".join(["bench reproduce", args.name, "--profile", args.profile, "--jobs", str(args.jobs)]
+                       + (["--dataset", args.dataset] if args.dataset else [])
+                       + (["--data-dir", shown_dir] if shown_dir else []))
+    verdicts, written = reproduce.write_outputs(reproduction, store, out, overhead, command, journal, args.docs,
+                                                outcome.run_ids)
+    print(reproduce.verdict_text(verdicts))
+    log.LOGGER.info(f"report: {written[0]}" + (f"; docs page: {written[-1]}" if args.docs else ""))
+    return 1 if _report_failures(outcome) else 0
 
 
 def command_eval(args: argparse.Namespace) -> int:
@@ -627,7 +728,8 @@ def command_perf(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "eval": command_eval, "list": command_list, "report": command_report, "perf": command_perf}
+COMMANDS = {"run": command_run, "eval": command_eval, "list": command_list, "report": command_report, "perf": command_perf,
+            "reproduce": command_reproduce}
 
 
 class Terminated(KeyboardInterrupt):

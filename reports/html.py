@@ -159,8 +159,10 @@ def build_html(
     title: str = "Robustness benchmark report",
     sources: Sequence[str] = (),
     where: Sequence[tuple[str, str]] = (),
+    preface: tuple[str, str] | None = None,
 ) -> str:
-    """The report as one HTML string; ``shown`` are the tables of ``bench.reports.display.display_tables``:
+    """The report as one HTML string (``preface``: a first section, title and HTML, e.g. a
+    reproduction's verdicts); ``shown`` are the tables of ``bench.reports.display.display_tables``:
     the rankings (titles starting with ``RANKING_PREFIX``) get their own section after the
     diagnostics, the other tables follow under *Tables*."""
     from bench.reports.display import RANKING_PREFIX, RANKING_RULE
@@ -174,17 +176,19 @@ def build_html(
     tables = _tables({name: frame for name, frame in shown.items() if name not in rankings}, runs) or "<p>No runs.</p>"
     figures = "".join(_image(plot) for plot in plots) or "<p>No data to plot.</p>"
     run_list = "".join(_run_section(run) for _, run in runs.iterrows())
+    first = (f'<h2 id="preface">{html.escape(preface[0])}</h2>\n{preface[1]}\n' if preface else "")
+    first_link = (f'<a href="#preface">{html.escape(preface[0].split(":")[0])}</a> · ' if preface else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)}</title><style>{STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<nav class="meta"><a href="#warnings">Diagnostics</a> · <a href="#ranking">Ranking</a> · <a href="#tables">Tables</a> · <a href="#plots">Plots</a> ·
+<nav class="meta">{first_link}<a href="#warnings">Diagnostics</a> · <a href="#ranking">Ranking</a> · <a href="#tables">Tables</a> · <a href="#plots">Plots</a> ·
 <a href="#runs">Runs</a></nav>
 <p class="meta">Generated {now} from {html.escape(', '.join(sources) or 'the results store')}; selection: {html.escape(selection)};
 {len(runs)} run(s). Every number is computed from the stored per-sample records. Proportions show their 95%
 Clopper-Pearson (exact binomial) interval in brackets; n is the number of samples behind each value.</p>
-<h2 id="warnings">Diagnostics: can these numbers be trusted?</h2>
+{first}<h2 id="warnings">Diagnostics: can these numbers be trusted?</h2>
 {warning_items}
 <h2 id="ranking">Ranking: who wins at each epsilon</h2>
 {ranking}
@@ -208,6 +212,7 @@ def write_report(
     where: Sequence[tuple[str, str]] = (),
     title: str = "Robustness benchmark report",
     dpi: int = 150,
+    preface: tuple[str, str] | None = None,
 ) -> list[Path]:
     """Write the whole report into ``out``: ``report.html`` (self-contained), ``tables.md``,
     ``tables.tex``, ``tables.json``, one tidy CSV per table (``clean.csv``,
@@ -237,5 +242,5 @@ def write_report(
         path.write_text(render_robustbench(tables, runs) + "\n", encoding="utf-8")
         written.append(path)
     report = out / "report.html"
-    report.write_text(build_html(shown, plots, runs, title, sources, where), encoding="utf-8")
+    report.write_text(build_html(shown, plots, runs, title, sources, where, preface), encoding="utf-8")
     return [report] + written + [p for plot in plots for p in (plot.png, plot.svg)]

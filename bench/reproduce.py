@@ -1,0 +1,289 @@
+"""Reproductions: a paper's experiments and its claims in one file (``bench/reproductions/NAME.toml``),
+re-run by ``bench reproduce NAME`` and judged from the stored records (``bench.reports.claims``).
+
+A reproduction file has three parts: ``[reproduction]`` (title, paper, the kind of dataset it
+runs on), ``[experiment]`` (the same keys as ``bench run --config``, with ``cpu`` and ``paper``
+profiles) and ``[[claims]]`` (the paper's statements as checks over the result tables).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bench.errors import BenchError
+from bench.spec import load_config
+
+REPRODUCTIONS = Path(__file__).parent / "reproductions"
+# Thresholds T of the verdicts and plots: fine enough to see where certified-accuracy curves cross.
+CLAIM_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.0, 1.5001, 0.01), 2))
+VERDICT_COLUMNS = ["id", "figure", "claim", "paper", "ours", "verdict"]
+
+
+@dataclass
+class Reproduction:
+    name: str
+    path: Path
+    title: str
+    paper: str
+    channels: int | None
+    classes: int | None
+    claims: list[Any]
+    uses_overhead: bool
+    about: dict[str, Any]
+
+    def overhead_settings(self, profile: str) -> dict[str, int]:
+        """``rounds`` and ``steps`` of the Q4 timings: ``overhead_PROFILE``, else ``overhead``."""
+        chosen = self.about.get(f"overhead_{profile}", self.about.get("overhead", {}))
+        return {key: int(chosen[key]) for key in ("rounds", "steps") if key in chosen}
+
+
+def names() -> list[str]:
+    """The reproductions that ship with the package."""
+    return sorted(path.stem for path in REPRODUCTIONS.glob("*.toml"))
+
+
+def load(name: str) -> Reproduction:
+    """The reproduction ``name``, its claims checked (a one-line error for anything malformed)."""
+    from bench.reports.claims import claims_from
+
+    if name not in names():
+        raise BenchError(f"no reproduction {name!r}; available: {', '.join(names())} (bench reproduce --list)")
+    path = REPRODUCTIONS / f"{name}.toml"
+    config = load_config(path)
+    for key in ("reproduction", "experiment", "claims"):
+        if key not in config:
+            raise BenchError(f"reproduction {path}: missing [{key}]")
+    about = config["reproduction"]
+    claims = claims_from(config["claims"], f"reproduction {name}, claim")
+    return Reproduction(name, path, about.get("title", name), about.get("paper", ""), about.get("channels"),
+                        about.get("classes"), claims,
+                        any(check.metric == "ratio" for claim in claims for check in claim.checks), about)
+
+
+def check_dataset_kind(reproduction: Reproduction, dataset: Any) -> None:
+    """``--dataset`` must be of the kind the reproduction is made for (channels, classes)."""
+    wanted = (reproduction.channels or dataset.shape[0], reproduction.classes or dataset.num_classes)
+    if (dataset.shape[0], dataset.num_classes) != wanted:
+        raise BenchError(f"reproduction {reproduction.name} runs on images with {wanted[0]} channel(s) and "
+                         f"{wanted[1]} classes; dataset {dataset.name} has {dataset.shape[0]} and {dataset.num_classes}")
+
+
+# -- provenance ------------------------------------------------------------------------------------
+def commit() -> str:
+    """The git commit of the code that ran (``+dirty`` when it had uncommitted changes), else unknown."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_class() -> str:
+    from bench.perf import machine
+
+    return machine().split(", load average")[0]
+
+
+class Journal:
+    """``reproduction.json`` in the output folder: every invocation's wall time, commit and
+    machine, written atomically, so a resumed reproduction reports the time of all its sessions."""
+
+    def __init__(self, out: Path):
+        self.path = out / "reproduction.json"
+        self.sessions: list[dict[str, Any]] = []
+        if self.path.is_file():
+            try:
+                loaded = json.loads(self.path.read_text(encoding="utf-8"))
+                self.sessions = [s for s in loaded.get("sessions", []) if isinstance(s, dict)]
+            except (OSError, ValueError):
+                self.sessions = []
+        self.start = time.time()
+
+    def save(self, **fields: Any) -> None:
+        session = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.start)),
+                   "wall_seconds": round(time.time() - self.start, 1), "commit": commit(),
+                   "machine": machine_class(), **fields}
+        temporary = self.path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps({"sessions": self.sessions + [session]}, indent=2), encoding="utf-8")
+        os.replace(temporary, self.path)
+
+    def total_seconds(self) -> float:
+        return sum(float(s.get("wall_seconds", 0)) for s in self.sessions) + (time.time() - self.start)
+
+
+# -- the overhead measurement ---------------------------------------------------------------------
+def overhead_table(out: Path, dataset: Any, **settings: int) -> pd.DataFrame:
+    """The Q4 timings (``bench.overhead``), measured once per output folder and kept in
+    ``overhead.csv`` (a resumed reproduction does not measure again)."""
+    from bench.overhead import OVERHEAD_COLUMNS, measure_overhead
+
+    path = out / "overhead.csv"
+    if path.is_file():
+        try:
+            table = pd.read_csv(path)
+            if list(table.columns) == OVERHEAD_COLUMNS:
+                return table
+        except (OSError, ValueError, pd.errors.ParserError):
+            pass
+    table = measure_overhead(dataset, **settings)
+    temporary = path.with_suffix(".csv.tmp")
+    table.to_csv(temporary, index=False)
+    os.replace(temporary, path)
+    return table
+
+
+# -- judging and writing ----------------------------------------------------------------------------
+def step_times(store: Any, run_ids: list[str]) -> pd.DataFrame:
+    """Process seconds per step kind over the reproduction's runs (training, clean evaluation,
+    each attack), from the store's ``work`` rows."""
+    parts = [store.work(run_id) for run_id in run_ids]
+    parts = [p for p in parts if not p.empty]
+    if not parts:
+        return pd.DataFrame(columns=["step", "seconds"])
+    work = pd.concat(parts)
+    work = work.assign(step=work.step.where(~work.step.isin(["train", "load"]), "training"))
+    table = work.groupby("step", sort=False).seconds.sum().reset_index().sort_values("seconds", ascending=False)
+    total = pd.DataFrame([{"step": "total", "seconds": float(table.seconds.sum())}])
+    return pd.concat([table, total], ignore_index=True)
+
+
+def verdict_markdown(verdicts: pd.DataFrame) -> str:
+    shown = verdicts.assign(ours=verdicts.ours.str.replace("\n", "<br>", regex=False),
+                            verdict=verdicts.verdict.str.upper())
+    return shown[["id", "figure", "claim", "paper", "ours", "verdict"]].to_markdown(index=False)
+
+
+def verdict_text(verdicts: pd.DataFrame) -> str:
+    """The verdict table for a terminal: one block per claim."""
+    blocks = []
+    for row in verdicts.itertuples():
+        ours = "\n".join(f"    ours:  {line}" for line in row.ours.split("\n"))
+        blocks.append(f"{row.verdict.upper():13s} {row.id} ({row.figure}): {row.claim}\n"
+                      f"    paper: {row.paper}\n{ours}")
+    counts = verdicts.verdict.value_counts()
+    summary = ", ".join(f"{counts.get(v, 0)} {v}" for v in ("holds", "contradicted", "inconclusive"))
+    return "\n\n".join(blocks) + f"\n\nclaims: {summary}"
+
+
+def verdict_html(verdicts: pd.DataFrame) -> str:
+    import html
+
+    colour = {"holds": "#2b6e2b", "contradicted": "#c00000", "inconclusive": "#b07000"}
+    rows = "".join(
+        f"<tr><td>{html.escape(r.id)}</td><td><a href=\"#plots\">{html.escape(r.figure)}</a></td>"
+        f"<td>{html.escape(r.claim)}</td><td>{html.escape(r.paper)}</td>"
+        f"<td>{'<br>'.join(html.escape(line) for line in r.ours.split(chr(10)))}</td>"
+        f"<td style=\"color:{colour[r.verdict]};font-weight:bold\">{r.verdict}</td></tr>"
+        for r in verdicts.itertuples())
+    return ("<p class=\"meta\">Each claim is judged from the stored records by 95% intervals: <b>holds</b> when the "
+            "intervals separate in the claimed direction at every point it names, <b>contradicted</b> when they "
+            "separate the other way, <b>inconclusive</b> when they overlap (bench.reports.claims).</p>"
+            "<div class=\"scroll\"><table id=\"verdicts\"><thead><tr><th>claim</th><th>figure</th><th>statement</th>"
+            "<th>paper</th><th>ours (95% interval)</th><th>verdict</th></tr></thead><tbody>"
+            f"{rows}</tbody></table></div>")
+
+
+def docs_page(reproduction: Reproduction, verdicts: pd.DataFrame, tables_md: str, times: pd.DataFrame,
+              command: str, journal: Journal, figures: list[str]) -> str:
+    """The generated docs page: verdicts, the exact command, commit, machine, time per step, tables, figures."""
+    sessions = journal.sessions
+    wall = sum(float(s.get("wall_seconds", 0)) for s in sessions)
+    session_lines = "\n".join(f"| {s.get('started')} | {s.get('commit')} | {float(s.get('wall_seconds', 0)) / 60:.1f} |"
+                              for s in sessions)
+    step_lines = "\n".join(f"| {r.step} | {r.seconds / 60:.1f} |" for r in times.itertuples())
+    images = "\n\n".join(f"![{Path(f).stem}]({f})" for f in figures)
+    return f"""# {reproduction.title}
+
+Generated by `bench reproduce` from the stored records; do not edit by hand. Rerun to regenerate:
+
+```
+{command}
+```
+
+Paper: {reproduction.paper}.
+Commit: {sessions[-1].get('commit') if sessions else commit()}. Machine: {sessions[-1].get('machine') if sessions else machine_class()}.
+
+## Verdicts
+
+{verdict_markdown(verdicts)}
+
+## Wall time
+
+{wall / 60:.1f} minutes of wall time over {len(sessions)} session(s):
+
+| started (UTC) | commit | minutes |
+|---|---|---|
+{session_lines}
+
+Process time per step (summed over the worker processes; with `--jobs 2` the wall time is about half):
+
+| step | minutes |
+|---|---|
+{step_lines}
+
+## Tables
+
+{tables_md}
+
+## Figures
+
+{images}
+"""
+
+
+def write_outputs(reproduction: Reproduction, store: Any, out: Path, overhead: pd.DataFrame | None,
+                  command: str, journal: Journal, docs: Path | None, run_ids: list[str]) -> tuple[pd.DataFrame, list[Path]]:
+    """Judge the claims on the reproduction's runs and write the report (verdicts first) and,
+    with ``docs``, the generated docs page; returns the verdicts and the written paths."""
+    from bench.reports.claims import judge
+    from bench.reports.html import write_report
+    from bench.reports.load import load_results
+    from bench.reports.render import render
+    from bench.reports.tables import tables_from
+
+    results = load_results(store)
+    results.runs = results.runs[results.runs.run_id.isin(run_ids)]
+    results.records = results.records[results.records.run_id.isin(run_ids)]
+    tables = tables_from(results, CLAIM_THRESHOLDS)
+    judged = dict(tables)
+    if overhead is not None:
+        judged["overhead"] = overhead
+    verdicts = judge(reproduction.claims, judged, results.runs)
+    report_dir = out / "report"
+    written = write_report(tables, results.runs, report_dir, title=reproduction.title, sources=[str(store.directory)],
+                           preface=("Verdicts: the paper's claims", verdict_html(verdicts)))
+    if overhead is not None:
+        path = report_dir / "overhead.csv"
+        overhead.to_csv(path, index=False)
+        written.append(path)
+    times = step_times(store, run_ids)
+    if docs is not None:
+        docs.mkdir(parents=True, exist_ok=True)
+        figure_dir = docs / f"{reproduction.name}-figures"
+        if figure_dir.exists():
+            shutil.rmtree(figure_dir)
+        figure_dir.mkdir()
+        figures = []
+        for png in sorted((report_dir / "figures").glob("*.png")):
+            shutil.copy2(png, figure_dir / png.name)
+            figures.append(f"{figure_dir.name}/{png.name}")
+        tables_md = render(tables, "md")
+        if overhead is not None:
+            tables_md += "\n## Overhead (Q4): ratios on this machine\n\n" + overhead.to_markdown(index=False) + "\n"
+        page = docs / f"{reproduction.name}.md"
+        page.write_text(docs_page(reproduction, verdicts, tables_md, times, command, journal, figures), encoding="utf-8")
+        written.append(page)
+    return verdicts, written
