@@ -23,7 +23,6 @@ from bench.attacks.autoattack import run_square
 from bench.attacks.base import DEFAULT_EPSILONS, Attack, Predict
 from bench.attacks.pgd import PGD, PGDParams, L2PGD, LinfPGD
 from bench.errors import BenchError
-from bench.progress import Progress
 from bench.registry import ATTACKS
 
 @dataclass
@@ -66,23 +65,9 @@ class Square(Attack):
     def perturb_chunk(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float], predict: Predict
     ) -> list[torch.Tensor]:
-        # Smallest epsilon first: an adversarial found within a smaller budget lies within every
-        # larger one, so a larger budget attacks only the points the smaller ones left robust.
-        found: dict[float, torch.Tensor] = {}
-        best = x.clone()
-        budgets = sorted(set(epsilons))
-        with Progress(len(budgets), f"{self.name} epsilons", unit="epsilon") as bar:
-            for eps in budgets:
-                with torch.no_grad():
-                    left = (model(best).argmax(1) == y).nonzero().flatten()
-                if len(left):
-                    bar.doing(f"eps={eps:g} on {len(left)} points, {self.params.queries} queries")
-                    best = best.clone()
-                    best[left] = run_square(model, x[left], y[left], eps, self.norm, self.params.queries,
-                                            self.params.seed, self.params.p_init).to(x)
-                found[eps] = best
-                bar.update(eps=eps)
-        return [found[eps] for eps in epsilons]
+        # The epsilon sweep (Attack.run) calls this with one budget, on the points smaller budgets left robust.
+        return [run_square(model, x, y, eps, self.norm, self.params.queries, self.params.seed, self.params.p_init)
+                for eps in epsilons]
 
 
 @ATTACKS.register("square-linf")

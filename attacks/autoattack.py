@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bench.attacks.adapters import foolbox_model
-from bench.attacks.base import Attack, DEFAULT_EPSILONS, Predict
+from bench.attacks.base import Attack, DEFAULT_EPSILONS, Predict, project
 from bench.attacks.eot import is_randomized
 from bench.errors import BenchError
 from bench.progress import Progress
@@ -177,43 +177,53 @@ class AutoAttack(Attack):
     def perturb_chunk(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float], predict: Predict
     ) -> list[torch.Tensor]:
+        return [self._cascade(model, x, y, eps, predict)[0] for eps in epsilons]
+
+    def judged_chunk(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float, predict: Predict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x_adv, robust = self._cascade(model, x, y, epsilon, predict)
+        return x_adv, ~robust
+
+    def _cascade(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, predict: Predict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stage on the points no earlier stage broke; the adversarials (projected into the
+        budget before they are judged) and which points the rule still gets right. Points come from
+        the epsilon sweep, which attacks only those the rule gets right unattacked."""
         randomized = is_randomized(model)
         components = self.params.components(randomized)
         with torch.no_grad():
             classes = int(model(x[:1]).shape[1])
-        clean_robust = predict(x).to(y.device) == y
-        results = []
-        # One chunk runs every stage at every epsilon: each stage is a unit of progress.
-        with Progress(len(epsilons) * len(components), f"{self.name} stages", unit="stage") as stages:
-            for eps in epsilons:
-                x_adv, robust = x.clone(), clean_robust.clone()
-                for number, name in enumerate(components):
-                    index = robust.nonzero().flatten()
-                    if len(index) == 0:  # every point is broken: the later stages have nothing to do
-                        stages.update(len(components) - number)
+        x_adv, robust = x.clone(), torch.ones(len(x), dtype=torch.bool, device=y.device)
+        with Progress(len(components), f"{self.name} stages", unit="stage") as stages:
+            for number, name in enumerate(components):
+                index = robust.nonzero().flatten()
+                if len(index) == 0:  # every point is broken: the later stages have nothing to do
+                    stages.update(len(components) - number)
+                    break
+                stages.doing(f"{name} eps={eps:g} on {len(index)} points")
+                with warnings.catch_warnings():
+                    # The reference warns of points with zero gradient; the harness's own probe
+                    # (bench.diagnostics) measures the same and reports it with the run.
+                    warnings.filterwarnings("ignore", message="there are .* points with zero gradient")
+                    candidates = COMPONENTS[name](model, x[index], y[index], eps, self.norm, self.params, classes)
+                for candidate in candidates:
+                    still = robust[index]
+                    if not still.any():  # an earlier candidate broke every point
                         break
-                    stages.doing(f"{name} eps={eps:g} on {len(index)} points")
-                    with warnings.catch_warnings():
-                        # The reference warns of points with zero gradient; the harness's own probe
-                        # (bench.diagnostics) measures the same and reports it with the run.
-                        warnings.filterwarnings("ignore", message="there are .* points with zero gradient")
-                        candidates = COMPONENTS[name](model, x[index], y[index], eps, self.norm, self.params, classes)
-                    for candidate in candidates:
-                        still = robust[index]
-                        if not still.any():  # an earlier candidate broke every point
-                            break
-                        candidate = candidate.detach().to(x)[still]
-                        broken = predict(candidate).to(y.device) != y[index[still]]
-                        # A randomized rule gives a boundary point a fair chance of a wrong label at
-                        # every call: keeping the latest candidate, not the clean input, where no
-                        # call has confirmed one yet is what the accuracy *expected* over the
-                        # defense's noise asks for (the reference keeps the clean input).
-                        keep = broken | randomized
-                        x_adv[index[still][keep]] = candidate[keep]
-                        robust[index[still][broken]] = False
-                    stages.update(finished=name, eps=eps, robust=int(robust.sum()))
-                results.append(x_adv)
-        return results
+                    points = index[still]
+                    candidate = project(x[points], candidate.detach().to(x)[still], eps, self.norm)
+                    broken = predict(candidate).to(y.device) != y[points]
+                    # A randomized rule gives a boundary point a fair chance of a wrong label at
+                    # every call: keeping the latest candidate, not the clean input, where no
+                    # call has confirmed one yet is what the accuracy *expected* over the
+                    # defense's noise asks for (the reference keeps the clean input).
+                    keep = broken | randomized
+                    x_adv[points[keep]] = candidate[keep]
+                    robust[points[broken]] = False
+                stages.update(finished=name, eps=eps, robust=int(robust.sum()))
+        return x_adv, robust
 
 
 @ATTACKS.register("autoattack-linf")

@@ -260,11 +260,19 @@ class Attack:
                 broken[carried] = predict(current[carried]).to(y.device) != y[carried]
             todo = (~broken).nonzero().flatten()
             if len(todo):
-                x_adv = self.perturb_chunk(model, x[todo], y[todo], [eps], predict)[0]
-                current[todo] = project(x[todo], x_adv.detach().to(x), eps, self.norm)
-                broken[todo] = predict(current[todo]).to(y.device) != y[todo]
+                current[todo], broken[todo] = self.judged_chunk(model, x[todo], y[todo], eps, predict)
             out[i] = current.clone()
         return out
+
+    def judged_chunk(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float, predict: Predict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk at one budget: the adversarials (inside the budget) and whether the defense's
+        rule gets each wrong. This default judges ``perturb_chunk``'s result with ``predict``;
+        attacks that judge as they go (AutoAttack's cascade, PGD's restarts) return their own
+        verdicts instead of asking the rule twice."""
+        x_adv = project(x, self.perturb_chunk(model, x, y, [epsilon], predict)[0].detach().to(x), epsilon, self.norm)
+        return x_adv, predict(x_adv).to(y.device) != y
 
     # -- what subclasses implement ------------------------------------------------------------
     def perturb_chunk(

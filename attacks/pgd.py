@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bench.attacks.adapters import art_classifier, foolbox_model, num_classes, to_numpy
-from bench.attacks.base import Attack, DEFAULT_EPSILONS, Predict
+from bench.attacks.base import Attack, DEFAULT_EPSILONS, Predict, project
 from bench.errors import BenchError
 from bench.registry import ATTACKS
 
@@ -68,28 +68,38 @@ class PGD(Attack):
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float], predict: Predict
     ) -> list[torch.Tensor]:
         walk = self._art_walk(model, x) if self.backend == "art" else self._foolbox_walk(model, x)
-        return [self._restarted(walk, x, y, eps, predict) for eps in epsilons]
+        return [self._restarted(walk, x, y, eps, predict)[0] for eps in epsilons]
 
-    def _restarted(self, walk: Walk, x: torch.Tensor, y: torch.Tensor, eps: float, predict: Predict) -> torch.Tensor:
+    def judged_chunk(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float, predict: Predict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.params.restarts == 1:
+            return super().judged_chunk(model, x, y, epsilon, predict)
+        walk = self._art_walk(model, x) if self.backend == "art" else self._foolbox_walk(model, x)
+        best, robust = self._restarted(walk, x, y, epsilon, predict)
+        return best, ~robust
+
+    def _restarted(self, walk: Walk, x: torch.Tensor, y: torch.Tensor, eps: float,
+                   predict: Predict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``restarts`` walks at one epsilon, each after the first only on the samples that no
         earlier walk broke (as AutoAttack's APGD restarts): a sample is broken if any walk breaks
         it, by ``predict`` (the defense's own rule in a run: on a randomized defense a walk that
         only looked successful to the 20-draw EOT mean gets its restarts), and keeps the first
         successful walk's adversarial; the others keep the first walk's. Points that break
         easily cost one walk, not ``restarts``."""
-        best = walk(x, y, eps).to(x)
+        best = project(x, walk(x, y, eps).to(x), eps, self.norm)
         if self.params.restarts == 1:
-            return best  # no verdict needed: the runner judges with the defense's rule
+            return best, None  # no verdict needed: the sweep judges with the defense's rule
         robust = predict(best).to(y.device) == y
         for _ in range(self.params.restarts - 1):
             index = robust.nonzero().flatten()
             if len(index) == 0:
                 break
-            x_adv = walk(x[index], y[index], eps).to(x)
+            x_adv = project(x[index], walk(x[index], y[index], eps).to(x), eps, self.norm)
             broken = predict(x_adv).to(y.device) != y[index]
             best[index[broken]] = x_adv[broken]
             robust[index[broken]] = False
-        return best
+        return best, robust
 
     def _foolbox_walk(self, model: nn.Module, x: torch.Tensor) -> Walk:
         import foolbox
