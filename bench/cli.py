@@ -468,10 +468,11 @@ def _report_failures(outcome: Any) -> bool:
     return True
 
 
-def run_request(args: argparse.Namespace, check_data: Callable[[Any], None] | None = None) -> tuple[Any, Any, list[Any]]:
+def run_request(args: argparse.Namespace, before_work: Callable[[list[Any], dict[Any, Any]], None] | None = None
+                ) -> tuple[Any, Any, list[Any]]:
     """What ``bench run`` does before printing: check the whole request, load the data, run the
-    grid. ``check_data`` sees each loaded dataset before any work starts. Returns the store, the
-    grid's outcome and the datasets."""
+    grid. ``before_work`` sees the specs and the loaded datasets before any work starts (to check
+    or announce them). Returns the store, the grid's outcome and the datasets."""
     most = 4 * (os.cpu_count() or 1)
     if args.jobs > most:
         raise BenchError(f"--jobs {args.jobs} is more worker processes than this machine can run: at most {most} "
@@ -518,9 +519,8 @@ def run_request(args: argparse.Namespace, check_data: Callable[[Any], None] | No
             dataset = datasets[(spec.dataset, spec.image_size)]
             check_subset_size(spec.test_size, len(dataset.y_test), "test_size", spec.dataset)
             check_subset_size(spec.train_size, len(dataset.y_train), "train_size", spec.dataset)
-        if check_data is not None:
-            for dataset in datasets.values():
-                check_data(dataset)
+        if before_work is not None:
+            before_work(specs, datasets)
         store = Store(out)  # after the data: missing or broken files leave no results folder behind
         outcome = run_grid(specs, datasets, store, executor, device=options.get("device", "cpu"), force=args.force)
     finally:
@@ -552,8 +552,13 @@ def command_reproduce(args: argparse.Namespace) -> int:
     log.LOGGER.info(f"reproduction {args.name} ({reproduction.title}), profile {args.profile}: "
                     f"{len(reproduction.claims)} claims to judge, results in {out}")
     journal = reproduce.Journal(out) if out.is_dir() else None
-    store, outcome, datasets = run_request(
-        run_args, check_data=lambda dataset: reproduce.check_dataset_kind(reproduction, dataset))
+    def announce(specs: list[Any], loaded: dict[Any, Any]) -> None:
+        for dataset in loaded.values():
+            reproduce.check_dataset_kind(reproduction, dataset)
+        log.LOGGER.info(f"what will run ({len(specs)} runs) and an upper bound of its cost, from unit costs "
+                        f"measured here:\n{reproduce.plan_text(reproduce.cost_bound(specs, loaded), args.jobs)}")
+
+    store, outcome, datasets = run_request(run_args, before_work=announce)
     journal = journal or reproduce.Journal(out)
     overhead = None
     if reproduction.uses_overhead:

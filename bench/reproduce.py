@@ -287,3 +287,94 @@ def write_outputs(reproduction: Reproduction, store: Any, out: Path, overhead: p
         page.write_text(docs_page(reproduction, verdicts, tables_md, times, command, journal, figures), encoding="utf-8")
         written.append(page)
     return verdicts, written
+
+
+# -- what will run, and an upper bound of its cost ---------------------------------------------------
+def gradient_passes(attack: Any, epsilons: int, draws: int) -> float:
+    """Forward-and-backward passes per attacked image for one attack over ``epsilons`` budgets,
+    when no point breaks early (the epsilon sweep and the cascades only ever do less)."""
+    p = attack.params
+    draws = min(draws, attack.max_eot_draws or draws)
+    if attack.name.startswith("autoattack"):
+        per_stage = {"apgd-ce": p.steps, "apgd-dlr": p.steps, "pgd-margin": p.steps, "apgd-t": p.steps * p.target_classes,
+                     "fab-t": 2 * p.steps * p.target_classes, "square": p.square_queries / 3}
+        randomized = draws > 1
+        return epsilons * draws * sum(per_stage[name] for name in p.components(randomized))
+    if attack.minimization:  # one run gives the whole curve
+        return draws * getattr(p, "binary_search_steps", 1) * getattr(p, "steps", 100)
+    if hasattr(p, "queries"):  # score-based: forward passes only, about a third of a gradient pass
+        return epsilons * draws * p.queries / 3
+    return epsilons * draws * getattr(p, "steps", 20) * getattr(p, "restarts", 1)
+
+
+def unit_seconds(model: Any, shape: tuple[int, ...], batch: int = 64, repeats: int = 3) -> tuple[float, float]:
+    """Seconds per image of a forward pass and of a forward-and-backward pass (input gradient) of
+    ``model`` on this machine, in batches of ``batch`` (the fastest of ``repeats``)."""
+    import torch
+
+    x = torch.rand(batch, *shape)
+    model.eval()
+    forward, gradient = [], []
+    model(x.clone().requires_grad_(True)).sum().backward()  # the first call allocates: not timed
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(x)
+        forward.append(time.perf_counter() - start)
+        inputs = x.clone().requires_grad_(True)
+        start = time.perf_counter()
+        model(inputs).sum().backward()
+        gradient.append(time.perf_counter() - start)
+    return min(forward) / batch, min(gradient) / batch
+
+
+def cost_bound(specs: list[Any], datasets: dict[Any, Any]) -> pd.DataFrame:
+    """Per run of the grid: images, attacks and an upper bound of its CPU-seconds (training, and
+    evaluation as if no point broke early), from unit costs measured on this machine's model."""
+    from bench.api import describe
+    from bench.registry import DEFENSES
+    from bench.runner import build_defense, spec_steps
+    from bench.training import training_defaults
+
+    rows, units = [], {}
+    for spec in specs:
+        dataset = datasets[(spec.dataset, spec.image_size)]
+        defense, model_name = build_defense(spec, dataset, "cpu")
+        if model_name not in units:
+            units[model_name] = unit_seconds(defense.model, tuple(dataset.shape))
+        forward, gradient = units[model_name]
+        defaults = training_defaults(spec.defense, spec.dataset)
+        epochs = spec.epochs or defaults["epochs"]
+        n_train = min(spec.train_size or len(dataset.y_train), len(dataset.y_train))
+        n_test = min(spec.test_size or defaults["test_size"] or len(dataset.y_test), len(dataset.y_test))
+        cost = DEFENSES.get(spec.defense).training_cost(defense.params)
+        randomized = defense.randomized
+        draws = getattr(defense.params, "draws", 1) if randomized else 1
+        steps = spec_steps(spec)
+        passes = sum(gradient_passes(step.attack, len(step.epsilons), spec.eot_draws if randomized else 1)
+                     for step in steps)
+        verdicts = sum(len(step.epsilons) for step in steps) * 3 * draws  # rule calls: records and sweep verdicts
+        rows.append({
+            "run": describe(defense, spec.defense, model_name)[0],
+            "train images x epochs": n_train * epochs,
+            "test images": n_test,
+            "attacks": len(steps),
+            "training s": 2 * gradient * n_train * epochs * cost,  # weight gradients and the update: ~2x an input gradient
+            "evaluation s (bound)": n_test * (passes * gradient + (draws + verdicts) * forward),
+        })
+    return pd.DataFrame(rows)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def plan_text(table: pd.DataFrame, jobs: int) -> str:
+    training, evaluation = table["training s"].sum(), table["evaluation s (bound)"].sum()
+    shown = table.assign(**{c: table[c].map(_duration) for c in ("training s", "evaluation s (bound)")})
+    return (shown.to_string(index=False) + "\n"
+            f"at most {_duration(training + evaluation)} of CPU ({_duration(training)} training, "
+            f"{_duration(evaluation)} evaluation if no point broke before the largest budget), about "
+            f"{_duration((training + evaluation) / max(1, jobs))} of wall time on {jobs} worker(s) at most; "
+            "the epsilon sweep attacks only the points smaller budgets left robust, so robust models cost "
+            "near this bound and weak ones far less; stored steps are not redone")

@@ -153,7 +153,7 @@ def test_pixeldp_autoencoder_in_front_of_a_frozen_outside_classifier():
     defense = bench.wrap("pixeldp", classifier, autoencoder=True, draws=10)
     with pytest.raises(BenchError, match="must be trained"):
         bench.evaluate(defense, "digits", test_size=5)
-    bench.train(defense, "digits", epochs=2, batch_size=16, train_size=100)
+    bench.train(defense, "digits", epochs=4, batch_size=16, train_size=200)
     assert defense.autoencoder is not None and defense.sensitivity > 0
     assert all(torch.equal(frozen[k], v) for k, v in classifier.state_dict().items())
     results = bench.evaluate(defense, "digits", test_size=10)

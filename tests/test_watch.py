@@ -206,4 +206,4 @@ def test_autoattack_names_its_running_stage_inside_one_chunk(monkeypatch):
     adversarials = attack.run(model, x, y, [0.01, 0.02])
     assert len(adversarials) == 2
     lines = [line for _, line in stream.arrivals]
-    assert any("> autoattack-linf stages: 0/2 stage (now square eps=0.01 on 6 points)" in line for line in lines), lines
+    assert any("> autoattack-linf stages: 0/1 stage (now square eps=0.01 on 6 points)" in line for line in lines), lines
