@@ -40,7 +40,7 @@ from bench.diagnostics import Assessment, Diagnostic, assess, probe_clean, rando
 from bench.errors import BenchError
 from bench.metrics import THRESHOLD_GRID
 from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
-from bench.spec import RunSpec, check_epsilon_keys, epsilons_for, scoped, unclaimed, with_audit
+from bench.spec import Epsilons, RunSpec, check_epsilon_keys, epsilons_for, scoped, unclaimed, with_audit
 from bench.store import MODEL_STEPS, RUN_FIELDS, Run, Store
 from bench.training import TrainConfig, check_learned, training_defaults
 from bench.threads import using_threads
@@ -50,7 +50,6 @@ from bench.validation import (
 )
 
 Log = Callable[[str], None]
-Epsilons = Sequence[float] | Mapping[str, Sequence[float]] | None
 Data = str | Dataset | tuple[Any, Any]
 
 
@@ -359,7 +358,7 @@ def train_data(data: Data, *, train_size: int | None, seed: int, data_dir: Path 
 
 # -- the model fits the data -------------------------------------------------------------------------
 @torch.no_grad()
-def check_model(model: nn.Module, data: EvalData, what: str = "model", device: str = "cpu") -> None:
+def check_logits(model: nn.Module, data: EvalData, what: str = "model", device: str = "cpu") -> None:
     """One forward pass before any work: the model takes the data's images, returns one row of
     finite logits per image with one column per class, also at both ends of the [0,1] range."""
     probe = data.x[:4].to(device)
@@ -419,7 +418,7 @@ class Step:
 
 
 def attack_steps(
-    attacks: Sequence[str | Attack], epsilons: Epsilons = None, attack_params: Mapping[str, Any] | None = None,
+    attacks: Sequence[str | Attack], epsilons: Epsilons | None = None, attack_params: Mapping[str, Any] | None = None,
     backend: str = "foolbox",
 ) -> list[Step]:
     """Attack names (or ready ``Attack`` objects) with their epsilons as evaluation steps.
@@ -452,7 +451,7 @@ def attack_steps(
     return steps
 
 
-def _epsilons_for(name: str, attack: Attack, epsilons: Epsilons) -> list[float]:
+def _epsilons_for(name: str, attack: Attack, epsilons: Epsilons | None) -> list[float]:
     chosen = epsilons_for(epsilons, name, attack.norm, attack.default_epsilons)
     if not chosen:
         raise BenchError(f"attack {name}: no epsilons given and it has no defaults; pass epsilons=[...]")
@@ -884,7 +883,7 @@ def evaluate(
     model_or_defense: nn.Module | Defense,
     data: Data,
     attacks: Sequence[str | Attack] = (),
-    epsilons: Epsilons = None,
+    epsilons: Epsilons | None = None,
     *,
     store: Store | Path | str | None = None,
     seed: int = 0,
@@ -944,7 +943,7 @@ def evaluate(
     for step in steps:
         check_epsilon_bounds(step.name, step.attack.norm, step.epsilons, input_dim, test.name)
     name = defense_name(defense)
-    check_model(defense.model, test, f"model ({type(defense.model).__name__})", device)
+    check_logits(defense.model, test, f"model ({type(defense.model).__name__})", device)
     for step in steps:
         if step.attack.target == "bpda" and defense.bpda_model() is None:
             raise BenchError(f"attack {step.name} runs through the defense's differentiable approximation, and defense "

@@ -16,13 +16,10 @@ import os
 import threading
 import time
 import warnings
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from bench.errors import BenchError
 from bench.log import LOGGER
-
-if TYPE_CHECKING:
-    from bench.jobs import JobResult
 
 
 # What every job imports (torch._dynamo comes with the first optimizer, over a second; foolbox
@@ -71,11 +68,9 @@ class Serial:
     name = "serial"
     threads: int | None = None
 
-    def run(self, jobs: list) -> Iterator[JobResult]:
-        from bench.jobs import run_job
-
+    def run(self, jobs: list, work: Callable[[Any], Any]) -> Iterator[Any]:
         for job in jobs:
-            yield run_job(job)
+            yield work(job)
 
     def close(self) -> None:
         pass
@@ -149,10 +144,8 @@ class LocalProcesses:
 
             self._starting = self._call(joblib.delayed(start_worker)(os.getpid()) for _ in range(self.workers))
 
-    def run(self, jobs: list) -> Iterator[JobResult]:
+    def run(self, jobs: list, work: Callable[[Any], Any]) -> Iterator[Any]:
         import joblib
-
-        from bench.jobs import run_job
 
         if self._starting is not None:
             starting, self._starting = self._starting, None
@@ -160,7 +153,7 @@ class LocalProcesses:
             LOGGER.debug(f"workers started: process ids {self.started}")
         for job in jobs:
             job.driver_pid = os.getpid()
-        yield from self._call(joblib.delayed(run_job)(job) for job in jobs)
+        yield from self._call(joblib.delayed(work)(job) for job in jobs)
 
     def close(self) -> None:
         """Stop the workers: all results are in (or the grid was interrupted), and idle workers
@@ -197,39 +190,12 @@ class DaskCluster:
         self.threads = threads
         self.name = f"Dask cluster at {address}"
 
-    def run(self, jobs: list) -> Iterator[JobResult]:
+    def run(self, jobs: list, work: Callable[[Any], Any]) -> Iterator[Any]:
         import joblib
-
-        from bench.jobs import run_job
 
         with joblib.parallel_config(backend="dask", wait_for_workers_timeout=60):
             parallel = joblib.Parallel(n_jobs=-1, return_as="generator_unordered", pre_dispatch="all")
-            yield from parallel(joblib.delayed(run_job)(job) for job in jobs)
+            yield from parallel(joblib.delayed(work)(job) for job in jobs)
 
     def close(self) -> None:
         self.client.close()
-
-
-def robust(executor, jobs: list) -> Iterator[JobResult]:
-    """``executor.run(jobs)``; when the pool itself breaks (a worker killed), the jobs without a
-    result run once more on a fresh pool, and then come back as failed."""
-    pending = {id(job): job for job in jobs}
-    for attempt in range(2):
-        try:
-            for result in executor.run(list(pending.values())):
-                for key, job in list(pending.items()):
-                    if job.key == result.key:
-                        del pending[key]
-                        break
-                yield result
-            return
-        except (KeyboardInterrupt, BenchError):
-            raise
-        except Exception as error:  # noqa: BLE001 - the pool broke, not a job
-            reason = f"{type(error).__name__}: {error}".splitlines()[0]
-            LOGGER.warning(f"a worker died ({reason}); {len(pending)} job(s) without a result"
-                           + (" run again" if attempt == 0 else " fail"))
-    from bench.jobs import JobResult
-
-    for job in pending.values():
-        yield JobResult(job.key, 0.0, error=f"its worker died ({reason})")

@@ -30,7 +30,7 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from bench import api
 from bench.api import Step, StepResult, assess_run
 from bench.datasets.base import Dataset, balanced_subset
 from bench.errors import BenchError
-from bench.executors import Serial, robust, start_worker
+from bench.executors import Serial, start_worker
 from bench.log import LOGGER
 from bench.registry import ATTACKS
 from bench.runner import build_defense, resolved, spec_steps
@@ -460,6 +460,30 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
     finally:
         bar.close()
     return GridOutcome(run_ids, skipped, total, failures)
+
+
+def robust(executor, jobs: list) -> Iterator[JobResult]:
+    """``executor.run(jobs, run_job)``; when the pool itself breaks (a worker killed), the jobs
+    without a result run once more on a fresh pool, and then come back as failed."""
+    pending = {id(job): job for job in jobs}
+    reason = ""
+    for attempt in range(2):
+        try:
+            for result in executor.run(list(pending.values()), run_job):
+                for key, job in list(pending.items()):
+                    if job.key == result.key:
+                        del pending[key]
+                        break
+                yield result
+            return
+        except (KeyboardInterrupt, BenchError):
+            raise
+        except Exception as error:  # noqa: BLE001 - the pool broke, not a job
+            reason = f"{type(error).__name__}: {error}".splitlines()[0]
+            LOGGER.warning(f"a worker died ({reason}); {len(pending)} job(s) without a result"
+                           + (" run again" if attempt == 0 else " fail"))
+    for job in pending.values():
+        yield JobResult(job.key, 0.0, error=f"its worker died ({reason})")
 
 
 def _longest_first(job: TrainJob | EvalJob) -> tuple:

@@ -14,7 +14,7 @@ from bench.types import NORMS
 
 # Attack sizes: one list for every attack, or lists keyed by norm (``linf``, ``l2``, ``l1``) or by
 # attack name (``pgd-l2``); an attack that no key names uses its own default epsilons.
-Epsilons = Union[list[float], dict[str, list[float]]]
+Epsilons = Union[Sequence[float], Mapping[str, Sequence[float]]]
 
 # Batch sizes tuned for CPUs (measured: batches above about 128 rows are slower per image on 2
 # cores); a GPU user raises them with --eval-batch-size / --attack-batch-size.

@@ -281,7 +281,7 @@ def validate_request(
     for spec in specs:
         DATASETS.get(spec.dataset)
         if spec.model is not None:
-            check_model(spec.model)
+            check_model_name(spec.model)
         defense = DEFENSES.get(spec.defense)
         fields = {f.name for f in dataclasses.fields(defense.Params)}
         build_params(defense.Params, scoped(spec.params, spec.defense, fields), f"defense {spec.defense}")
@@ -307,7 +307,7 @@ def validate_request(
     return warnings
 
 
-def check_model(name: str) -> None:
+def check_model_name(name: str) -> None:
     """A model zoo name (the names ``bench.models.build_model`` accepts), without building it."""
     from bench.models import MODEL_NAMES, SMALL_CNNS
 

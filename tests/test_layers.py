@@ -98,3 +98,44 @@ def test_imports_run_downward_only(floor_name):
     level = {"ground": 0, "middle": 1}[floor_name]
     problems = [p for p in upward_imports() if floor(p.split()[0]) == level]
     assert problems == []
+
+
+def import_cycles() -> list[list[str]]:
+    """Groups of modules that import each other, directly or around a circle (Tarjan's strongly
+    connected components of the import graph, imports inside functions included)."""
+    known = modules()
+    graph = {name: {t if t in known else t.rpartition(".")[0] for t in imported(path, name)} & set(known) - {name}
+             for name, path in known.items()}
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in graph[node]:
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def test_no_two_modules_import_each_other():
+    # a package's __init__ re-exporting its modules is not a circle of logic: leave packages out
+    cycles = [[m for m in group if m not in PACKAGES.values() and m != "bench"] for group in import_cycles()]
+    assert [group for group in cycles if len(group) > 1] == []
