@@ -304,6 +304,8 @@ def merged_options(args: argparse.Namespace) -> dict[str, Any]:
         entries = []
         for number, entry in enumerate(runs, 1):
             where = f"config {args.config}, [[runs]] entry {number}"
+            if isinstance(entry, dict) and not _in_profile(entry, profile, where):
+                continue
             entry = _entry_profile(entry, profile, where) if isinstance(entry, dict) else entry
             _check_keys(entry, where)
             shared = sorted(set(entry) & {"out", "data_dir", "download", "device"})
@@ -323,10 +325,21 @@ def experiment_of(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _in_profile(entry: dict[str, Any], profile: str | None, where: str) -> bool:
+    """Whether a ``[[runs]]`` entry runs under ``profile``: ``only_in = ["paper"]`` keeps a run
+    that a profile cannot afford out of the others."""
+    only = entry.get("only_in")
+    if only is None:
+        return True
+    if not isinstance(only, list) or not all(isinstance(name, str) for name in only):
+        raise BenchError(f"{where}: 'only_in' must be a list of profile names, e.g. only_in = [\"paper\"]")
+    return profile in only
+
+
 def _entry_profile(entry: dict[str, Any], profile: str | None, where: str) -> dict[str, Any]:
     """A ``[[runs]]`` entry with its own ``[runs.profiles.NAME]`` table merged over it (a setting
     that only one run changes in one profile, e.g. a smaller training set for RobustOpt on CPU)."""
-    entry = dict(entry)
+    entry = {key: value for key, value in entry.items() if key != "only_in"}
     profiles = entry.pop("profiles", {})
     if not isinstance(profiles, dict) or not all(isinstance(table, dict) for table in profiles.values()):
         raise BenchError(f"{where}: 'profiles' must hold tables, e.g. [runs.profiles.cpu]")

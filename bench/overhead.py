@@ -30,11 +30,11 @@ def _timed(work: Callable[[], object]) -> float:
 
 
 def step_seconds(defense_name: str, dataset: Dataset, steps: int, params: Mapping[str, object] | None = None,
-                 batch_size: int = 64, seed: int = 0) -> float:
+                 batch_size: int = 64, seed: int = 0, model: str | None = None) -> float:
     """Seconds per training step of ``defense_name``: ``fit`` over ``2 * steps`` batches minus
     ``fit`` over ``steps`` batches, divided by ``steps`` (what a fit does once, such as PixelDP's
     sensitivity measurement or building the model, cancels out)."""
-    spec = RunSpec(defense=defense_name, dataset=dataset.name, params=dict(params or {}), seed=seed)
+    spec = RunSpec(defense=defense_name, dataset=dataset.name, params=dict(params or {}), seed=seed, model=model)
     lr = training_defaults(defense_name, dataset.name)["lr"]
 
     def fit(count: int) -> float:
@@ -51,28 +51,34 @@ def _ratio_row(name: str, x: float, ratios: Sequence[float], detail: str) -> dic
 
 
 def training_overhead(dataset: Dataset, defenses: Sequence[str] = ("pixeldp", "madry", "robustopt"),
-                      steps: int = 5, rounds: int = 3) -> list[dict[str, object]]:
+                      steps: int = 5, rounds: int = 3, model: str | None = None) -> list[dict[str, object]]:
     """Per defense, ``<defense>-step``: its seconds per training step over the baseline's, with
-    the training defaults of ``dataset`` (batch 64)."""
-    seconds: dict[str, list[float]] = {name: [] for name in ("baseline", *defenses)}
+    the training defaults of ``dataset`` (batch 64), every defense on ``model`` (default: the
+    dataset's zoo model; a defense that cannot use it, as RobustOpt a network with batch norm,
+    keeps its own, and the row says so)."""
+    from bench.registry import DEFENSES
+
+    chosen = {name: None if DEFENSES.get(name).default_model else model for name in ("baseline", *defenses)}
+    seconds: dict[str, list[float]] = {name: [] for name in chosen}
     for _ in range(rounds):
         for name in seconds:
-            seconds[name].append(step_seconds(name, dataset, steps))
+            seconds[name].append(step_seconds(name, dataset, steps, model=chosen[name]))
     rows = []
     for name in defenses:
         ratios = [s / b for s, b in zip(seconds[name], seconds["baseline"]) if b > 0]
         detail = (f"{statistics.median(seconds[name]):.4f} s vs baseline {statistics.median(seconds['baseline']):.4f} s "
-                  f"per step of 64 images")
+                  f"per step of 64 images" + ("" if chosen[name] == chosen["baseline"] else
+                                              f" ({name} on its own model, {DEFENSES.get(name).default_model})"))
         rows.append(_ratio_row(f"{name}-step", 0.0, ratios, detail))
     return rows
 
 
 def prediction_overhead(dataset: Dataset, draws: Sequence[int] = DRAWS, rounds: int = 3,
-                        repeats: int = 5) -> list[dict[str, object]]:
+                        repeats: int = 5, model: str | None = None) -> list[dict[str, object]]:
     """``prediction-draws`` at x = k: the seconds of a PixelDP prediction for one image with k
     noise draws (its expected scores, whose argmax is the prediction) over those with one draw
     (the paper's Q4 timing, one image at a time)."""
-    defense, _ = build_defense(RunSpec(defense="pixeldp", dataset=dataset.name), dataset, "cpu")
+    defense, _ = build_defense(RunSpec(defense="pixeldp", dataset=dataset.name, model=model), dataset, "cpu")
     defense.fit(dataset.x_train[:64], dataset.y_train[:64], TrainConfig(epochs=1, batch_size=64))
     image = dataset.x_test[:1]
     seconds: dict[int, list[float]] = {k: [] for k in draws}
@@ -86,7 +92,9 @@ def prediction_overhead(dataset: Dataset, draws: Sequence[int] = DRAWS, rounds: 
                        f"{statistics.median(seconds[k]) * 1000:.2f} ms per image") for k in draws]
 
 
-def measure_overhead(dataset: Dataset, steps: int = 5, rounds: int = 3) -> pd.DataFrame:
-    """The training and prediction overheads as one table (``OVERHEAD_COLUMNS``)."""
-    rows = training_overhead(dataset, steps=steps, rounds=rounds) + prediction_overhead(dataset, rounds=rounds)
+def measure_overhead(dataset: Dataset, steps: int = 5, rounds: int = 3, model: str | None = None) -> pd.DataFrame:
+    """The training and prediction overheads as one table (``OVERHEAD_COLUMNS``), on ``model``
+    (default: the dataset's zoo model)."""
+    rows = (training_overhead(dataset, steps=steps, rounds=rounds, model=model)
+            + prediction_overhead(dataset, rounds=rounds, model=model))
     return pd.DataFrame(rows, columns=OVERHEAD_COLUMNS)

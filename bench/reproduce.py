@@ -40,10 +40,13 @@ class Reproduction:
     uses_overhead: bool
     about: dict[str, Any]
 
-    def overhead_settings(self, profile: str) -> dict[str, int]:
-        """``rounds`` and ``steps`` of the Q4 timings: ``overhead_PROFILE``, else ``overhead``."""
+    def overhead_settings(self, profile: str) -> dict[str, Any]:
+        """``rounds``, ``steps`` and ``model`` of the Q4 timings: ``overhead_PROFILE``, else ``overhead``."""
         chosen = self.about.get(f"overhead_{profile}", self.about.get("overhead", {}))
-        return {key: int(chosen[key]) for key in ("rounds", "steps") if key in chosen}
+        settings: dict[str, Any] = {key: int(chosen[key]) for key in ("rounds", "steps") if key in chosen}
+        if "model" in chosen:
+            settings["model"] = str(chosen["model"])
+        return settings
 
 
 def names() -> list[str]:
@@ -125,7 +128,7 @@ class Journal:
 
 
 # -- the overhead measurement ---------------------------------------------------------------------
-def overhead_table(out: Path, dataset: Any, **settings: int) -> pd.DataFrame:
+def overhead_table(out: Path, dataset: Any, **settings: Any) -> pd.DataFrame:
     """The Q4 timings (``bench.overhead``), measured once per output folder and kept in
     ``overhead.csv`` (a resumed reproduction does not measure again)."""
     from bench.overhead import OVERHEAD_COLUMNS, measure_overhead

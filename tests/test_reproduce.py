@@ -88,7 +88,7 @@ def test_reproductions_are_listed_and_an_unknown_one_is_refused(bench):
     code, stdout, _ = bench("reproduce", "--list")
     assert code == 0 and "pixeldp-mnist:" in stdout
     code, _, stderr = bench("reproduce", "pixeldp-nope")
-    assert code == 2 and "no reproduction 'pixeldp-nope'; available: pixeldp-mnist" in stderr
+    assert code == 2 and "no reproduction 'pixeldp-nope'; available: pixeldp-cifar10, pixeldp-mnist, pixeldp-svhn" in stderr
 
 
 def test_another_dataset_must_be_of_the_reproductions_kind():

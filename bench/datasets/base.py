@@ -38,8 +38,10 @@ class Dataset:
 
 
 def to_float_images(array: np.ndarray) -> torch.Tensor:
-    """uint8 NCHW array -> float32 tensor in [0, 1] (a copy: parsed buffers are read-only)."""
-    return torch.from_numpy(np.array(array, dtype=np.float32)).div_(255.0)
+    """uint8 NCHW array -> contiguous float32 tensor in [0, 1] (a copy: parsed buffers are
+    read-only, and a transposed layout such as SVHN's would give strided tensors that AutoAttack's
+    ``view`` calls refuse)."""
+    return torch.from_numpy(np.array(array, dtype=np.float32, order="C")).div_(255.0)
 
 
 def balanced_subset(labels: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
