@@ -204,8 +204,8 @@ def docs_page(reproduction: Reproduction, verdicts: pd.DataFrame, tables_md: str
     """The generated docs page: verdicts, the exact command, commit, machine, time per step, tables, figures."""
     sessions = journal.sessions
     wall = sum(float(s.get("wall_seconds", 0)) for s in sessions)
-    session_lines = "\n".join(f"| {s.get('started')} | {s.get('commit')} | {float(s.get('wall_seconds', 0)) / 60:.1f} |"
-                              for s in sessions)
+    session_lines = "\n".join(f"| {s.get('started')} | {s.get('commit')} | {s.get('status', 'complete')} | "
+                              f"{float(s.get('wall_seconds', 0)) / 60:.1f} |" for s in sessions)
     step_lines = "\n".join(f"| {r.step} | {r.seconds / 60:.1f} |" for r in times.itertuples())
     images = "\n\n".join(f"![{Path(f).stem}]({f})" for f in figures)
     notes = reproduction.about.get("notes", "").strip()
@@ -229,8 +229,8 @@ Commit: {sessions[-1].get('commit') if sessions else commit()}. Machine: {sessio
 
 {wall / 60:.1f} minutes of wall time over {len(sessions)} session(s):
 
-| started (UTC) | commit | minutes |
-|---|---|---|
+| started (UTC) | commit | status | minutes |
+|---|---|---|---|
 {session_lines}
 
 Process time per step (summed over the worker processes; with `--jobs 2` the wall time is about half):

@@ -21,6 +21,7 @@ comparing separated intervals is conservative (it asks more than a paired test w
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -140,7 +141,9 @@ def claims_from(tables: Sequence[Mapping[str, Any]], where: str = "claims") -> l
 
 # -- reading the tables -------------------------------------------------------------------------
 def _selector(selector: Mapping[str, Any]) -> list[tuple[str, str]]:
-    return [(key, str(value)) for key, value in selector.items()]
+    # lists and tables as JSON, the way run fields holding them compare (reports.load._same)
+    return [(key, json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else str(value))
+            for key, value in selector.items()]
 
 
 def _shown_selector(selector: Mapping[str, Any]) -> str:
