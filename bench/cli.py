@@ -564,21 +564,27 @@ def command_reproduce(args: argparse.Namespace) -> int:
     run_args = build_parser().parse_args(argv)
     log.LOGGER.info(f"reproduction {args.name} ({reproduction.title}), profile {args.profile}: "
                     f"{len(reproduction.claims)} claims to judge, results in {out}")
-    journal = reproduce.Journal(out) if out.is_dir() else None
+    journal = reproduce.Journal(out)  # the session's clock starts here, before any work
+
     def announce(specs: list[Any], loaded: dict[Any, Any]) -> None:
         for dataset in loaded.values():
             reproduce.check_dataset_kind(reproduction, dataset)
         log.LOGGER.info(f"what will run ({len(specs)} runs) and an upper bound of its cost, from unit costs "
                         f"measured here:\n{reproduce.plan_text(reproduce.cost_bound(specs, loaded), args.jobs)}")
 
-    store, outcome, datasets = run_request(run_args, before_work=announce)
-    journal = journal or reproduce.Journal(out)
-    overhead = None
-    if reproduction.uses_overhead:
-        log.LOGGER.info("training and prediction overhead (Q4): interleaved rounds of each defense's training steps "
-                        "and of PixelDP predictions (measured once per results folder)")
-        overhead = reproduce.overhead_table(out, datasets[0], **reproduction.overhead_settings(args.profile))
-    journal.save(failed_jobs=len(outcome.failures))
+    finished = False
+    try:
+        store, outcome, datasets = run_request(run_args, before_work=announce)
+        overhead = None
+        if reproduction.uses_overhead:
+            log.LOGGER.info("training and prediction overhead (Q4): interleaved rounds of each defense's training "
+                            "steps and of PixelDP predictions (measured once per results folder)")
+            overhead = reproduce.overhead_table(out, datasets[0], **reproduction.overhead_settings(args.profile))
+        finished = True
+    finally:
+        if out.is_dir():  # every session's wall time is kept, an interrupted one's too
+            journal.save(status="complete" if finished else "interrupted",
+                         **({"failed_jobs": len(outcome.failures)} if finished else {}))
     journal = reproduce.Journal(out)
     shown_dir = "DIR" if args.data_dir is not None else None
     command = " ".join(["bench reproduce", args.name, "--profile", args.profile, "--jobs", str(args.jobs)]

@@ -59,10 +59,15 @@ def training_overhead(dataset: Dataset, defenses: Sequence[str] = ("pixeldp", "m
     from bench.registry import DEFENSES
 
     chosen = {name: None if DEFENSES.get(name).default_model else model for name in ("baseline", *defenses)}
+    # Each defense times about the same seconds of work: a step that costs c baseline steps
+    # (Defense.training_cost) is timed over steps / c steps, so that the difference of two fits
+    # stays well above the jitter of one.
+    counts = {name: max(2, round(steps / DEFENSES.get(name).training_cost(DEFENSES.get(name).Params())))
+              for name in chosen}
     seconds: dict[str, list[float]] = {name: [] for name in chosen}
     for _ in range(rounds):
         for name in seconds:
-            seconds[name].append(step_seconds(name, dataset, steps, model=chosen[name]))
+            seconds[name].append(step_seconds(name, dataset, counts[name], model=chosen[name]))
     rows = []
     for name in defenses:
         ratios = [s / b for s, b in zip(seconds[name], seconds["baseline"]) if b > 0]

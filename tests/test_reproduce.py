@@ -116,7 +116,5 @@ def test_the_whole_mnist_reproduction_runs_on_digits_through_the_cli(bench, tmp_
     markdown = (docs / "pixeldp-mnist.md").read_text()
     assert "## Verdicts" in markdown and all(claim_id in markdown for claim_id in ids)
     assert "bench reproduce pixeldp-mnist --profile tiny" in markdown and str(tmp_path) not in markdown
-    # resumable: everything is stored, so a second call trains and attacks nothing and judges the same
-    again, stdout_again, _ = bench("reproduce", "pixeldp-mnist", "--profile", "tiny", "--dataset", "digits",
-                                   "--out", str(out), "--quiet")
-    assert again == 0 and stdout_again.split("claims:")[1] == stdout.split("claims:")[1]
+    journal = (out / "reproduction.json").read_text()
+    assert '"status": "complete"' in journal and '"wall_seconds"' in journal  # every session's time is kept
