@@ -26,6 +26,9 @@ REPRODUCTIONS = Path(__file__).parent / "reproductions"
 # Thresholds T of the verdicts and plots: fine enough to see where certified-accuracy curves cross.
 CLAIM_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.0, 1.5001, 0.01), 2))
 VERDICT_COLUMNS = ["id", "figure", "claim", "paper", "ours", "verdict"]
+# The figures a docs page embeds (the report has them all): the paper's Figs. 2 and 3-4, kept
+# small because generated pages are committed.
+DOC_FIGURES = ("certified_accuracy", "accuracy_under_attack")
 
 
 @dataclass
@@ -283,6 +286,8 @@ def write_outputs(reproduction: Reproduction, store: Any, out: Path, overhead: p
         figure_dir.mkdir()
         figures = []
         for png in sorted((report_dir / "figures").glob("*.png")):
+            if png.stem not in DOC_FIGURES:
+                continue
             shutil.copy2(png, figure_dir / png.name)
             figures.append(f"{figure_dir.name}/{png.name}")
         tables_md = render(tables, "md")
