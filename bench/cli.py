@@ -585,7 +585,6 @@ def command_reproduce(args: argparse.Namespace) -> int:
         if out.is_dir():  # every session's wall time is kept, an interrupted one's too
             journal.save(status="complete" if finished else "interrupted",
                          **({"failed_jobs": len(outcome.failures)} if finished else {}))
-    journal = reproduce.Journal(out)
     shown_dir = "DIR" if args.data_dir is not None else None
     command = " ".join(["bench reproduce", args.name, "--profile", args.profile, "--jobs", str(args.jobs)]
                        + (["--dataset", args.dataset] if args.dataset else [])

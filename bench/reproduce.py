@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,12 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import BenchError
+from bench.reports.claims import VERDICT_COLUMNS, VERDICTS, claims_from, judge
 from bench.spec import load_config
 
 REPRODUCTIONS = Path(__file__).parent / "reproductions"
 # Thresholds T of the verdicts and plots: fine enough to see where certified-accuracy curves cross.
 CLAIM_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.0, 1.5001, 0.01), 2))
-VERDICT_COLUMNS = ["id", "figure", "claim", "paper", "ours", "verdict"]
 # The figures a docs page embeds (the report has them all): the paper's Figs. 2 and 3-4, kept
 # small because generated pages are committed.
 DOC_FIGURES = ("certified_accuracy", "accuracy_under_attack")
@@ -59,8 +60,6 @@ def names() -> list[str]:
 
 def load(name: str) -> Reproduction:
     """The reproduction ``name``, its claims checked (a one-line error for anything malformed)."""
-    from bench.reports.claims import claims_from
-
     if name not in names():
         raise BenchError(f"no reproduction {name!r}; available: {', '.join(names())} (bench reproduce --list)")
     path = REPRODUCTIONS / f"{name}.toml"
@@ -119,15 +118,24 @@ class Journal:
         self.start = time.time()
 
     def save(self, **fields: Any) -> None:
-        session = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.start)),
-                   "wall_seconds": round(time.time() - self.start, 1), "commit": commit(),
-                   "machine": machine_class(), **fields}
-        temporary = self.path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps({"sessions": self.sessions + [session]}, indent=2), encoding="utf-8")
-        os.replace(temporary, self.path)
+        """Add this session (its wall time so far, commit, machine and ``fields``) and write the file."""
+        self.sessions.append({"started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.start)),
+                              "wall_seconds": round(time.time() - self.start, 1), "commit": commit(),
+                              "machine": machine_class(), **fields})
+        write_atomically(self.path, json.dumps({"sessions": self.sessions}, indent=2))
 
-    def total_seconds(self) -> float:
-        return sum(float(s.get("wall_seconds", 0)) for s in self.sessions) + (time.time() - self.start)
+
+def write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` by a rename from a unique temporary file beside it: a reader, or a
+    second process writing the same file, never sees half of it."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with open(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 # -- the overhead measurement ---------------------------------------------------------------------
@@ -145,9 +153,7 @@ def overhead_table(out: Path, dataset: Any, **settings: Any) -> pd.DataFrame:
         except (OSError, ValueError, pd.errors.ParserError):
             pass
     table = measure_overhead(dataset, **settings)
-    temporary = path.with_suffix(".csv.tmp")
-    table.to_csv(temporary, index=False)
-    os.replace(temporary, path)
+    write_atomically(path, table.to_csv(index=False))
     return table
 
 
@@ -169,7 +175,7 @@ def step_times(store: Any, run_ids: list[str]) -> pd.DataFrame:
 def verdict_markdown(verdicts: pd.DataFrame) -> str:
     shown = verdicts.assign(ours=verdicts.ours.str.replace("\n", "<br>", regex=False),
                             verdict=verdicts.verdict.str.upper())
-    return shown[["id", "figure", "claim", "paper", "ours", "verdict"]].to_markdown(index=False)
+    return shown[VERDICT_COLUMNS].to_markdown(index=False)
 
 
 def verdict_text(verdicts: pd.DataFrame) -> str:
@@ -180,7 +186,7 @@ def verdict_text(verdicts: pd.DataFrame) -> str:
         blocks.append(f"{row.verdict.upper():13s} {row.id} ({row.figure}): {row.claim}\n"
                       f"    paper: {row.paper}\n{ours}")
     counts = verdicts.verdict.value_counts()
-    summary = ", ".join(f"{counts.get(v, 0)} {v}" for v in ("holds", "contradicted", "inconclusive"))
+    summary = ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS)
     return "\n\n".join(blocks) + f"\n\nclaims: {summary}"
 
 
@@ -256,7 +262,6 @@ def write_outputs(reproduction: Reproduction, store: Any, out: Path, overhead: p
                   command: str, journal: Journal, docs: Path | None, run_ids: list[str]) -> tuple[pd.DataFrame, list[Path]]:
     """Judge the claims on the reproduction's runs and write the report (verdicts first) and,
     with ``docs``, the generated docs page; returns the verdicts and the written paths."""
-    from bench.reports.claims import judge
     from bench.reports.html import write_report
     from bench.reports.load import load_results
     from bench.reports.render import render
@@ -303,9 +308,11 @@ def write_outputs(reproduction: Reproduction, store: Any, out: Path, overhead: p
 def gradient_passes(attack: Any, epsilons: int, draws: int) -> float:
     """Forward-and-backward passes per attacked image for one attack over ``epsilons`` budgets,
     when no point breaks early (the epsilon sweep and the cascades only ever do less)."""
+    from bench.attacks.autoattack import AutoAttack
+
     p = attack.params
     draws = min(draws, attack.max_eot_draws or draws)
-    if attack.name.startswith("autoattack"):
+    if isinstance(attack, AutoAttack):
         per_stage = {"apgd-ce": p.steps, "apgd-dlr": p.steps, "pgd-margin": p.steps, "apgd-t": p.steps * p.target_classes,
                      "fab-t": 2 * p.steps * p.target_classes, "square": p.square_queries / 3}
         randomized = draws > 1

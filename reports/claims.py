@@ -34,6 +34,7 @@ from bench.reports.load import select_runs
 
 HOLDS, CONTRADICTED, INCONCLUSIVE = "holds", "contradicted", "inconclusive"
 VERDICTS = (HOLDS, CONTRADICTED, INCONCLUSIVE)
+VERDICT_COLUMNS = ["id", "figure", "claim", "paper", "ours", "verdict"]
 RELATIONS = ("above", "below", "at-least", "within")
 # metric -> (table, interval columns, x column)
 METRICS: dict[str, tuple[str, tuple[str, str], str]] = {
@@ -299,4 +300,4 @@ def judge(claims: Sequence[Claim], tables: Mapping[str, pd.DataFrame], runs: pd.
                 ours.append(f"crossings not measured: {error}")
         rows.append({"id": claim.id, "figure": claim.figure, "claim": claim.claim, "paper": claim.paper,
                      "ours": "\n".join(ours), "verdict": combine(verdicts)})
-    return pd.DataFrame(rows, columns=["id", "figure", "claim", "paper", "ours", "verdict"])
+    return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
