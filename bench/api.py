@@ -536,16 +536,48 @@ def evaluate_step(
     # The defense's own prediction rule judges success inside the attacks too (AutoAttack's
     # cascade, the minimisation attacks' re-judging), not the attack model's argmax.
     adversarials = step.attack.run(target, x, y, list(step.epsilons), predict=defense.predict)
+    judged = evaluate_each(defense, adversarials, distinct=not randomized)
     records, diagnostics = [], []
-    for epsilon, x_adv in zip(step.epsilons, adversarials):
+    for epsilon, x_adv, (predictions, certificate) in zip(step.epsilons, adversarials, judged):
         distance = perturbation_norm(x_adv - x, step.attack.norm)
-        predictions, certificate = defense.evaluate(x_adv)
         records += records_for(index, y, predictions, certificate, step.name, step.attack.norm, epsilon, distance)
         if randomized:
             flips = int(verdict_flips(defense.predict, x_adv, y, predictions).sum())
             diagnostics.append(Diagnostic(step.name, "verdict-flips", float(epsilon), flips, len(x)))
         log(f"[{label}] {step.name} eps={epsilon:g}: accuracy {float((predictions == y).float().mean()):.4f}")
     return StepResult(records, diagnostics)
+
+
+def evaluate_each(
+    defense: Defense, inputs: Sequence[torch.Tensor], distinct: bool = True,
+) -> list[tuple[torch.Tensor, Certificate | None]]:
+    """``defense.evaluate`` of each batch in ``inputs`` (one attack's batches, smallest budget
+    first); with ``distinct``, an input equal to the previous batch's at its index is not
+    evaluated again.
+
+    A point broken within a smaller budget carries the same adversarial input to every larger
+    one, and a point misclassified clean is not attacked. On a deterministic defense their
+    verdicts are equal, and an expensive certificate (RobustOpt's exact dual bound, most of its
+    attack steps' time) is worth computing once: about a quarter fewer on MNIST at 5 L2 budgets.
+    A randomized defense needs ``distinct=False``: fresh draws for every input.
+    """
+    results: list[tuple[torch.Tensor, Certificate | None]] = []
+    for batch in inputs:
+        if not distinct or not results or len(batch) != len(previous):
+            results.append(defense.evaluate(batch))
+        else:
+            changed = (batch != previous).flatten(1).any(1)
+            predictions, certificate = results[-1][0].clone(), results[-1][1]
+            if changed.any():
+                new_predictions, new_certificate = defense.evaluate(batch[changed])
+                predictions[changed] = new_predictions
+                if certificate is not None:
+                    certificate = dataclasses.replace(certificate, **{
+                        name: getattr(certificate, name).clone().index_put_((changed,), getattr(new_certificate, name))
+                        for name in ("label", "radius", "certified")})
+            results.append((predictions, certificate))
+        previous = batch
+    return results
 
 
 def evaluate_steps(

@@ -99,3 +99,29 @@ def test_cli_end_to_end(bench, tmp_path):
     )
     assert code == 0, err
     assert "robustopt" in out and "linf" in out
+
+
+def test_an_attacks_repeated_inputs_are_certified_once_with_the_same_verdicts(plain_model, digits):
+    """evaluate_each: a point carried unchanged to the next budget keeps its verdict and its
+    certificate, without a second dual bound; a changed point gets its own."""
+    from bench.api import evaluate_each
+
+    defense = RobustOpt(plain_model, RobustOpt.Params(epsilon=0.02, bisection_steps=2))
+    certified = []
+    certify = defense.certify
+    defense.certify = lambda x: certified.append(len(x)) or certify(x)
+    x = digits.x_test[:12]
+    moved = x.clone()
+    moved[4:] = (moved[4:] + 0.3 * torch.randn_like(moved[4:])).clamp(0, 1)  # 8 of 12 points change
+    batches = [x, moved, moved]
+    each = evaluate_each(defense, batches, distinct=False)
+    assert certified == [12, 12, 12]
+    certified.clear()
+    distinct = evaluate_each(defense, batches)
+    assert certified == [12, 8]  # the third batch repeats the second: nothing to certify
+    for (predictions, certificate), (expected, expected_certificate) in zip(distinct, each):
+        assert torch.equal(predictions, expected)
+        for name in ("label", "radius", "certified"):
+            assert torch.equal(getattr(certificate, name), getattr(expected_certificate, name))
+    # Enough different verdicts among the moved points for the comparison to mean something.
+    assert len(set(each[1][1].radius[4:].tolist())) >= 2
