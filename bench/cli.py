@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -32,7 +33,7 @@ NO_ATTACK = "--epsilons sets attack sizes, but no attack is selected; add --atta
 THREADS_RULE = ("OMP_NUM_THREADS if set, else the idle cores (cores minus the load average) shared among the "
                 "processes, at most 4 each")
 # The parts of `bench perf` (bench.perf.SECTIONS; not imported here, it imports torch).
-PERF_SECTIONS = ("attacks", "pixeldp", "training", "grid")
+PERF_SECTIONS = ("attacks", "autoattack", "pixeldp", "training", "grid")
 
 
 # Option types only turn text into numbers; ranges are checked by bench.validation, the same way
@@ -86,6 +87,16 @@ def _positive_int(text: str) -> int:
     value = _integer(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive finite number")
     return value
 
 
@@ -241,8 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Times each code path of the harness against a reference doing the same work on the same "
                     "model and batch, interleaved, and prints a table with ratios, targets and peak memory.")
     perf.add_argument("--only", action="append", choices=PERF_SECTIONS, help="measure only this part (repeatable; default: all)")
-    perf.add_argument("--repeats", type=_positive_int, default=3, help="interleaved rounds; the best counts (default 3)")
-    perf.add_argument("--images", type=_positive_int, default=128, help="images per attack comparison (default 128)")
+    perf.add_argument("--rounds", type=_positive_int, default=6,
+                      help="interleaved rounds per row at least; more until the 95%% interval of the ratio is on one "
+                           "side of the target (6 is the fewest that give a 95%% interval; default 6)")
+    perf.add_argument("--max-rounds", type=_positive_int, default=30, help="rounds per row at most (default 30)")
+    perf.add_argument("--row-seconds", type=_positive_float, default=120.0,
+                      help="no new round once a row has measured this long; its verdict may then be noisy (default 120)")
+    perf.add_argument("--images", type=_positive_int, default=64, help="images per attack comparison (default 64)")
+    perf.add_argument("--reproduction", metavar="NAME",
+                      help="instead: print the cost model of a reproduction (bench reproduce --list): unit costs "
+                           "measured here times counts = CPU seconds per run and step, and the total")
+    perf.add_argument("--profile", default="cpu", help="with --reproduction: its profile (default cpu)")
+    perf.add_argument("--dataset", help="with --reproduction: another dataset of the same kind")
+    perf.add_argument("--data-dir", type=Path, help="with --reproduction: where dataset files are (default ./data)")
+    perf.add_argument("--jobs", type=_positive_int, default=1,
+                      help="with --reproduction: the worker processes the wall time is estimated for (default 1)")
     perf.add_argument("--threads", type=_positive_int, help=f"torch threads (default: {THREADS_RULE})")
     _add_verbosity(perf)
 
@@ -481,6 +505,33 @@ def _report_failures(outcome: Any) -> bool:
     return True
 
 
+def planned_request(args: argparse.Namespace, threads: int) -> tuple[dict[str, Any], list[Any], dict[Any, Any]]:
+    """The whole request checked, every spec of it, before any data is loaded or anything trained;
+    then its data loaded and the subset sizes checked. Returns the options, specs and datasets."""
+    from bench.threads import set_threads
+
+    options = merged_options(args)
+    specs = specs_from(options)
+    if args.epsilons and not any(spec.attacks for spec in specs):
+        raise BenchError(NO_ATTACK)
+    for warning in validate_request(specs, device=options.get("device", "cpu"), out=options.get("out", Path("results"))):
+        print(f"bench: warning: {warning}", file=sys.stderr)
+    set_threads(threads)
+    from bench.runner import load_dataset
+
+    data_dir = options.get("data_dir")
+    datasets: dict[Any, Any] = {}
+    for spec in specs:
+        if (spec.dataset, spec.image_size) not in datasets:
+            datasets[(spec.dataset, spec.image_size)] = load_dataset(
+                spec, Path(data_dir) if data_dir else None, bool(options.get("download")))
+    for spec in specs:
+        dataset = datasets[(spec.dataset, spec.image_size)]
+        check_subset_size(spec.test_size, len(dataset.y_test), "test_size", spec.dataset)
+        check_subset_size(spec.train_size, len(dataset.y_train), "train_size", spec.dataset)
+    return options, specs, datasets
+
+
 def run_request(args: argparse.Namespace, before_work: Callable[[list[Any], dict[Any, Any]], None] | None = None
                 ) -> tuple[Any, Any, list[Any]]:
     """What ``bench run`` does before printing: check the whole request, load the data, run the
@@ -496,7 +547,7 @@ def run_request(args: argparse.Namespace, before_work: Callable[[list[Any], dict
     if args.scheduler:
         check_scheduler(args.scheduler)
     from bench.executors import DaskCluster, LocalProcesses, Serial
-    from bench.threads import default_threads, export_threads, set_threads
+    from bench.threads import default_threads, export_threads
 
     threads = args.threads or default_threads(args.jobs)
     export_threads(threads)  # before the workers (or their fork server) load torch
@@ -507,38 +558,32 @@ def run_request(args: argparse.Namespace, before_work: Callable[[list[Any], dict
         executor = LocalProcesses(args.jobs, threads, fork_server=True)
         executor.start()
     try:
-        options = merged_options(args)
-        specs = specs_from(options)
-        out = options.get("out", Path("results"))
-        if args.epsilons and not any(spec.attacks for spec in specs):
-            raise BenchError(NO_ATTACK)
-        # The whole request, every spec of it, before any data is loaded or anything trained.
-        for warning in validate_request(specs, device=options.get("device", "cpu"), out=out):
-            print(f"bench: warning: {warning}", file=sys.stderr)
-        set_threads(threads)
+        options, specs, datasets = planned_request(args, threads)
+        if before_work is not None:
+            before_work(specs, datasets)
         if args.scheduler:
             executor = DaskCluster(args.scheduler, args.threads or 1)
         from bench.jobs import run_grid
-        from bench.runner import load_dataset
         from bench.store import Store
 
-        data_dir = options.get("data_dir")
-        datasets = {}
-        for spec in specs:
-            if (spec.dataset, spec.image_size) not in datasets:
-                datasets[(spec.dataset, spec.image_size)] = load_dataset(
-                    spec, Path(data_dir) if data_dir else None, bool(options.get("download")))
-        for spec in specs:
-            dataset = datasets[(spec.dataset, spec.image_size)]
-            check_subset_size(spec.test_size, len(dataset.y_test), "test_size", spec.dataset)
-            check_subset_size(spec.train_size, len(dataset.y_train), "train_size", spec.dataset)
-        if before_work is not None:
-            before_work(specs, datasets)
+        out = options.get("out", Path("results"))
         store = Store(out)  # after the data: missing or broken files leave no results folder behind
         outcome = run_grid(specs, datasets, store, executor, device=options.get("device", "cpu"), force=args.force)
     finally:
         executor.close()  # the fork server, if any, leaves with this process
     return store, outcome, list(datasets.values())
+
+
+def reproduction_run_args(reproduction: Any, args: argparse.Namespace, out: Path) -> argparse.Namespace:
+    """The ``bench run`` request of a reproduction's experiment under ``args`` (profile, dataset,
+    data folder, workers)."""
+    argv = ["run", "--config", str(reproduction.path), "--profile", args.profile, "--jobs", str(args.jobs), "--out", str(out)]
+    for flag, value in (("--dataset", args.dataset), ("--data-dir", args.data_dir),
+                        ("--scheduler", getattr(args, "scheduler", None)), ("--threads", args.threads)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += ["--download"] if getattr(args, "download", None) else []
+    return build_parser().parse_args(argv)
 
 
 def command_reproduce(args: argparse.Namespace) -> int:
@@ -555,13 +600,7 @@ def command_reproduce(args: argparse.Namespace) -> int:
     check_writable_dir(out, "reproduce --out")
     if args.docs is not None:
         check_writable_dir(args.docs, "reproduce --docs")
-    argv = ["run", "--config", str(reproduction.path), "--profile", args.profile, "--jobs", str(args.jobs), "--out", str(out)]
-    for flag, value in (("--dataset", args.dataset), ("--data-dir", args.data_dir), ("--scheduler", args.scheduler),
-                        ("--threads", args.threads)):
-        if value is not None:
-            argv += [flag, str(value)]
-    argv += ["--download"] if args.download else []
-    run_args = build_parser().parse_args(argv)
+    run_args = reproduction_run_args(reproduction, args, out)
     log.LOGGER.info(f"reproduction {args.name} ({reproduction.title}), profile {args.profile}: "
                     f"{len(reproduction.claims)} claims to judge, results in {out}")
     journal = reproduce.Journal(out)  # the session's clock starts here, before any work
@@ -570,7 +609,7 @@ def command_reproduce(args: argparse.Namespace) -> int:
         for dataset in loaded.values():
             reproduce.check_dataset_kind(reproduction, dataset)
         log.LOGGER.info(f"what will run ({len(specs)} runs) and an upper bound of its cost, from unit costs "
-                        f"measured here:\n{reproduce.plan_text(reproduce.cost_bound(specs, loaded), args.jobs)}")
+                        f"measured here:\n{reproduce.plan_text(reproduce.cost_model(specs, loaded), args.jobs)}")
 
     finished = False
     try:
@@ -739,12 +778,35 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_cost_model(args: argparse.Namespace) -> int:
+    """``bench perf --reproduction NAME``: the reproduction's cost model, per run and step."""
+    from bench import reproduce
+    from bench.threads import default_threads
+
+    reproduction = reproduce.load(args.reproduction)
+    out = Path("results") / "-".join(["reproduce", args.reproduction, args.profile])
+    _, specs, datasets = planned_request(reproduction_run_args(reproduction, args, out),
+                                         args.threads or default_threads(args.jobs))
+    for dataset in datasets.values():
+        reproduce.check_dataset_kind(reproduction, dataset)
+    costs = reproduce.cost_model(specs, datasets)
+    shown = costs.assign(**{column: costs[column].map(lambda seconds: f"{seconds:.2f}") for column in ("CPU s", "expected CPU s")})
+    print(f"cost model of {args.reproduction}, profile {args.profile}: unit costs measured on this machine "
+          f"({reproduce.machine_class()}) times counts, as if no point broke before the largest budget")
+    print(shown.to_markdown(index=False))
+    print(reproduce.plan_text(costs, args.jobs))
+    return 0
+
+
 def command_perf(args: argparse.Namespace) -> int:
-    from bench.perf import render, run_perf
+    from bench.perf import Budget, render, run_perf
     from bench.threads import default_threads, set_threads
 
+    if args.reproduction:
+        return print_cost_model(args)
     set_threads(args.threads or default_threads())
-    rows, before, after = run_perf(tuple(args.only or PERF_SECTIONS), repeats=args.repeats, images=args.images)
+    budget = Budget(rounds=args.rounds, max_rounds=max(args.rounds, args.max_rounds), seconds=args.row_seconds)
+    rows, before, after = run_perf(tuple(args.only or PERF_SECTIONS), budget, images=args.images)
     print(f"machine: {before}")
     print(render(rows))
     print(f"after: load average {after.rsplit('load average ', 1)[-1]}")

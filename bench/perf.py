@@ -1,38 +1,49 @@
-"""``bench perf``: the harness's costs against the floor each one could reach, side by side in one run.
+"""``bench perf``: each of the harness's costs against the least work that does the same, side by side.
 
-Each row times one of our code paths and a reference doing the same work on the same model and
-batch, interleaved (ABBA...) so that a shared machine slows both alike, best of ``repeats``; the
-ratio column is best against best, and the next one the median and range of the ratio within
-each round (how much the machine's load moved it). Rows of in-process code first make one untimed call of
-each side: imports and torch's first-call set-up are paid once per process, not per attack or
-step. Attacks run in chunks of ``--attack-batch-size``'s default, as ``bench run`` does.
+Every row times one of our code paths and a reference on the same model, inputs and seed: the
+minimal computation of the same work written directly in torch (or, for AutoAttack's stages,
+Croce & Hein's stage classes called directly), so that a ratio above 1 is overhead of ours.
+Rows that compare two implementations of different work say so and set no target.
 
-- PGD-Linf-20 (``pgd-linf``, foolbox backend) against a hand-written torch PGD loop;
-- CW-L2 (``cw-l2``) against foolbox's ``L2CarliniWagnerAttack`` called directly;
-- PixelDP prediction and certification with 300 draws against its floor: the layers before the
-  noise once per image, the layers after it 300 times, at the best batch size of a sweep, and
-  nothing else (no bounds, no bookkeeping);
-- PixelDP and Madry training steps against the undefended baseline's step;
-- a 4-run digits grid (``GRID_ARGS``) run as ``bench run --jobs 2`` against ``--jobs 1``, each a
-  new process as a user starts it (imports, data, worker start-up included).
+- PGD-Linf as ``bench run`` runs it by default (20 steps x 10 walks, each walk after the first
+  only on the points still robust, verdicts between them) against the same loop in torch;
+- EOT PGD on PixelDP (8 draws per step) against a loop that evaluates all draws of a chunk in
+  one forward pass;
+- CW-L2 (``cw-l2``'s defaults, on foolbox) against Carlini & Wagner's algorithm written in torch;
+- AutoAttack: each stage of the standard version through our cascade against the reference's
+  stage class on the same points, and APGD-CE with EOT on PixelDP against the reference's own
+  ``eot_iter`` loop;
+- PixelDP prediction and certification (300 draws) against a chunked floor: the layers before
+  the noise once per image, then (image, draw) rows through the rest in passes of the best size,
+  keeping only the sums the certificate needs;
+- one training epoch per defense through the harness's training loop, the baseline's against a
+  bare SGD loop, the others against the baseline's;
+- a 4-run digits grid, ``bench run --jobs 2`` against ``--jobs 1``, each a new process.
 
-Peak memory is the largest rise of this process's resident set during the first timed call (n/a
-for the grid row, whose work runs in other processes),
-sampled every millisecond after returning freed memory to the system (Linux; "n/a" elsewhere).
+Verdicts that a busy machine cannot flip: the two sides alternate within each round (ABBA), and
+rounds go on until the 95% interval of the median per-round ratio (order statistics of the
+rounds, no assumption on the noise) lies on one side of the target, or the row's time budget
+ends; a row whose interval still straddles its target says "noisy", never "ok". Each row prints
+its interval, its rounds and the machine's load when it ended. Peak memory is the largest rise
+of this process's resident set during each side's first timed call (n/a for the grid row, whose
+work runs in other processes; Linux only).
 """
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import platform
 import statistics
 import threading
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,78 +52,194 @@ from bench.log import LOGGER
 from bench.spec import DEFAULT_ATTACK_BATCH_SIZE
 
 PGD_STEPS = 20
+PGD_RESTARTS = 10
+EOT_DRAWS = 8
 PIXELDP_DRAWS = 300
-TARGETS = {"pgd": 1.05, "cw": 1.05, "pixeldp-predict": 1.10, "pixeldp-train": 1.10, "grid": 1 / 1.6}
+CONFIDENCE = 0.95
+# The largest acceptable ratio of ours to the reference, per kind of row.
+TARGETS = {"pgd": 1.05, "eot": 1.05, "cw": 1.05, "autoattack": 1.05, "pixeldp-predict": 1.10,
+           "epoch": 1.05, "pixeldp-train": 1.10, "grid": 1 / 1.6}
 
 
-# -- references ------------------------------------------------------------------------------------
-def torch_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, chunk: int, steps: int = PGD_STEPS) -> torch.Tensor:
-    """The reference: L-inf PGD with a uniform random start, written directly in torch."""
+# -- references: the least work that does what our code path does --------------------------------
+def _linf_walk(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, eps: float, steps: int, draws: int = 1) -> torch.Tensor:
+    """One L-inf PGD walk from a uniform random start, in foolbox's arithmetic (cross-entropy
+    summed over the batch, signed gradient steps of 2.5 * eps / steps). ``draws > 1``: the loss
+    of the mean softmax over that many noise draws, all of them in one forward pass."""
     step = 2.5 * eps / steps
+    x = (x0 + (torch.rand(x0.shape, dtype=x0.dtype) * (eps - (-eps)) + (-eps))).clamp(0, 1)
+    for _ in range(steps):
+        x.requires_grad_(True)
+        if draws == 1:
+            loss = F.cross_entropy(model(x), y, reduction="sum")
+        else:
+            log_probabilities = F.log_softmax(model(x.repeat(draws, 1, 1, 1)), dim=1).view(draws, len(x), -1)
+            loss = F.nll_loss(torch.logsumexp(log_probabilities, 0) - math.log(draws), y, reduction="sum")
+        (gradient,) = torch.autograd.grad(loss, x)
+        x = x.detach() + step * gradient.sign()
+        x = (x0 + (x - x0).clamp(-eps, eps)).clamp(0, 1)
+    return x
+
+
+def torch_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, chunk: int,
+              steps: int = PGD_STEPS, restarts: int = PGD_RESTARTS) -> torch.Tensor:
+    """PGD as ``bench run`` runs it, written directly in torch: per chunk, the points right
+    unattacked get a first walk, then each further walk only the points no walk has broken."""
     out = []
     for start in range(0, len(x), chunk):
         xc, yc = x[start:start + chunk], y[start:start + chunk]
-        x_adv = (xc + torch.empty_like(xc).uniform_(-eps, eps)).clamp(0, 1)
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            loss = F.cross_entropy(model(x_adv), yc)
-            (grad,) = torch.autograd.grad(loss, x_adv)
-            x_adv = x_adv.detach() + step * grad.sign()
-            x_adv = torch.min(torch.max(x_adv, xc - eps), xc + eps).clamp(0, 1)
+        with torch.no_grad():
+            robust = model(xc).argmax(1) == yc
+        best = xc.clone()
+        for walk in range(restarts):
+            index = robust.nonzero().flatten()
+            if len(index) == 0:
+                break
+            x_adv = _linf_walk(model, xc[index], yc[index], eps, steps)
+            with torch.no_grad():
+                broken = model(x_adv).argmax(1) != yc[index]
+            keep = broken if walk else torch.ones_like(broken)  # the first walk's result stands for the unbroken
+            best[index[keep]] = x_adv[keep]
+            robust[index[broken]] = False
+        out.append(best)
+    return torch.cat(out)
+
+
+def torch_eot_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, chunk: int,
+                  steps: int = PGD_STEPS, draws: int = EOT_DRAWS) -> torch.Tensor:
+    """One EOT PGD walk per chunk, every point attacked (as adversarial training asks), all
+    draws of a chunk in one forward pass."""
+    return torch.cat([_linf_walk(model, x[s:s + chunk], y[s:s + chunk], eps, steps, draws)
+                      for s in range(0, len(x), chunk)])
+
+
+def torch_cw(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params, chunk: int) -> torch.Tensor:
+    """Carlini & Wagner's L2 attack (tanh box, Adam, a binary search over the constant, an early
+    stop when the loss stalls), as foolbox 3 computes it, written in torch; then one forward pass
+    to judge the result, as ``cw-l2`` re-judges it. Failed points come back unchanged."""
+    out = []
+    for start in range(0, len(x), chunk):
+        xc, yc = x[start:start + chunk], y[start:start + chunk]
+        best = _cw_chunk(model, xc, yc, params)
+        with torch.no_grad():
+            success = model(best).argmax(1) != yc
+        out.append(torch.where(success.view(-1, 1, 1, 1), best, xc))
+    return torch.cat(out)
+
+
+def _cw_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p) -> torch.Tensor:
+    n, rows = len(x), torch.arange(len(x))
+    confidence = p.margin(model)
+    x_attack = torch.arctanh((x - 0.5) / 0.5 * 0.999999)
+    reconstructed = torch.tanh(x_attack) * 0.5 + 0.5
+    consts = p.initial_const * np.ones(n)
+    lower, upper = np.zeros(n), np.full(n, np.inf)
+    best, best_norms = torch.zeros_like(x), torch.full((n,), float("inf"))
+    for search in range(p.binary_search_steps):
+        if search == p.binary_search_steps - 1 and p.binary_search_steps >= 10:
+            consts = np.minimum(upper, 1e10)
+        delta, m, v = torch.zeros_like(x), torch.zeros_like(x), torch.zeros_like(x)
+        found, previous = np.zeros(n, dtype=bool), np.inf
+        c = torch.from_numpy(consts.astype(np.float32))
+        for step in range(p.steps):
+            delta.requires_grad_(True)
+            perturbed = torch.tanh(x_attack + delta) * 0.5 + 0.5
+            logits = model(perturbed)
+            other = logits.detach().scatter(1, y[:, None], -float("inf")).argmax(1)
+            margin = ((logits[rows, y] - logits[rows, other] + confidence).clamp(min=0) * c).sum()
+            loss = margin + (perturbed - reconstructed).flatten(1).square().sum()
+            (gradient,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                m = 0.9 * m + 0.1 * gradient
+                v = 0.999 * v + 0.001 * gradient**2
+                delta = delta - p.learning_rate * (m / (1 - 0.9 ** (step + 1))) / ((v / (1 - 0.999 ** (step + 1))).sqrt() + 1e-8)
+            if p.abort_early and step % math.ceil(p.steps / 10) == 0:
+                if not float(loss.detach()) <= 0.9999 * previous:
+                    break
+                previous = float(loss.detach())
+            scores = logits.detach()
+            if confidence:
+                scores = scores + F.one_hot(y, scores.shape[1]) * confidence
+            adversarial = scores.argmax(1) != y
+            found |= adversarial.numpy()
+            norms = (perturbed.detach() - x).flatten(1).norm(dim=1)
+            new = (norms < best_norms) & adversarial
+            best[new], best_norms[new] = perturbed.detach()[new], norms[new]
+        upper = np.where(found, consts, upper)
+        lower = np.where(found, lower, consts)
+        consts = np.where(np.isinf(upper), consts * 10, (lower + upper) / 2)
+    return best
+
+
+@torch.no_grad()
+def pixeldp_floor(net, x: torch.Tensor, draws: int, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The least work PixelDP's prediction and certificate need: ``net.pre`` once per image, then
+    the (image, draw) rows through the noise and ``net.post`` in passes of ``rows``, keeping the
+    per-class sums of the softmax, of its square and of the votes."""
+    h = net.pre(x)
+    total = len(x) * draws
+    sums = squares = votes = None
+    for start in range(0, total, rows):
+        owner = torch.arange(start, min(start + rows, total)) // draws
+        probabilities = F.softmax(net.post(net.add_noise(h[owner])), dim=1)
+        if sums is None:
+            sums, squares, votes = (torch.zeros(len(x), probabilities.shape[1]) for _ in range(3))
+        sums.index_add_(0, owner, probabilities)
+        squares.index_add_(0, owner, probabilities**2)
+        votes.index_add_(0, owner, F.one_hot(probabilities.argmax(1), probabilities.shape[1]).float())
+    return sums / draws, squares / draws, votes
+
+
+def autoattack_stage_reference(stage: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str,
+                               params, chunk: int) -> torch.Tensor:
+    """One AutoAttack stage with the least protocol around the reference's class (``COMPONENTS``
+    only constructs it): per chunk, the stage on the points right unattacked, then one forward
+    pass to judge what it returned."""
+    from bench.attacks.autoattack import COMPONENTS
+
+    out = []
+    for start in range(0, len(x), chunk):
+        xc, yc = x[start:start + chunk], y[start:start + chunk]
+        with torch.no_grad():
+            logits = model(xc)
+            right = (logits.argmax(1) == yc).nonzero().flatten()
+        x_adv = xc.clone()
+        if len(right):
+            candidate = COMPONENTS[stage](model, xc[right], yc[right], eps, norm, params, logits.shape[1])[0].detach()
+            with torch.no_grad():
+                broken = model(candidate).argmax(1) != yc[right]
+            x_adv[right[broken]] = candidate[broken]
         out.append(x_adv)
     return torch.cat(out)
 
 
-def foolbox_cw_direct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params, chunk: int) -> torch.Tensor:
-    """foolbox's CW-L2 called as its documentation shows, on the same chunks."""
-    import foolbox
+def reference_apgd_eot(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, draws: int,
+                       chunk: int) -> torch.Tensor:
+    """APGD-CE with EOT as the reference runs it: its own ``eot_iter`` loop, one forward and
+    backward pass of the noisy model per draw."""
+    from pyautoattack.autopgd_base import APGDAttack
 
-    fmodel = foolbox.PyTorchModel(model, bounds=(0, 1))
-    attack = foolbox.attacks.L2CarliniWagnerAttack(
-        binary_search_steps=params.binary_search_steps, steps=params.steps, stepsize=params.learning_rate,
-        confidence=params.margin(model), initial_const=params.initial_const, abort_early=params.abort_early,
-    )
+    apgd = APGDAttack(model, n_iter=steps, norm="Linf", n_restarts=1, eps=eps, seed=0, loss="ce", eot_iter=draws,
+                      rho=0.75, device=x.device)
     out = []
     for start in range(0, len(x), chunk):
-        _, clipped, _ = attack(fmodel, x[start:start + chunk], y[start:start + chunk], epsilons=None)
-        out.append(clipped)
+        apgd.init_hyperparam(x[start:start + chunk])
+        torch.random.manual_seed(0)
+        out.append(apgd.attack_single_run(x[start:start + chunk], y[start:start + chunk])[0])
     return torch.cat(out)
 
 
-@torch.no_grad()
-def pixeldp_floor(net, x: torch.Tensor, draws: int, rows: int) -> torch.Tensor:
-    """The least work PixelDP prediction needs: ``net.pre`` once per image, then ``draws`` noisy
-    passes through ``net.post`` in batches of ``rows``; returns the mean softmax."""
-    h = net.pre(x)
-    repeated = h.repeat_interleave(draws, dim=0)
-    total = torch.zeros(len(x), net.post(h[:1]).shape[1])
-    for start in range(0, len(repeated), rows):
-        part = repeated[start:start + rows]
-        probs = F.softmax(net.post(net.add_noise(part)), dim=1)
-        total.index_add_(0, torch.arange(start, start + len(part)) // draws, probs)
-    return total / draws
-
-
-def make_step(defense, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One optimiser step of ``defense``'s training loss, as the shared training loop takes it."""
-    optimizer = torch.optim.SGD(defense.model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-
-    def step() -> None:
-        loss = defense.training_loss(x, y)
+def hand_written_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, lr: float = 0.05) -> None:
+    """One epoch of plain SGD (momentum, Nesterov, weight decay, shuffled batches): the training
+    loop's floor."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    model.train()
+    for index in torch.randperm(len(x)).split(batch_size):
+        loss = F.cross_entropy(model(x[index]), y[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        defense.after_step()
-
-    return step
-
-
-def repeated(function: Callable[[], object], times: int) -> Callable[[], None]:
-    def run() -> None:
-        for _ in range(times):
-            function()
-
-    return run
+    model.eval()
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -168,30 +295,17 @@ class PeakMemory:
         return None if self.start is None else (self.peak - self.start) / 2**20
 
 
-def interleaved(functions: dict[str, Callable[[], object]], repeats: int, warm_up: bool = False,
-                memory: bool = True) -> dict[str, tuple[list[float], float | None]]:
-    """Wall times of each function over ``repeats`` interleaved rounds (one per round), and its
-    peak memory (first timed call; ``memory=False``: not sampled, for work in other processes,
-    where the sampling thread would only take CPU from it). Every call starts from the same torch
-    seed. ``warm_up``: one untimed call of each first, for costs a process pays once (imports,
-    torch's first-call set-up)."""
-    if warm_up:
-        for function in functions.values():
-            torch.manual_seed(0)
-            function()
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    peaks: dict[str, float | None] = {}
-    for round_index in range(repeats):
-        order = list(functions) if round_index % 2 == 0 else list(functions)[::-1]  # ABBA: no order bias
-        for name in order:
-            torch.manual_seed(0)
-            with PeakMemory(memory) as peak:
-                started = time.perf_counter()
-                functions[name]()
-                elapsed = time.perf_counter() - started
-            times[name].append(elapsed)
-            peaks.setdefault(name, peak.megabytes)
-    return {name: (times[name], peaks[name]) for name in functions}
+def median_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """A distribution-free ``confidence`` interval of the median: the order statistics
+    ``(k, n + 1 - k)`` for the largest k whose binomial coverage reaches it; (0, inf) when there are
+    too few values (fewer than 6 at 95%)."""
+    from scipy.stats import binom
+
+    ordered, n = sorted(values), len(values)
+    k = 0
+    while k + 1 <= n // 2 and 1 - 2 * binom.cdf(k, n, 0.5) >= confidence:
+        k += 1
+    return (ordered[k - 1], ordered[n - k]) if k else (0.0, math.inf)
 
 
 @dataclass
@@ -204,128 +318,227 @@ class Row:
     memory: float | None
     reference_memory: float | None
     target: float | None  # the largest acceptable ratio, None where there is no target
+    load: float | None = None  # the 1-minute load average when the row ended
+    note: str = ""
 
     @property
     def seconds(self) -> float:
-        return min(self.times)
+        return statistics.median(self.times)
 
     @property
     def reference_seconds(self) -> float:
-        return min(self.reference_times)
-
-    @property
-    def ratio(self) -> float:
-        """Best against best: the least disturbed call of each on a shared machine."""
-        return self.seconds / self.reference_seconds
+        return statistics.median(self.reference_times)
 
     @property
     def round_ratios(self) -> list[float]:
-        """The ratio within each round: their spread shows how much the machine's load moved it."""
+        """The ratio within each round: both sides ran back to back, under the same load."""
         return [ours / reference for ours, reference in zip(self.times, self.reference_times)]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.round_ratios)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return median_interval(self.round_ratios)
 
     @property
     def verdict(self) -> str:
         if self.target is None:
             return ""
-        return "ok" if self.ratio <= self.target else "ABOVE TARGET"
+        low, high = self.interval
+        if high <= self.target:
+            return "ok"
+        if low > self.target:
+            return "ABOVE TARGET"
+        return "noisy: rerun on an idle machine"
 
 
-def _row(what: str, ours: str, reference: str, times: dict, target: float | None) -> Row:
-    return Row(what, ours, reference, times[ours][0], times[reference][0], times[ours][1], times[reference][1], target)
+@dataclass
+class Budget:
+    """How long a row may measure: at least ``rounds`` interleaved rounds, then more until its
+    verdict is decided, at most ``max_rounds`` or ``seconds`` (whichever ends first)."""
+
+    rounds: int = 6
+    max_rounds: int = 30
+    seconds: float = 120.0
 
 
-# -- the comparisons -------------------------------------------------------------------------------
-def attack_rows(images: int, repeats: int, chunk: int) -> list[Row]:
-    from bench.attacks.cw import CarliniWagnerL2
-    from bench.attacks.pgd import LinfPGD
+def measure(what: str, ours: tuple[str, Callable[[], object]], reference: tuple[str, Callable[[], object]],
+            target: float | None, budget: Budget, *, warm_up: bool = True, memory: bool = True, note: str = "") -> Row:
+    """Both sides of a row in interleaved rounds (ABBA: neither always goes first), each call from
+    the same torch seed, until the row's verdict is decided or its budget ends (``Budget``).
+    ``warm_up``: one untimed call of each first, for costs a process pays once (imports, torch's
+    first-call set-up). ``memory=False``: peak memory not sampled (work in other processes)."""
+    functions = dict([ours, reference])
+    if warm_up:
+        for function in functions.values():
+            torch.manual_seed(0)
+            function()
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    peaks: dict[str, float | None] = {}
+    started = time.monotonic()
+    row = Row(what, ours[0], reference[0], times[ours[0]], times[reference[0]], None, None, target, note=note)
+    while True:
+        order = list(functions) if len(row.times) % 2 == 0 else list(functions)[::-1]
+        for name in order:
+            torch.manual_seed(0)
+            with PeakMemory(memory and name not in peaks) as peak:
+                begun = time.perf_counter()
+                functions[name]()
+                elapsed = time.perf_counter() - begun
+            times[name].append(elapsed)
+            peaks.setdefault(name, peak.megabytes)
+        rounds = len(row.times)
+        if rounds < budget.rounds:
+            continue
+        if target is None or not row.verdict.startswith("noisy"):
+            break
+        if rounds >= budget.max_rounds or time.monotonic() - started > budget.seconds:
+            break
+    row.memory, row.reference_memory = peaks[ours[0]], peaks[reference[0]]
+    row.load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return row
+
+
+# -- the rows ----------------------------------------------------------------------------------------
+def _digits_model(epochs: int = 5) -> tuple[nn.Module, object]:
+    """The digits CNN trained a few epochs: attacks that stop early need a model with margins."""
     from bench.datasets.digits import load_digits
     from bench.defenses.baseline import Baseline
     from bench.models import build_model
     from bench.training import TrainConfig
 
-    rows = []
-    torch.manual_seed(0)
-    mnist = build_model("mnist-cnn", (1, 28, 28), 10, (0.1307,), (0.3081,)).eval()
-    x = torch.rand(images, 1, 28, 28)
-    y = mnist(x).argmax(1).detach()  # PGD's cost does not depend on the weights or the inputs
-    pgd = LinfPGD(LinfPGD.Params(steps=PGD_STEPS, restarts=1), chunk_size=chunk)  # one walk, as the loop
-    eps = 0.1
-    times = interleaved({
-        "hand-written torch loop": lambda: torch_pgd(mnist, x, y, eps, chunk),
-        "pgd-linf (foolbox)": lambda: pgd.run(mnist, x, y, [eps]),
-    }, repeats, warm_up=True)
-    rows.append(_row(f"PGD-Linf-{PGD_STEPS}, MNIST CNN, {images} images", "pgd-linf (foolbox)",
-                     "hand-written torch loop", times, TARGETS["pgd"]))
-
-    # CW stops early once it has converged, so it needs a trained model to do representative work.
     digits = load_digits()
     torch.manual_seed(0)
     defense = Baseline(build_model("digits-cnn", digits.shape, 10, digits.mean, digits.std))
-    defense.fit(digits.x_train, digits.y_train, TrainConfig(epochs=5))
-    model = defense.attack_model().eval()
-    xd, yd = digits.x_test[:images], digits.y_test[:images]
-    cw = CarliniWagnerL2(CarliniWagnerL2.Params(), chunk_size=chunk)
-    times = interleaved({
-        "foolbox direct": lambda: foolbox_cw_direct(model, xd, yd, cw.params, chunk),
-        "cw-l2 (foolbox)": lambda: cw.smallest_adversarials(model, xd, yd),
-    }, repeats, warm_up=True)
-    rows.append(_row(f"CW-L2, digits CNN, {len(xd)} images", "cw-l2 (foolbox)", "foolbox direct", times, TARGETS["cw"]))
-    return rows
+    defense.fit(digits.x_train, digits.y_train, TrainConfig(epochs=epochs))
+    return defense.attack_model().eval(), digits
 
 
-def pixeldp_prediction_rows(images: int, repeats: int) -> list[Row]:
+def _mnist_pixeldp(draws: int = PIXELDP_DRAWS):
     from bench.defenses.pixeldp import PixelDP
     from bench.models import build_model
 
     shape = (1, 28, 28)
     torch.manual_seed(0)
-    defense = PixelDP(build_model("mnist-cnn", shape, 10, (0.1307,), (0.3081,)), PixelDP.Params(draws=PIXELDP_DRAWS))
-    net = defense._build(shape).eval()
+    defense = PixelDP(build_model("mnist-cnn", shape, 10, (0.1307,), (0.3081,)), PixelDP.Params(draws=draws))
+    defense._build(shape)
     defense.measure_sensitivity()
+    return defense, shape
+
+
+def attack_rows(images: int, budget: Budget, chunk: int) -> list[Row]:
+    from bench.attacks.cw import CarliniWagnerL2
+    from bench.attacks.eot import EOT
+    from bench.attacks.pgd import LinfPGD
+
+    model, digits = _digits_model()
+    x, y = digits.x_test[:images], digits.y_test[:images]
+    pgd = LinfPGD(LinfPGD.Params(steps=PGD_STEPS, restarts=PGD_RESTARTS), chunk_size=chunk)
+    eps = 0.05
+    rows = [measure(f"PGD-Linf {PGD_STEPS} steps x {PGD_RESTARTS} walks (the default; verdicts between walks), "
+                    f"digits CNN, eps {eps}, {len(x)} images",
+                    ("pgd-linf (foolbox)", lambda: pgd.run(model, x, y, [eps])),
+                    ("the same loop in torch", lambda: torch_pgd(model, x, y, eps, chunk)), TARGETS["pgd"], budget)]
+
+    cw = CarliniWagnerL2(CarliniWagnerL2.Params(), chunk_size=chunk)
+    rows.append(measure(f"CW-L2 (5 x 200 steps, early stop), digits CNN, {len(x)} images",
+                        ("cw-l2 (foolbox)", lambda: cw.smallest_adversarials(model, x, y)),
+                        ("Carlini-Wagner in torch", lambda: torch_cw(model, x, y, cw.params, chunk)), TARGETS["cw"], budget))
+
+    defense, shape = _mnist_pixeldp()
+    noisy = defense.attack_model().eval()
+    xm = torch.rand(min(images, 64), *shape)
+    ym = torch.randint(0, 10, (len(xm),))
+    walk = LinfPGD(LinfPGD.Params(steps=PGD_STEPS, restarts=1), chunk_size=chunk)
+    rows.append(measure(f"EOT PGD-Linf {PGD_STEPS} steps on PixelDP, {EOT_DRAWS} draws per step, MNIST CNN, {len(xm)} images",
+                        ("pgd-linf through EOT", lambda: walk.perturb(EOT(noisy, EOT_DRAWS), xm, ym, 0.1)),
+                        ("all draws in one pass", lambda: torch_eot_pgd(noisy, xm, ym, 0.1, chunk)), TARGETS["eot"], budget))
+    return rows
+
+
+def autoattack_rows(images: int, budget: Budget) -> list[Row]:
+    """Each stage of the standard version through our cascade, and APGD with EOT on PixelDP."""
+    from bench.attacks.autoattack import COMPONENTS, LinfAutoAttack
+    from bench.attacks.eot import EOT
+
+    model, digits = _digits_model()
+    x, y = digits.x_test[:images], digits.y_test[:images]
+    eps, rows = 0.1, []
+    settings = {"steps": 100, "target_classes": 9, "square_queries": 1000}
+    for stage in ("apgd-ce", "apgd-t", "fab-t", "square"):
+        attack = LinfAutoAttack(LinfAutoAttack.Params(attacks=stage, **settings))
+        rows.append(measure(f"AutoAttack {stage} (100 steps, 9 targets, Square 1,000 queries), digits CNN, eps {eps}, "
+                            f"{len(x)} images", (f"autoattack-linf {stage}", lambda a=attack: a.run(model, x, y, [eps])),
+                            ("the reference's stage", lambda s=stage, a=attack: autoattack_stage_reference(
+                                s, model, x, y, eps, a.norm, a.params, a.chunk_size)), TARGETS["autoattack"], budget))
+
+    defense, shape = _mnist_pixeldp()
+    noisy = defense.attack_model().eval()
+    xm = torch.rand(min(images, 64), *shape)
+    ym = torch.randint(0, 10, (len(xm),))
+    params = LinfAutoAttack.Params(steps=PGD_STEPS)
+    ours = lambda: COMPONENTS["apgd-ce"](EOT(noisy, EOT_DRAWS), xm, ym, 0.1, "linf", params, 10)  # noqa: E731
+    rows.append(measure(f"APGD-CE {PGD_STEPS} steps on PixelDP, EOT {EOT_DRAWS} draws, MNIST CNN, {len(xm)} images",
+                        ("our EOT wrapper", ours),
+                        ("the reference's eot_iter", lambda: reference_apgd_eot(noisy, xm, ym, 0.1, PGD_STEPS, EOT_DRAWS, 64)),
+                        TARGETS["eot"], budget))
+    return rows
+
+
+def pixeldp_prediction_rows(images: int, budget: Budget) -> list[Row]:
+    defense, shape = _mnist_pixeldp()
+    net = defense.attack_model().eval()
     x = torch.rand(images, *shape)
-    # The floor at its best batch size: a quick sweep first.
-    sweep = interleaved({str(rows): (lambda rows=rows: pixeldp_floor(net, x[:16], PIXELDP_DRAWS, rows))
-                         for rows in (64, 128, 256, 512)}, repeats)
-    best_rows = int(min(sweep, key=lambda k: min(sweep[k][0])))
-    floor = f"floor ({best_rows} rows per pass)"
-    times = interleaved({
-        floor: lambda: pixeldp_floor(net, x, PIXELDP_DRAWS, best_rows),
-        "pixeldp evaluate": lambda: defense.evaluate(x),
-    }, repeats, warm_up=True)
-    return [_row(f"PixelDP predict+certify, {PIXELDP_DRAWS} draws, MNIST CNN, {images} images",
-                 "pixeldp evaluate", floor, times, TARGETS["pixeldp-predict"])]
+    # The floor at its best pass size: a quick sweep first (the fastest of 3 calls each).
+    sweep = {rows: min(_seconds(lambda rows=rows: pixeldp_floor(net, x[:16], PIXELDP_DRAWS, rows)) for _ in range(3))
+             for rows in (64, 128, 256, 512)}
+    best_rows = min(sweep, key=sweep.get)
+    return [measure(f"PixelDP predict+certify, {PIXELDP_DRAWS} draws, MNIST CNN, {images} images",
+                    ("pixeldp evaluate", lambda: defense.evaluate(x)),
+                    (f"chunked floor ({best_rows} rows per pass)", lambda: pixeldp_floor(net, x, PIXELDP_DRAWS, best_rows)),
+                    TARGETS["pixeldp-predict"], budget)]
 
 
-def training_rows(batch_size: int, steps: int, repeats: int) -> list[Row]:
+def _seconds(function: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def training_rows(images: int, batch_size: int, budget: Budget) -> list[Row]:
+    """One epoch of ``images`` MNIST-shaped images per defense, through the harness's training loop."""
     from bench.defenses.baseline import Baseline
     from bench.defenses.madry import Madry
     from bench.defenses.pixeldp import PixelDP
+    from bench.defenses.robustopt import RobustOpt
     from bench.models import build_model
+    from bench.training import TrainConfig
 
     shape, mean, std = (1, 28, 28), (0.1307,), (0.3081,)
     torch.manual_seed(0)
-    x = torch.rand(batch_size, *shape)
-    y = torch.randint(0, 10, (batch_size,))
+    x, y = torch.rand(images, *shape), torch.randint(0, 10, (images,))
+    config = TrainConfig(epochs=1, batch_size=batch_size)
+    plain = build_model("mnist-cnn", shape, 10, mean, std)
     baseline = Baseline(build_model("mnist-cnn", shape, 10, mean, std))
-    pixeldp = PixelDP(build_model("mnist-cnn", shape, 10, mean, std), PixelDP.Params())
+    pixeldp = PixelDP(build_model("mnist-cnn", shape, 10, mean, std))
     pixeldp._build(shape)
-    madry = Madry(build_model("mnist-cnn", shape, 10, mean, std), Madry.Params(epsilon=0.1))
-    for defense in (baseline, pixeldp, madry):
-        defense.model.train()
-    functions = {
-        "baseline step": repeated(make_step(baseline, x, y), steps),
-        "pixeldp step": repeated(make_step(pixeldp, x, y), steps),
-        "madry step (PGD-7)": repeated(make_step(madry, x, y), max(1, steps // 8)),
-    }
-    times = interleaved(functions, repeats, warm_up=True)
-    # Madry runs fewer steps (each costs about 8 baseline steps); compare per step.
-    madry_times, madry_memory = times["madry step (PGD-7)"]
-    times["madry step (PGD-7)"] = ([t * steps / max(1, steps // 8) for t in madry_times], madry_memory)
-    what = f"training step, MNIST CNN, batch {batch_size} (time per {steps} steps)"
-    return [
-        _row(what, "pixeldp step", "baseline step", times, TARGETS["pixeldp-train"]),
-        _row(what, "madry step (PGD-7)", "baseline step", times, None),
+    epoch = lambda defense: (lambda: defense.fit(x, y, config))  # noqa: E731
+    what = f"one training epoch, {images} MNIST-shaped images, batch {batch_size}"
+    rows = [
+        measure(what + ", mnist-cnn", ("baseline epoch (training loop)", epoch(baseline)),
+                ("bare SGD loop", lambda: hand_written_epoch(plain, x, y, batch_size)), TARGETS["epoch"], budget),
+        measure(what + ", mnist-cnn", ("pixeldp epoch", epoch(pixeldp)), ("baseline epoch", epoch(baseline)),
+                TARGETS["pixeldp-train"], budget),
     ]
+    unit_costs = Budget(rounds=3, max_rounds=3, seconds=budget.seconds)
+    for name, defense in (("madry epoch (PGD-7)", Madry(build_model("mnist-cnn", shape, 10, mean, std))),
+                          ("robustopt epoch", RobustOpt(build_model("wk-small", shape, 10, mean, std)))):
+        model_name = "wk-small" if name.startswith("robustopt") else "mnist-cnn"
+        rows.append(measure(f"{what}, {model_name}", (name, epoch(defense)), ("baseline epoch", epoch(baseline)), None,
+                            unit_costs, warm_up=False, note="different work: a unit cost, no target"))
+    return rows
 
 
 # The grid row's grid: the README's digits comparison on two seeds, at the training defaults (the
@@ -371,7 +584,7 @@ def _become_subreaper() -> None:
         pass  # elsewhere the CPU column misses the workers
 
 
-def grid_rows(repeats: int) -> list[Row]:
+def grid_rows(budget: Budget) -> list[Row]:
     """The same 4-run digits grid with ``bench run --jobs 2`` against ``--jobs 1``. The row also
     gives the CPU seconds of each (median over rounds): on a machine that other work keeps busy, a
     second worker gets no core of its own, but the CPU each side used is still a measurement."""
@@ -383,11 +596,11 @@ def grid_rows(repeats: int) -> list[Row]:
         cpu[jobs].append(bench_run(Path(scratch) / f"jobs{jobs}-{len(cpu[jobs])}", jobs))
 
     with tempfile.TemporaryDirectory() as scratch:
-        times = interleaved({"--jobs 2": lambda: run(scratch, 2), "--jobs 1": lambda: run(scratch, 1)}, repeats,
-                            memory=False)  # the work is in other processes
-    return [_row("bench run: 4-run digits grid (baseline, pixeldp draws=100 x seeds 0, 1; clean, pgd-linf 0.1 "
-                 f"one walk; default epochs and sizes); CPU s: --jobs 2 {statistics.median(cpu[2]):.1f}, "
-                 f"--jobs 1 {statistics.median(cpu[1]):.1f}", "--jobs 2", "--jobs 1", times, TARGETS["grid"])]
+        row = measure("bench run: 4-run digits grid (baseline, pixeldp draws=100 x seeds 0, 1; clean, pgd-linf 0.1 one walk; "
+                      "default epochs and sizes)", ("--jobs 2", lambda: run(scratch, 2)), ("--jobs 1", lambda: run(scratch, 1)),
+                      TARGETS["grid"], budget, warm_up=False, memory=False)  # the work is in other processes
+    row.what += f"; CPU s: --jobs 2 {statistics.median(cpu[2]):.1f}, --jobs 1 {statistics.median(cpu[1]):.1f}"
+    return [row]
 
 
 # -- the report --------------------------------------------------------------------------------------
@@ -403,49 +616,50 @@ def machine() -> str:
             f"load average {load}")
 
 
-def _spread(ratios: list[float]) -> str:
-    """The median of the per-round ratios and their range."""
-    if len(ratios) == 1:
-        return f"{ratios[0]:.2f}"
-    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
-
-
 def render(rows: list[Row]) -> str:
-    def mb(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.0f}"
+    def number(value: float | None, digits: int = 0) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
 
     lines = [
-        "| what | ours | reference | ours s | reference s | ratio | per round: median (range) | target | ours peak MB | reference peak MB | |",
-        "|:--|:--|:--|--:|--:|--:|--:|--:|--:|--:|:--|",
+        "| what | ours | reference | ours s | reference s | ratio | 95% interval | rounds | target | load | ours peak MB | reference peak MB | verdict |",
+        "|:--|:--|:--|--:|--:|--:|:--|--:|--:|--:|--:|--:|:--|",
     ]
     for row in rows:
         target = "" if row.target is None else (f"<= {row.target:.2f}" if row.target >= 1 else f"<= {row.target:.3f}")
+        low, high = row.interval
+        interval = "too few rounds" if math.isinf(high) else f"{low:.3f}-{high:.3f}"
         lines.append(
             f"| {row.what} | {row.ours} | {row.reference} | {row.seconds:.3f} | {row.reference_seconds:.3f} | "
-            f"{row.ratio:.3f} | {_spread(row.round_ratios)} | {target} | {mb(row.memory)} | {mb(row.reference_memory)} | {row.verdict} |"
+            f"{row.ratio:.3f} | {interval} | {len(row.times)} | {target} | {number(row.load, 1)} | {number(row.memory)} | "
+            f"{number(row.reference_memory)} | {row.verdict or row.note} |"
         )
     return "\n".join(lines)
 
 
-SECTIONS = ("attacks", "pixeldp", "training", "grid")
+SECTIONS = ("attacks", "autoattack", "pixeldp", "training", "grid")
 
 
-def run_perf(sections: tuple[str, ...] = SECTIONS, repeats: int = 3, images: int = 128, chunk: int = DEFAULT_ATTACK_BATCH_SIZE,
-             batch_size: int = 64, steps: int = 16) -> tuple[list[Row], str, str]:
+def run_perf(sections: tuple[str, ...] = SECTIONS, budget: Budget | None = None, images: int = 64,
+             chunk: int = DEFAULT_ATTACK_BATCH_SIZE, batch_size: int = 64, epoch_images: int = 2048,
+             ) -> tuple[list[Row], str, str]:
     """Measure ``sections``; returns the rows, the machine before and the machine after (load)."""
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # foolbox imports scipy.ndimage.filters
+    budget = budget or Budget()
     before = machine()
     rows: list[Row] = []
     if "attacks" in sections:
         LOGGER.info("perf: attacks")
-        rows += attack_rows(images, repeats, chunk)
+        rows += attack_rows(images, budget, chunk)
+    if "autoattack" in sections:
+        LOGGER.info("perf: autoattack stages")
+        rows += autoattack_rows(images, budget)
     if "pixeldp" in sections:
         LOGGER.info("perf: pixeldp prediction")
-        rows += pixeldp_prediction_rows(min(images, 64), repeats)
+        rows += pixeldp_prediction_rows(min(images, 64), budget)
     if "training" in sections:
-        LOGGER.info("perf: training steps")
-        rows += training_rows(batch_size, steps, repeats)
+        LOGGER.info("perf: training epochs")
+        rows += training_rows(epoch_images, batch_size, budget)
     if "grid" in sections:
         LOGGER.info("perf: grid, 2 workers against 1")
-        rows += grid_rows(max(1, repeats - 1))
+        rows += grid_rows(dataclasses.replace(budget, seconds=max(budget.seconds, 600.0)))
     return rows, before, machine()

@@ -304,7 +304,7 @@ def write_outputs(reproduction: Reproduction, store: Any, out: Path, overhead: p
     return verdicts, written
 
 
-# -- what will run, and an upper bound of its cost ---------------------------------------------------
+# -- what will run, and what it costs: the cost model ------------------------------------------------
 def gradient_passes(attack: Any, epsilons: int, draws: int) -> float:
     """Forward-and-backward passes per attacked image for one attack over ``epsilons`` budgets,
     when no point breaks early (the epsilon sweep and the cascades only ever do less)."""
@@ -324,74 +324,160 @@ def gradient_passes(attack: Any, epsilons: int, draws: int) -> float:
     return epsilons * draws * getattr(p, "steps", 20) * getattr(p, "restarts", 1)
 
 
+def rule_calls(attack: Any, epsilons: int, randomized: bool) -> tuple[float, float]:
+    """Per attacked image: calls of the defense's prediction rule that judge (the sweep's clean
+    verdict, per budget the verdicts of the attack's candidates and, on a randomized defense, the
+    verdict-flip check), and evaluations with the certificate (the record of each budget)."""
+    from bench.attacks.autoattack import AutoAttack
+
+    p = attack.params
+    if isinstance(attack, AutoAttack):
+        stages = p.components(randomized)
+        candidates = len(stages) + (sum(name.startswith("apgd") for name in stages) if randomized else 0)
+    elif attack.minimization:  # judged once for the whole curve, not per budget
+        candidates = (1 + len(attack.OUTWARD_SCALES) if randomized else 1) / max(1, epsilons)
+    else:
+        candidates = getattr(p, "restarts", 1)
+    return 1 + epsilons * (candidates + (1 if randomized else 0)), float(epsilons)
+
+
+def swept_share(epsilons: int) -> float:
+    """The expected share of an attack's bound that the epsilon sweep does: budget k attacks only
+    the points budgets below it left robust. Before the run nothing says how robust the model
+    is; the prior is a robust share falling evenly over the grid, from all points at its first
+    budget to none past its last (what a grid chosen to span the accuracy curve gives):
+    (K + 1) / 2K of the points over K budgets."""
+    return (epsilons + 1) / (2 * epsilons)
+
+
 def unit_seconds(model: Any, shape: tuple[int, ...], batch: int = 64, repeats: int = 3) -> tuple[float, float]:
     """Seconds per image of a forward pass and of a forward-and-backward pass (input gradient) of
     ``model`` on this machine, in batches of ``batch`` (the fastest of ``repeats``)."""
     import torch
 
+    from bench.attacks.base import frozen_parameters
+
     x = torch.rand(batch, *shape)
     model.eval()
     forward, gradient = [], []
-    model(x.clone().requires_grad_(True)).sum().backward()  # the first call allocates: not timed
-    for _ in range(repeats):
-        start = time.perf_counter()
-        with torch.no_grad():
-            model(x)
-        forward.append(time.perf_counter() - start)
-        inputs = x.clone().requires_grad_(True)
-        start = time.perf_counter()
-        model(inputs).sum().backward()
-        gradient.append(time.perf_counter() - start)
+    with frozen_parameters(model):  # as attacks run it: no weight gradients
+        model(x.clone().requires_grad_(True)).sum().backward()  # the first call allocates: not timed
+        for _ in range(repeats):
+            start = time.perf_counter()
+            with torch.no_grad():
+                model(x)
+            forward.append(time.perf_counter() - start)
+            inputs = x.clone().requires_grad_(True)
+            start = time.perf_counter()
+            model(inputs).sum().backward()
+            gradient.append(time.perf_counter() - start)
     return min(forward) / batch, min(gradient) / batch
 
 
-def cost_bound(specs: list[Any], datasets: dict[Any, Any]) -> pd.DataFrame:
-    """Per run of the grid: images, attacks and an upper bound of its CPU-seconds (training, and
-    evaluation as if no point broke early), from unit costs measured on this machine's model."""
+@dataclass
+class Units:
+    """One run's unit costs on this machine: seconds per image of a gradient pass through what
+    the attacks see (one noise draw), of the defense's prediction rule, and of its evaluation
+    (prediction and certificate); seconds per training step of 64 images."""
+
+    gradient: float
+    predict: float
+    evaluate: float
+    train_step: float
+
+
+def measure_units(spec: Any, dataset: Any) -> Units:
+    """The run's units, on its own model and parameters (untrained weights: the costs do not
+    depend on them, except RobustOpt's exact certificates, through its unstable ReLUs)."""
+    from bench.overhead import step_seconds
+    from bench.runner import build_defense
+    from bench.training import TrainConfig
+
+    defense, _ = build_defense(spec, dataset, "cpu")
+    defense.fit(dataset.x_train[:64], dataset.y_train[:64], TrainConfig(epochs=1, batch_size=64))  # builds it
+    _, gradient = unit_seconds(defense.attack_model(), tuple(dataset.shape))
+    x = dataset.x_test[:32]
+    seconds = {}
+    for name in ("predict", "evaluate"):
+        call = getattr(defense, name)
+        call(x[:4])  # the first call allocates: not timed
+        start = time.perf_counter()
+        call(x)
+        seconds[name] = (time.perf_counter() - start) / len(x)
+    train_step = step_seconds(spec.defense, dataset, steps=2, params=dict(spec.params), batch_size=64, seed=spec.seed,
+                              model=spec.model)
+    return Units(gradient, seconds["predict"], seconds["evaluate"], train_step)
+
+
+COST_COLUMNS = ["run", "step", "count", "CPU s", "expected CPU s"]
+
+
+def cost_model(specs: list[Any], datasets: dict[Any, Any]) -> pd.DataFrame:
+    """Per run and step of the grid (``COST_COLUMNS``): unit costs measured here times counts.
+    ``CPU s`` is a bound, as if no point broke before the largest budget (the sweep and the
+    cascades only do less); ``expected CPU s`` takes the sweep's prior share (``swept_share``)
+    of the fixed-budget attacks. A training shared by several runs (one checkpoint) counts once.
+    Units are measured on untrained weights: RobustOpt's exact certificates cost more on them
+    (more unstable ReLUs) than on a trained model."""
+    import math
+
     from bench.api import describe
-    from bench.registry import DEFENSES
+    from bench.diagnostics import PROBE_SIZE, PROBE_STEPS
     from bench.runner import build_defense, spec_steps
     from bench.training import training_defaults
 
-    rows, units = [], {}
+    rows, trained = [], set()
     for spec in specs:
         dataset = datasets[(spec.dataset, spec.image_size)]
         defense, model_name = build_defense(spec, dataset, "cpu")
-        if model_name not in units:
-            units[model_name] = unit_seconds(defense.model, tuple(dataset.shape))
-        forward, gradient = units[model_name]
+        run = describe(defense, spec.defense, model_name)[0]
+        units = measure_units(spec, dataset)
         defaults = training_defaults(spec.defense, spec.dataset)
         epochs = spec.epochs or defaults["epochs"]
         n_train = min(spec.train_size or len(dataset.y_train), len(dataset.y_train))
         n_test = min(spec.test_size or defaults["test_size"] or len(dataset.y_test), len(dataset.y_test))
-        cost = DEFENSES.get(spec.defense).training_cost(defense.params)
         randomized = defense.randomized
-        draws = getattr(defense.params, "draws", 1) if randomized else 1
-        steps = spec_steps(spec)
-        passes = sum(gradient_passes(step.attack, len(step.epsilons), spec.eot_draws if randomized else 1)
-                     for step in steps)
-        verdicts = sum(len(step.epsilons) for step in steps) * 3 * draws  # rule calls: records and sweep verdicts
-        rows.append({
-            "run": describe(defense, spec.defense, model_name)[0],
-            "train images x epochs": n_train * epochs,
-            "test images": n_test,
-            "attacks": len(steps),
-            "training s": 2 * gradient * n_train * epochs * cost,  # weight gradients and the update: ~2x an input gradient
-            "evaluation s (bound)": n_test * (passes * gradient + (draws + verdicts) * forward),
-        })
-    return pd.DataFrame(rows)
+        draws = spec.eot_draws if randomized else 1
+
+        def add(step: str, count: str, seconds: float, share: float = 1.0) -> None:
+            rows.append({"run": run, "step": step, "count": count, "CPU s": seconds, "expected CPU s": seconds * share})
+
+        if spec.training_hash() not in trained:
+            trained.add(spec.training_hash())
+            steps = math.ceil(n_train / 64) * epochs
+            add("train", f"{steps} steps x {units.train_step:.3f} s", steps * units.train_step)
+        probe = min(n_test, PROBE_SIZE)
+        passes = n_test * draws + probe * PROBE_STEPS * draws
+        verdicts = probe + (n_test if randomized else 0)
+        add("clean", f"{passes:.0f} passes x {units.gradient * 1e3:.3f} ms + {verdicts} verdicts x "
+                     f"{units.predict * 1e3:.3f} ms + {n_test} evaluations x {units.evaluate * 1e3:.3f} ms",
+            passes * units.gradient + verdicts * units.predict + n_test * units.evaluate)
+        for step in spec_steps(spec):
+            budgets = len(step.epsilons)
+            seen = 1 if step.attack.target == "surrogate" else draws
+            passes = n_test * gradient_passes(step.attack, budgets, seen)
+            verdicts, evaluations = (n_test * calls for calls in rule_calls(step.attack, budgets, randomized))
+            add(step.name, f"{passes:.0f} passes x {units.gradient * 1e3:.3f} ms + {verdicts:.0f} verdicts x "
+                           f"{units.predict * 1e3:.3f} ms + {evaluations:.0f} evaluations x {units.evaluate * 1e3:.3f} ms",
+                passes * units.gradient + verdicts * units.predict + evaluations * units.evaluate,
+                1.0 if step.attack.minimization else swept_share(budgets))
+    return pd.DataFrame(rows, columns=COST_COLUMNS)
 
 
 def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def plan_text(table: pd.DataFrame, jobs: int) -> str:
-    training, evaluation = table["training s"].sum(), table["evaluation s (bound)"].sum()
-    shown = table.assign(**{c: table[c].map(_duration) for c in ("training s", "evaluation s (bound)")})
-    return (shown.to_string(index=False) + "\n"
-            f"at most {_duration(training + evaluation)} of CPU ({_duration(training)} training, "
-            f"{_duration(evaluation)} evaluation if no point broke before the largest budget), about "
-            f"{_duration((training + evaluation) / max(1, jobs))} of wall time on {jobs} worker(s) at most; "
-            "the epsilon sweep attacks only the points smaller budgets left robust, so robust models cost "
-            "near this bound and weak ones far less; stored steps are not redone")
+def plan_text(costs: pd.DataFrame, jobs: int) -> str:
+    """Per run: CPU of training and of evaluation; the totals and the wall time on ``jobs`` workers."""
+    by_run = costs.assign(part=costs.step.where(costs.step == "train", "evaluation")).pivot_table(
+        index="run", columns="part", values=["CPU s", "expected CPU s"], aggfunc="sum", sort=False, fill_value=0.0)
+    table = pd.DataFrame({"training": by_run[("CPU s", "train")].map(_duration),
+                          "evaluation (bound)": by_run[("CPU s", "evaluation")].map(_duration),
+                          "evaluation (expected)": by_run[("expected CPU s", "evaluation")].map(_duration)})
+    bound, expected = float(costs["CPU s"].sum()), float(costs["expected CPU s"].sum())
+    return (table.to_string() + "\n"
+            f"expected {_duration(expected)} of CPU, about {_duration(expected / max(1, jobs))} of wall time on {jobs} "
+            f"worker(s); at most {_duration(bound)} of CPU ({_duration(bound / max(1, jobs))} of wall time) if no point "
+            "broke before the largest budget; stored steps are not redone (bench perf --reproduction NAME: the cost of "
+            "each step)")

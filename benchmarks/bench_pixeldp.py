@@ -14,10 +14,23 @@ import time
 import torch
 
 from bench.models import build_model
-from bench.perf import make_step
 from bench.registry import build_params
 from bench.defenses.baseline import Baseline
 from bench.defenses.pixeldp import PixelDP
+
+
+def make_step(defense, x: torch.Tensor, y: torch.Tensor):
+    """One optimiser step of ``defense``'s training loss, as the shared training loop takes it."""
+    optimizer = torch.optim.SGD(defense.model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def step() -> None:
+        loss = defense.training_loss(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        defense.after_step()
+
+    return step
 
 
 def timed(step, steps: int) -> float:

@@ -124,3 +124,24 @@ def test_the_whole_mnist_reproduction_runs_on_digits_through_the_cli(bench, tmp_
     work = sum(float(store_work.seconds.sum()) for store_work in
                (Store(out).work(run.run_id) for run in Store(out).runs()))
     assert session["wall_seconds"] >= work > 0
+
+
+def test_the_cost_model_prints_every_step_of_every_run_and_their_sum(bench):
+    code, stdout, stderr = bench("perf", "--reproduction", "pixeldp-mnist", "--profile", "tiny", "--dataset", "digits",
+                                 "--jobs", "2", "--quiet")
+    assert code == 0, stderr
+    rows = [line.split("|")[1:-1] for line in stdout.splitlines() if line.startswith("|") and "---" not in line][1:]
+    steps = {(run.strip(), step.strip()) for run, step, *_ in rows}
+    runs = {run for run, _ in steps}
+    assert len(runs) == 9 and all((run, "train") in steps and (run, "clean") in steps for run in runs)
+    assert ("baseline", "autoattack-l2") in steps and ("baseline", "square-linf") in steps  # attacks and the audit
+    seconds = [float(cpu) for _, _, _, cpu, _ in rows]
+    assert all(value >= 0 for value in seconds) and all(float(cpu) > 0 for _, step, _, cpu, _ in rows if step.strip() == "train")
+    assert all(float(expected) <= float(cpu) for _, _, _, cpu, expected in rows)  # the sweep only does less
+    total = re.search(r"at most ([\d.]+) (s|min) of CPU", stdout)
+    # the two PixelDP L=0.1 runs of 300 draws (certified accuracy; CW for robust precision) share one training
+    pixeldp = [step.strip() for run, step, *_ in rows if run.strip() == "pixeldp"]
+    assert pixeldp.count("clean") == 2 and pixeldp.count("train") == 1
+    printed = float(total.group(1)) * (60 if total.group(2) == "min" else 1)
+    # each row is printed rounded to 0.01 s, the total to 0.1 min (or 1 s)
+    assert abs(printed - sum(seconds)) <= 0.005 * len(seconds) + (3 if total.group(2) == "min" else 0.5)

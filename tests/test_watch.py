@@ -106,23 +106,6 @@ def _normal_logging():
     logging.getLogger("bench").setLevel(logging.INFO)
 
 
-def test_perf_calls_foolbox_cw_with_the_attacks_own_settings():
-    """`bench perf`'s reference CW runs foolbox directly with cw-l2's defaults (confidence None
-    resolves to the model's margin) and returns one image per input, in the box."""
-    import torch
-    from torch import nn
-
-    from bench.attacks.cw import CWL2Params
-    from bench.perf import foolbox_cw_direct
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
-    x, y = torch.rand(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
-    adversarials = foolbox_cw_direct(model, x, y, CWL2Params(binary_search_steps=1, steps=3), chunk=4)
-    assert adversarials.shape == x.shape
-    assert adversarials.min() >= 0 and adversarials.max() <= 1
-
-
 class TimedStream(io.StringIO):
     """A non-terminal stderr that notes when each line arrives."""
 
