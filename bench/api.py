@@ -40,7 +40,9 @@ from bench.diagnostics import Assessment, Diagnostic, assess, probe_clean, rando
 from bench.errors import BenchError
 from bench.metrics import THRESHOLD_GRID
 from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
-from bench.spec import Epsilons, RunSpec, check_epsilon_keys, epsilons_for, scoped, unclaimed, with_audit
+from bench.spec import (
+    Epsilons, RunSpec, check_epsilon_keys, epsilons_for, parse_assignments, scoped, unclaimed, with_audit,
+)
 from bench.store import MODEL_STEPS, RUN_FIELDS, Run, Store
 from bench.training import TrainConfig, check_learned, training_defaults
 from bench.threads import using_threads
@@ -811,14 +813,14 @@ def load_results(
     ``where`` keeps matching runs, as ``bench report --where``: ``{"defense": "pixeldp", "L": 0.1}``
     or ``["defense=pixeldp"]`` (run columns, spec fields, defense parameters).
     """
-    from bench.reports.load import load_results as load_selection, parse_where
+    from bench.reports.load import load_results as load_selection
 
     if isinstance(where, Mapping):
         pairs = [(str(k), str(v)) for k, v in where.items()]
     else:
         pairs = [item if isinstance(item, tuple) else None for item in where]
         if None in pairs:
-            pairs = parse_where([str(item) for item in where])
+            pairs = parse_assignments([str(item) for item in where], "--where", "dataset=svhn")
     selection = load_selection(result_stores(directory), pairs)
     return Results(selection.runs, selection.records, thresholds)
 

@@ -380,7 +380,7 @@ def _with_command_line(config: dict[str, Any], args: argparse.Namespace) -> dict
     options = dict(config)
     for key in ("param", "attack_param"):
         table = _flatten(options.get(key, {}), key)
-        table.update(parse_assignments(getattr(args, key) or [], "--" + key.replace("_", "-")))
+        table.update(dict(parse_assignments(getattr(args, key) or [], "--" + key.replace("_", "-"))))
         options[key] = table
     for key, value in vars(args).items():
         if key in CONFIG_KEYS and key not in ("param", "attack_param") and value is not None:
@@ -605,8 +605,8 @@ def command_eval(args: argparse.Namespace) -> int:
         check_writable_dir(args.out)
     DATASETS.get(args.dataset)
     defense_class = DEFENSES.get(args.defense)
-    params = parse_assignments(args.param or [], "--param")
-    attack_params = parse_assignments(args.attack_param or [], "--attack-param")
+    params = dict(parse_assignments(args.param or [], "--param"))
+    attack_params = dict(parse_assignments(args.attack_param or [], "--attack-param"))
     attacks = args.attack or []
     if epsilons is not None and not attacks:
         raise BenchError(NO_ATTACK)
@@ -684,7 +684,7 @@ def command_report(args: argparse.Namespace) -> int:
         check_writable_dir(args.out, "report --out")
     from bench.metrics import TABLE_THRESHOLDS, THRESHOLD_GRID
     from bench.reports.compare import compare, render_comparison
-    from bench.reports.load import load_results, parse_where
+    from bench.reports.load import load_results
     from bench.reports.render import render, to_csv
     from bench.reports.tables import tables_from
     from bench.api import result_stores
@@ -705,7 +705,7 @@ def command_report(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(text + "\n")
         return 0
-    where = parse_where(args.where)
+    where = parse_assignments(args.where, "--where", "dataset=svhn")
     results = load_results(stores, where)
     # plots draw certified accuracy over the full default grid, whatever the tables show
     grid = sorted({round(float(t), 6) for t in (*THRESHOLD_GRID, *(shown or ()))})
