@@ -37,7 +37,8 @@ from bench.attacks.base import Connected, frozen_parameters
 from bench.datasets.base import Dataset, balanced_subset
 from bench.defenses.base import Certificate, Defense
 from bench.diagnostics import Assessment, Diagnostic, assess, probe_clean, randomized_points, verdict_flips
-from bench.errors import BenchError
+from bench.checkpoint import load_into
+from bench.errors import BenchError, one_line
 from bench.metrics import THRESHOLD_GRID
 from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
 from bench.spec import (
@@ -208,42 +209,16 @@ def load_model(spec: str, checkpoint: Path | str | None = None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise BenchError(f"--model {spec}: {attribute}() returned a {type(model).__name__}, not a torch nn.Module")
     if checkpoint is not None:
-        load_weights(model, checkpoint, spec)
+        load_into(model, checkpoint, "--checkpoint", fits=spec)
     model.eval()
     model.model_spec = spec  # recorded in specs, with the weights' fingerprint
     return model
 
 
-def load_weights(model: nn.Module, checkpoint: Path | str, what: str = "the model") -> None:
-    """Load a state dict into ``model`` with ``weights_only=True``; one-line errors."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        raise BenchError(f"--checkpoint {path} is a directory; give the state-dict file itself (what torch.save wrote)")
-    if not path.is_file():
-        raise BenchError(f"--checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise BenchError(f"--checkpoint {path} is not a weights-only torch file (tensors and plain values; "
-                         f"nothing in it may run code): {_one_line(error)}") from None
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BenchError(f"--checkpoint {path} holds no state dict (names -> tensors)")
-    try:
-        model.load_state_dict(state)
-    except Exception as error:
-        raise BenchError(f"--checkpoint {path} does not fit {what}: {_one_line(error)}") from None
-
-
 def _one_line(error: BaseException) -> str:
     if isinstance(error, SystemExit):
         return f"it called sys.exit({error.code!r}); a model file must define the model, not end the process"
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = "; ".join(lines) or type(error).__name__
-    text = text if len(text) <= 300 else text[:297] + "..."
-    return f"{type(error).__name__}: {text}"
+    return one_line(error)
 
 
 # -- data ------------------------------------------------------------------------------------------
