@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from bench.confidence import CHANCE_ALPHA, most_right_by_guessing
+from bench.confidence import at_chance, chance_level
 from bench.types import ABSTAIN, RECORD_COLUMNS, Record
 
 RUN_KEYS = ["run_id", "dataset", "defense", "label", "params"]
@@ -248,24 +248,21 @@ def sanity_warnings(
       it needs ``input_dim``, the number of values per input, C*H*W);
     - a randomized defense attacked with a single noise draw per step (non-adaptive);
     - two attacks of one norm that disagree per sample by more than 1 point (``strength_warnings``);
-    - clean accuracy not significantly above chance (the largest class share; the exact binomial
-      test at ``CHANCE_ALPHA``): an untrained model, or inputs or labels not as the model expects.
+    - clean accuracy not significantly above chance (the largest class's share;
+      ``bench.confidence.at_chance``): an untrained model, or inputs or labels not as the model expects.
     """
     warnings = []
     frame = records_frame(records)
     table = accuracy_under_attack(frame)
     clean = frame[frame.attack == "clean"]
-    chance = float(clean.true_label.value_counts(normalize=True).max()) if not clean.empty else None
-    if chance is not None:
-        guessed = most_right_by_guessing(len(clean), chance, CHANCE_ALPHA)
-        if guessed is not None and int(clean.correct.sum()) <= guessed:
-            abstained = int((clean.prediction == ABSTAIN).sum())
-            warnings.append(
-                f"clean accuracy {clean.correct.mean():.3f} <= chance {chance:.3f} (the largest class share) + "
-                f"{guessed / len(clean) - chance:.3f}, what guessing reaches with probability {1 - CHANCE_ALPHA:g} on "
-                f"{len(clean)} test inputs{f' ({abstained} abstentions)' if abstained else ''}: the model does no "
-                "better than guessing (untrained, or inputs or labels not as it expects), so its robustness numbers say nothing"
-            )
+    chance = chance_level(clean.true_label) if not clean.empty else None
+    finding = at_chance(int(clean.correct.sum()), len(clean), chance, inputs="test inputs") if chance is not None else None
+    if finding is not None:
+        abstained = int((clean.prediction == ABSTAIN).sum())
+        warnings.append(
+            f"clean {finding}{f' ({abstained} abstentions)' if abstained else ''}: the model does no better than "
+            "guessing (untrained, or inputs or labels not as it expects), so its robustness numbers say nothing"
+        )
     for (attack, norm), group in table[table.attack != "worst-case"].groupby(["attack", "norm"]):
         group = group.sort_values("epsilon")
         accuracy = group.accuracy.to_numpy()
