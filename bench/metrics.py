@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from bench.confidence import at_chance, chance_level
-from bench.types import ABSTAIN, RECORD_COLUMNS, Record
+from bench.types import ABSTAIN, RECORD_COLUMNS, Record, certified_at, has_certificate
 
 RUN_KEYS = ["run_id", "dataset", "defense", "label", "params"]
 CLEAN = "clean"  # the attack name of the unperturbed step
@@ -45,8 +45,8 @@ def records_frame(records: list[Record], run_id: str = "run") -> pd.DataFrame:
 
 def certified_mask(records: pd.DataFrame) -> np.ndarray:
     """Which records carry a certificate: the stored ``certified`` flag, else (records without
-    it) the convention of ``bench.types.Certificate``: not abstained and a radius above 0."""
-    derived = (records.certified_label != ABSTAIN) & (records.certified_radius > 0)
+    it) the rule ``bench.types.has_certificate``: not abstained and a radius above 0."""
+    derived = has_certificate(records.certified_label, records.certified_radius)
     if "certified" not in records:
         return derived.to_numpy(dtype=bool)
     stored = records.certified
@@ -132,10 +132,10 @@ def certified(records: pd.DataFrame, thresholds: tuple[float, ...] = THRESHOLD_G
     for key, index in with_certificates.groupby(keys, sort=False).indices.items():
         group = with_certificates.iloc[index]
         radius = group.certified_radius.to_numpy(dtype=float)
-        has_certificate = mask[index]
+        with_certificate = mask[index]
         correct = (group.certified_label == group.true_label).to_numpy()
         for threshold in thresholds:
-            robust = has_certificate & (radius >= threshold)
+            robust = certified_at(with_certificate, radius, threshold)
             robust_n, robust_correct = int(robust.sum()), int((robust & correct).sum())
             rows.append({
                 **dict(zip(keys, key)),

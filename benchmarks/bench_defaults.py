@@ -19,6 +19,7 @@ from bench.registry import DATASETS
 from bench.jobs import run_grid
 from bench.spec import RunSpec
 from bench.store import Store
+from bench.types import certified_at, has_certificate
 
 DEFENSES = ("baseline", "madry", "robustopt", "pixeldp", "smoothing")
 TARGETS = {"robustopt": 0.90}  # clean accuracy every seed must reach; 0.95 for the others
@@ -32,7 +33,9 @@ def certified_text(records) -> str:
         return ""
     norm = clean.certified_norm.iloc[0]
     correct = clean.certified_label == clean.label
-    parts = [f"{float((correct & (clean.certified_radius >= t)).mean()):.3f} at {t:g}" for t in THRESHOLDS[norm]]
+    certified = has_certificate(clean.certified_label, clean.certified_radius)
+    parts = [f"{float((correct & certified_at(certified, clean.certified_radius, t)).mean()):.3f} at {t:g}"
+             for t in THRESHOLDS[norm]]
     return f"{', '.join(parts)} ({norm})"
 
 
