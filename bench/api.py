@@ -47,7 +47,7 @@ from bench.spec import (
 from bench.store import MODEL_STEPS, RUN_FIELDS, Run, Store
 from bench.training import TrainConfig, check_learned, training_defaults
 from bench.threads import using_threads
-from bench.types import RECORD_COLUMNS, Record
+from bench.types import CLEAN, RECORD_COLUMNS, Record
 from bench.validation import (
     check_epsilon_bounds, check_epsilons, check_subset_size, check_writable_dir, validate_options,
 )
@@ -420,8 +420,8 @@ def attack_steps(
             attack, name = entry, entry.name or type(entry).__name__.lower()
         else:
             raise BenchError(f"attacks must be names or Attack objects, got {type(entry).__name__}")
-        if name in names or name == "clean":
-            raise BenchError(f"attack {name!r} is given twice" if name in names else "'clean' is not an attack name")
+        if name in names or name == CLEAN:
+            raise BenchError(f"attack {name!r} is given twice" if name in names else f"{CLEAN!r} is not an attack name")
         names.add(name)
         steps.append(Step(name, attack, tuple(float(e) for e in _epsilons_for(name, attack, epsilons))))
     check_epsilon_keys(epsilons, {step.name: step.attack.norm for step in steps})
@@ -496,15 +496,15 @@ def evaluate_step(
     declared = defense.randomized
     if step.attack is None:
         predictions, certificate = defense.evaluate(x)
-        records = records_for(index, y, predictions, certificate, "clean", None, 0.0, None)
+        records = records_for(index, y, predictions, certificate, CLEAN, None, 0.0, None)
         target = defense.attack_model()
-        varies = [] if declared else [Diagnostic("clean", "undeclared-randomness", 0.0,
+        varies = [] if declared else [Diagnostic(CLEAN, "undeclared-randomness", 0.0,
                                                  int(randomized_points(target, x).sum()), len(x))]
         randomized = declared or bool(varies and varies[0].count)
         if randomized:
             target = EOT(target, eot_draws)
         with frozen_parameters(target):
-            probes = probe_clean("clean", target, x, y, defense.predict, predictions, randomized)
+            probes = probe_clean(CLEAN, target, x, y, defense.predict, predictions, randomized)
         return StepResult(records, varies + probes)
     target = Connected(attack_target(defense, step.attack, surrogate))
     randomized = declared or (step.attack.target != "surrogate" and bool(randomized_points(target, x).any()))
@@ -568,7 +568,7 @@ def evaluate_steps(
     ``surrogate`` builds the undefended surrogate for transfer attacks, once, when one needs it."""
     results: list[StepResult] = []
     built: list[nn.Module | None] = []
-    for step in [Step("clean"), *steps]:
+    for step in [Step(CLEAN), *steps]:
         if step.name in done:
             continue
         model = None

@@ -20,6 +20,7 @@ from bench.spec import (
 from bench.validation import (
     check_epsilons, check_scheduler, check_subset_size, check_writable_dir, validate_options, validate_request,
 )
+from bench.types import CLEAN
 
 # TOML keys accepted by --config: the long options, with "_" for "-".
 CONFIG_KEYS = {
@@ -463,7 +464,7 @@ def command_run(args: argparse.Namespace) -> int:
     shown = {name: table[table.run_id.isin(run_ids)] if not table.empty else table for name, table in tables.items()}
     if not shown["certified"].empty:
         certified = shown["certified"]
-        shown["certified"] = certified[(certified.attack == "clean") & certified.threshold.isin(TABLE_THRESHOLDS)]
+        shown["certified"] = certified[(certified.attack == CLEAN) & certified.threshold.isin(TABLE_THRESHOLDS)]
     print(render(shown, "md"))
     if _report_failures(outcome):
         return 1
@@ -634,7 +635,7 @@ def command_eval(args: argparse.Namespace) -> int:
     else:
         certified = tables["certified"]
         if not certified.empty:
-            tables["certified"] = certified[(certified.attack == "clean") & certified.threshold.isin(TABLE_THRESHOLDS)]
+            tables["certified"] = certified[(certified.attack == CLEAN) & certified.threshold.isin(TABLE_THRESHOLDS)]
         print(render(tables, "md"))
         if args.out is not None:
             print(f"stored run {results.runs.run_id[0]} in {args.out / 'results.sqlite'}")

@@ -21,10 +21,9 @@ import numpy as np
 import pandas as pd
 
 from bench.confidence import at_chance, chance_level
-from bench.types import ABSTAIN, RECORD_COLUMNS, Record, certified_at, has_certificate
+from bench.types import ABSTAIN, CLEAN, RECORD_COLUMNS, Record, certified_at, has_certificate
 
 RUN_KEYS = ["run_id", "dataset", "defense", "label", "params"]
-CLEAN = "clean"  # the attack name of the unperturbed step
 WORST_CASE = "worst-case"  # the per-sample worst case over the attacks of one norm
 
 # The certified thresholds T, listed once: the fine grid of the JSON, CSV and plots; the columns
@@ -164,7 +163,7 @@ def median_perturbation(records: pd.DataFrame) -> pd.DataFrame:
     least half the points. For minimisation attacks (CW, FMN) this is the median minimal
     perturbation; for fixed-budget attacks it is resolved only to the epsilon grid."""
     columns = RUN_KEYS + ["attack", "norm", "median_perturbation", "n"]
-    attacked = records[(records.attack != "clean") & records.distance.notna()]
+    attacked = records[(records.attack != CLEAN) & records.distance.notna()]
     if attacked.empty:
         return pd.DataFrame(columns=columns)
     keys = RUN_KEYS + ["attack", "norm"]
@@ -210,7 +209,7 @@ def strength_warnings(frame: pd.DataFrame, among: Callable[[str], bool] | None =
     worst case, the figure to quote. Each warning starts with ``attack strength (NORM)``. ``among``
     limits the pairs to the attacks it accepts (the worst case still counts every attack).
     """
-    attacked = frame[frame.attack != "clean"]
+    attacked = frame[frame.attack != CLEAN]
     warnings = []
     for norm, by_norm in attacked.groupby("norm", sort=True):
         correct = by_norm.pivot_table(index=["epsilon", "sample_index"], columns="attack", values="correct", aggfunc="min")
@@ -254,7 +253,7 @@ def sanity_warnings(
     warnings = []
     frame = records_frame(records)
     table = accuracy_under_attack(frame)
-    clean = frame[frame.attack == "clean"]
+    clean = frame[frame.attack == CLEAN]
     chance = chance_level(clean.true_label) if not clean.empty else None
     finding = at_chance(int(clean.correct.sum()), len(clean), chance, inputs="test inputs") if chance is not None else None
     if finding is not None:

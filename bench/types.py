@@ -16,6 +16,9 @@ THREAT_MODELS: dict[Norm, ThreatModel] = {"linf": "Linf", "l2": "L2", "l1": "L1"
 ABSTAIN = -1
 """The label of a point on which a defense declines to predict or certify."""
 
+CLEAN = "clean"
+"""The attack name of the unattacked step: the clean inputs' records and diagnostics carry it."""
+
 
 def has_certificate(label, radius):
     """The certificate rule, the one definition: a point is certified iff its certified ``label``
