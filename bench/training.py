@@ -21,16 +21,15 @@ from bench.progress import Progress
 # parameters, under whatever --param gives; test_size None is the whole test split. The runner
 # stores the resolved values in the run's spec, so they are part of its training hash.
 # Why the rows (docs/comparison-defenses.md has the runs):
-# - robustopt at lr 0.05 collapses while its epsilon ramps up (49% clean on digits, most
-#   predictions one class; a constant classifier on MNIST); 0.01 trains on both. Its ramp must
-#   end inside MNIST's 8 epochs (Wong & Kolter ramp over the first half), with their 50 projections.
+# - robustopt at lr 0.05 collapses while its epsilon ramps up (most predictions one class); 0.01
+#   trains on digits and MNIST. Its ramp must end inside MNIST's 8 epochs (Wong & Kolter ramp over
+#   the first half), with their 50 projections.
 # - madry (every example adversarial) at lr 0.05 stays at chance on MNIST; 0.02 trains. Its
 #   training epsilon is the class's CIFAR-10 recipe (L-inf 8/255) unless a row sets one: 0.1 on
-#   digits, MNIST and Fashion-MNIST, inside their attack grids (to 0.3), the setting measured on
-#   MNIST (docs/comparison-defenses.md: 98.8% clean, 94.8% under PGD-40 at 0.1); Madry et al.'s
-#   MNIST 0.3 needs 40 steps of 0.01 and a far longer schedule than 8 CPU epochs.
+#   digits, MNIST and Fashion-MNIST, inside their attack grids (to 0.3); Madry et al.'s MNIST 0.3
+#   needs 40 steps of 0.01 and a far longer schedule than 8 CPU epochs.
 # - digits is the quick look: 200 of its 500 test images (95% intervals +-3 points; pass
-#   --test-size 500 for all) keep the README's first command near half a minute of CPU.
+#   --test-size 500 for all) keep the README's first command short.
 # Digits rows are checked on seeds 0, 1, 2 by benchmarks/bench_defaults.py.
 TRAINING_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("*", "*"):                     {"lr": 0.05, "epochs": 30, "test_size": None},
