@@ -262,7 +262,7 @@ def sanity_warnings(
             f"clean {finding}{f' ({abstained} abstentions)' if abstained else ''}: the model does no better than "
             "guessing (untrained, or inputs or labels not as it expects), so its robustness numbers say nothing"
         )
-    for (attack, norm), group in table[table.attack != "worst-case"].groupby(["attack", "norm"]):
+    for (attack, norm), group in table[table.attack != WORST_CASE].groupby(["attack", "norm"]):
         group = group.sort_values("epsilon")
         accuracy = group.accuracy.to_numpy()
         rises = np.diff(accuracy) > 0.02  # tolerate noise from randomized prediction

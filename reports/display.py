@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from bench.metrics import PRECISION_THRESHOLDS, TABLE_THRESHOLDS
+from bench.metrics import PRECISION_THRESHOLDS, TABLE_THRESHOLDS, WORST_CASE
 from bench.reports.labels import FLAG, NORM_NAMES, config_order, ranked
 from bench.reports.tables import ranking_table
 from bench.types import CLEAN
@@ -37,7 +37,7 @@ def cell(value: Any, low: Any, high: Any) -> str:
 
 
 def _order(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    worst_last = table.attack.eq("worst-case") if "attack" in table else False
+    worst_last = table.attack.eq(WORST_CASE) if "attack" in table else False
     return table.assign(_worst=worst_last).sort_values(keys[:-1] + ["_worst", keys[-1]], kind="stable")
 
 
