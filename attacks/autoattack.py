@@ -118,12 +118,10 @@ def margin_walk(model, x, y, eps, norm, p, classes):
     """One PGD walk of ``steps`` steps on the CW margin loss (best other score minus the true
     one): foolbox's LinfPGD / L2PGD with its loss swapped, returning the final iterate.
 
-    Not in the reference's rand version; added because on the digits PixelDP model (EOT 20,
-    judged by the 300-draw rule, L-inf 0.1, 200 images) one 50-step margin walk left 62.5-64%
-    where APGD-CE left 68.5-69% and APGD-DLR 67.5-70% (benchmarks/bench_attack_defaults.py
-    rand; docs/attacks.md). APGD returns its first success, which on a randomized model is
-    often a lucky draw on the decision boundary; the margin walk keeps pushing past it, so the
-    defense's own rule confirms what it finds.
+    Not in the reference's rand version; added because on the digits PixelDP model one margin
+    walk broke more points than APGD-CE or APGD-DLR (docs/attacks.md). APGD returns its first
+    success, which on a randomized model is often a lucky draw on the decision boundary; the
+    margin walk keeps pushing past it, so the defense's own rule confirms what it finds.
     """
     import foolbox
     from foolbox.attacks.carlini_wagner import best_other_classes

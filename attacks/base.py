@@ -29,8 +29,7 @@ DEFAULT_EPSILONS: dict[str, tuple[float, ...]] = {
     "l1": (0.5, 1.0, 2.0, 4.0, 8.0),
 }
 
-# 64 images per batch is the fastest on 2 CPU cores (measured: PGD-20 on 256 images took
-# 2.4-2.9 s as one batch and 1.6 s as 4 x 64).
+# 64 images per batch: faster on 2 CPU cores than larger batches.
 DEFAULT_CHUNK = 64
 
 
@@ -69,8 +68,8 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
     """Parameters stop requiring gradients while an attack runs, then get their flags back.
 
     foolbox (through eagerpy) and ART take input gradients with ``loss.backward()``, which also
-    computes and accumulates every weight gradient: 1.4x the cost of a hand-written PGD loop
-    (measured on the digits and MNIST CNNs). Attacks only need the gradient wrt the input.
+    computes and accumulates every weight gradient (docs/attacks.md has the cost). Attacks only
+    need the gradient wrt the input.
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:

@@ -33,9 +33,8 @@ class CWL2Params:
 
     Defaults are a strength standard, not the PixelDP reference's settings (those are the
     ``cw-l2-pixeldp`` attack): 5 binary-search steps of 200 Adam iterations at learning rate
-    0.05 from constant 0.1. On the digits baseline (500 images) they came within 0.2 points of
-    the 6 x 500-step yardstick (learning rate 0.01) at every L2 epsilon of the grid, at 0.40x its
-    time; 6 x 100 missed by 1.4 points at L2 1 (docs/attacks.md, "CW defaults").
+    0.05 from constant 0.1: close to a 6 x 500-step yardstick at a fraction of its time
+    (docs/attacks.md, "CW defaults").
     """
 
     binary_search_steps: int = 5

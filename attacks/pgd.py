@@ -25,12 +25,10 @@ class PGDParams:
     ``2.5 * epsilon / steps`` (Madry et al.'s rule: the walk can cross the ball 1.25 times).
     """
 
-    # 20 steps x 10 walks, each walk after the first only on the points still robust: the cheapest
-    # measured setting within 1 point of autoattack-linf on the digits madry model at L-inf 0.2
-    # (500 images: 20 x 1 left 7.8%, 100 x 1 7.6%, 20 x 5 4.2%, 20 x 10 4.0%, 50 x 10 4.0%,
-    # autoattack 3.0%; docs/attacks.md). Restarts, not steps, find the rest. The cost follows the
-    # points left robust: 1.5x PGD-20's forward rows at L-inf 0.2 there, 7.7x at 0.1 (70% robust),
-    # up to 10x where nothing breaks. For quick looks pass restarts=1.
+    # 20 steps x 10 walks, each walk after the first only on the points still robust (so the cost
+    # follows the points left robust, up to 10x PGD-20): the cheapest setting within 1 point of
+    # autoattack-linf on the digits madry model (docs/attacks.md has the runs). For quick looks
+    # pass restarts=1.
     steps: int = 20
     rel_stepsize: float | None = None
     abs_stepsize: float | None = None

@@ -37,14 +37,17 @@ from bench.attacks.base import Connected, frozen_parameters
 from bench.datasets.base import Dataset, balanced_subset
 from bench.defenses.base import Certificate, Defense
 from bench.diagnostics import Assessment, Diagnostic, assess, probe_clean, randomized_points, verdict_flips
-from bench.errors import BenchError
+from bench.checkpoint import load_into
+from bench.errors import BenchError, one_line
 from bench.metrics import THRESHOLD_GRID
 from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
-from bench.spec import Epsilons, RunSpec, check_epsilon_keys, epsilons_for, scoped, unclaimed, with_audit
+from bench.spec import (
+    Epsilons, RunSpec, check_epsilon_keys, epsilons_for, parse_assignments, scoped, unclaimed, with_audit,
+)
 from bench.store import MODEL_STEPS, RUN_FIELDS, Run, Store
 from bench.training import TrainConfig, check_learned, training_defaults
 from bench.threads import using_threads
-from bench.types import RECORD_COLUMNS, Record
+from bench.types import CLEAN, RECORD_COLUMNS, Record
 from bench.validation import (
     check_epsilon_bounds, check_epsilons, check_subset_size, check_writable_dir, validate_options,
 )
@@ -206,42 +209,16 @@ def load_model(spec: str, checkpoint: Path | str | None = None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise BenchError(f"--model {spec}: {attribute}() returned a {type(model).__name__}, not a torch nn.Module")
     if checkpoint is not None:
-        load_weights(model, checkpoint, spec)
+        load_into(model, checkpoint, "--checkpoint", fits=spec)
     model.eval()
     model.model_spec = spec  # recorded in specs, with the weights' fingerprint
     return model
 
 
-def load_weights(model: nn.Module, checkpoint: Path | str, what: str = "the model") -> None:
-    """Load a state dict into ``model`` with ``weights_only=True``; one-line errors."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        raise BenchError(f"--checkpoint {path} is a directory; give the state-dict file itself (what torch.save wrote)")
-    if not path.is_file():
-        raise BenchError(f"--checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise BenchError(f"--checkpoint {path} is not a weights-only torch file (tensors and plain values; "
-                         f"nothing in it may run code): {_one_line(error)}") from None
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BenchError(f"--checkpoint {path} holds no state dict (names -> tensors)")
-    try:
-        model.load_state_dict(state)
-    except Exception as error:
-        raise BenchError(f"--checkpoint {path} does not fit {what}: {_one_line(error)}") from None
-
-
 def _one_line(error: BaseException) -> str:
     if isinstance(error, SystemExit):
         return f"it called sys.exit({error.code!r}); a model file must define the model, not end the process"
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = "; ".join(lines) or type(error).__name__
-    text = text if len(text) <= 300 else text[:297] + "..."
-    return f"{type(error).__name__}: {text}"
+    return one_line(error)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -443,8 +420,8 @@ def attack_steps(
             attack, name = entry, entry.name or type(entry).__name__.lower()
         else:
             raise BenchError(f"attacks must be names or Attack objects, got {type(entry).__name__}")
-        if name in names or name == "clean":
-            raise BenchError(f"attack {name!r} is given twice" if name in names else "'clean' is not an attack name")
+        if name in names or name == CLEAN:
+            raise BenchError(f"attack {name!r} is given twice" if name in names else f"{CLEAN!r} is not an attack name")
         names.add(name)
         steps.append(Step(name, attack, tuple(float(e) for e in _epsilons_for(name, attack, epsilons))))
     check_epsilon_keys(epsilons, {step.name: step.attack.norm for step in steps})
@@ -519,15 +496,15 @@ def evaluate_step(
     declared = defense.randomized
     if step.attack is None:
         predictions, certificate = defense.evaluate(x)
-        records = records_for(index, y, predictions, certificate, "clean", None, 0.0, None)
+        records = records_for(index, y, predictions, certificate, CLEAN, None, 0.0, None)
         target = defense.attack_model()
-        varies = [] if declared else [Diagnostic("clean", "undeclared-randomness", 0.0,
+        varies = [] if declared else [Diagnostic(CLEAN, "undeclared-randomness", 0.0,
                                                  int(randomized_points(target, x).sum()), len(x))]
         randomized = declared or bool(varies and varies[0].count)
         if randomized:
             target = EOT(target, eot_draws)
         with frozen_parameters(target):
-            probes = probe_clean("clean", target, x, y, defense.predict, predictions, randomized)
+            probes = probe_clean(CLEAN, target, x, y, defense.predict, predictions, randomized)
         return StepResult(records, varies + probes)
     target = Connected(attack_target(defense, step.attack, surrogate))
     randomized = declared or (step.attack.target != "surrogate" and bool(randomized_points(target, x).any()))
@@ -591,7 +568,7 @@ def evaluate_steps(
     ``surrogate`` builds the undefended surrogate for transfer attacks, once, when one needs it."""
     results: list[StepResult] = []
     built: list[nn.Module | None] = []
-    for step in [Step("clean"), *steps]:
+    for step in [Step(CLEAN), *steps]:
         if step.name in done:
             continue
         model = None
@@ -811,14 +788,14 @@ def load_results(
     ``where`` keeps matching runs, as ``bench report --where``: ``{"defense": "pixeldp", "L": 0.1}``
     or ``["defense=pixeldp"]`` (run columns, spec fields, defense parameters).
     """
-    from bench.reports.load import load_results as load_selection, parse_where
+    from bench.reports.load import load_results as load_selection
 
     if isinstance(where, Mapping):
         pairs = [(str(k), str(v)) for k, v in where.items()]
     else:
         pairs = [item if isinstance(item, tuple) else None for item in where]
         if None in pairs:
-            pairs = parse_where([str(item) for item in where])
+            pairs = parse_assignments([str(item) for item in where], "--where", "dataset=svhn")
     selection = load_selection(result_stores(directory), pairs)
     return Results(selection.runs, selection.records, thresholds)
 

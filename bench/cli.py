@@ -21,6 +21,7 @@ from bench.spec import (
 from bench.validation import (
     check_epsilons, check_scheduler, check_subset_size, check_writable_dir, validate_options, validate_request,
 )
+from bench.types import CLEAN
 
 # TOML keys accepted by --config: the long options, with "_" for "-".
 CONFIG_KEYS = {
@@ -404,7 +405,7 @@ def _with_command_line(config: dict[str, Any], args: argparse.Namespace) -> dict
     options = dict(config)
     for key in ("param", "attack_param"):
         table = _flatten(options.get(key, {}), key)
-        table.update(parse_assignments(getattr(args, key) or [], "--" + key.replace("_", "-")))
+        table.update(dict(parse_assignments(getattr(args, key) or [], "--" + key.replace("_", "-"))))
         options[key] = table
     for key, value in vars(args).items():
         if key in CONFIG_KEYS and key not in ("param", "attack_param") and value is not None:
@@ -487,7 +488,7 @@ def command_run(args: argparse.Namespace) -> int:
     shown = {name: table[table.run_id.isin(run_ids)] if not table.empty else table for name, table in tables.items()}
     if not shown["certified"].empty:
         certified = shown["certified"]
-        shown["certified"] = certified[(certified.attack == "clean") & certified.threshold.isin(TABLE_THRESHOLDS)]
+        shown["certified"] = certified[(certified.attack == CLEAN) & certified.threshold.isin(TABLE_THRESHOLDS)]
     print(render(shown, "md"))
     if _report_failures(outcome):
         return 1
@@ -644,8 +645,8 @@ def command_eval(args: argparse.Namespace) -> int:
         check_writable_dir(args.out)
     DATASETS.get(args.dataset)
     defense_class = DEFENSES.get(args.defense)
-    params = parse_assignments(args.param or [], "--param")
-    attack_params = parse_assignments(args.attack_param or [], "--attack-param")
+    params = dict(parse_assignments(args.param or [], "--param"))
+    attack_params = dict(parse_assignments(args.attack_param or [], "--attack-param"))
     attacks = args.attack or []
     if epsilons is not None and not attacks:
         raise BenchError(NO_ATTACK)
@@ -673,7 +674,7 @@ def command_eval(args: argparse.Namespace) -> int:
     else:
         certified = tables["certified"]
         if not certified.empty:
-            tables["certified"] = certified[(certified.attack == "clean") & certified.threshold.isin(TABLE_THRESHOLDS)]
+            tables["certified"] = certified[(certified.attack == CLEAN) & certified.threshold.isin(TABLE_THRESHOLDS)]
         print(render(tables, "md"))
         if args.out is not None:
             print(f"stored run {results.runs.run_id[0]} in {args.out / 'results.sqlite'}")
@@ -723,7 +724,7 @@ def command_report(args: argparse.Namespace) -> int:
         check_writable_dir(args.out, "report --out")
     from bench.metrics import TABLE_THRESHOLDS, THRESHOLD_GRID
     from bench.reports.compare import compare, render_comparison
-    from bench.reports.load import load_results, parse_where
+    from bench.reports.load import load_results
     from bench.reports.render import render, to_csv
     from bench.reports.tables import tables_from
     from bench.api import result_stores
@@ -744,7 +745,7 @@ def command_report(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(text + "\n")
         return 0
-    where = parse_where(args.where)
+    where = parse_assignments(args.where, "--where", "dataset=svhn")
     results = load_results(stores, where)
     # plots draw certified accuracy over the full default grid, whatever the tables show
     grid = sorted({round(float(t), 6) for t in (*THRESHOLD_GRID, *(shown or ()))})

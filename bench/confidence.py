@@ -98,7 +98,7 @@ def binomial_tails(n: int, p: float) -> np.ndarray:
 
 
 # How sure the harness must be that a model does better than guessing before it counts it as
-# having learned (bench.training.check_learned fails a run below that; sanity_warnings warns).
+# having learned (``at_chance``).
 CHANCE_ALPHA = 0.001
 
 
@@ -109,3 +109,30 @@ def most_right_by_guessing(n: int, p: float, alpha: float) -> int | None:
     cannot be told from guessing (too few trials)."""
     significant = np.flatnonzero(binomial_tails(n, p) <= alpha)
     return int(significant[0]) - 1 if len(significant) else None
+
+
+def chance_level(labels: ArrayLike, num_classes: int | None = None) -> float:
+    """The accuracy a model reaches without looking at the inputs: the largest class's share of
+    ``labels`` (a constant prediction), or 1 / ``num_classes`` where that is larger."""
+    labels = np.asarray(labels, dtype=np.int64).ravel()
+    largest = float(np.bincount(labels).max()) / len(labels) if len(labels) else 0.0
+    return max(1.0 / num_classes if num_classes else 0.0, largest)
+
+
+def at_chance(correct: int, n: int, chance: float, num_classes: int | None = None, inputs: str = "inputs") -> str | None:
+    """The chance rule, for training (``bench.training.check_learned`` fails the run) and for
+    evaluation (``bench.metrics.sanity_warnings`` warns): ``correct`` right answers of ``n`` are at
+    ``chance`` when the exact one-sided binomial test of "accuracy <= chance" does not reject at
+    ``CHANCE_ALPHA`` (equivalently, the Clopper-Pearson lower bound is at most chance). A guesser is
+    caught with probability >= 1 - ``CHANCE_ALPHA`` whatever ``n``; the margin above chance that the
+    test allows shrinks as ``n`` grows (10 classes: 0.10 on 100 inputs, 0.057 on 300, 0.022 on 2,000).
+
+    Returns the finding, ``accuracy A <= chance C (why) + M, what guessing reaches ... on n inputs``,
+    or None: significantly above chance, or ``n`` too few to tell (``most_right_by_guessing`` is None).
+    """
+    guessed = most_right_by_guessing(n, chance, CHANCE_ALPHA)
+    if guessed is None or correct > guessed:
+        return None
+    why = f"1 of {num_classes} classes" if num_classes and chance == 1.0 / num_classes else "the largest class's share"
+    return (f"accuracy {correct / n:.3f} <= chance {chance:.3f} ({why}) + {guessed / n - chance:.3f}, "
+            f"what guessing reaches with probability {1 - CHANCE_ALPHA:g} on {n} {inputs}")

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.confidence import clopper_pearson_bounds
-from bench.metrics import CLEAN, STRENGTH_PREFIX, WORST_CASE, records_frame, sanity_warnings, strength_warnings
+from bench.metrics import STRENGTH_PREFIX, WORST_CASE, records_frame, sanity_warnings, strength_warnings
+from bench.types import CLEAN
 
 # Kinds of attack (``Attack.kind``) that do not follow the defense's own gradients.
 GRADIENT_FREE_KINDS = ("gradient-free", "transfer")

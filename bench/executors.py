@@ -80,15 +80,15 @@ class LocalProcesses:
     """``--jobs N``: joblib's loky backend, N worker processes on this machine.
 
     A worker's start-up (a fresh Python importing torch and the harness, ``WORKER_MODULES``)
-    costs about 3 CPU-seconds; ``start`` begins it at once, so that it overlaps the driver's own
-    work (loading the datasets, planning the grid) instead of coming after it.
+    takes seconds; ``start`` begins it at once, so that it overlaps the driver's own work
+    (loading the datasets, planning the grid) instead of coming after it.
 
     ``fork_server=True`` starts the workers with Python's ``forkserver`` method (the default on
     Linux from Python 3.14): one server process imports ``WORKER_MODULES`` once and forks every
-    worker from it, so N workers cost one start-up, not N (on 2 cores, ``bench perf``'s 4-run grid
-    took 0.65 of the serial time with loky's method, 0.54-0.61 with the fork server). Like ``spawn``, it imports the main module again in each worker,
-    so a script must keep its top-level work under ``if __name__ == "__main__":``; the ``bench``
-    command does, and turns it on. Off by default: loky's own start method has no such rule.
+    worker from it, so N workers cost one start-up, not N (the README's ``bench perf`` grid row
+    has the ratios). Like ``spawn``, it imports the main module again in each worker, so a script
+    must keep its top-level work under ``if __name__ == "__main__":``; the ``bench`` command does,
+    and turns it on. Off by default: loky's own start method has no such rule.
     """
 
     def __init__(self, workers: int, threads: int = 1, fork_server: bool = False):

@@ -45,7 +45,7 @@ from bench.log import LOGGER
 from bench.registry import ATTACKS
 from bench.runner import build_defense, resolved, spec_steps
 from bench.spec import RunSpec
-from bench.types import Record
+from bench.types import CLEAN, Record
 
 # Test samples per evaluation job: large test sets split into shards that run in parallel and
 # resume one by one. Part of what a record depends on (each shard seeds itself), so fixed.
@@ -194,7 +194,7 @@ def _evaluate(job: EvalJob) -> StepResult:
         baseline, _ = build_defense(job.surrogate, job.data.empty_dataset(), job.device)
         baseline.load_state_dict(job.surrogate_state)
         surrogate = baseline.attack_model()
-    step = Step("clean") if job.step == "clean" else next(s for s in spec_steps(spec) if s.name == job.step)
+    step = Step(CLEAN) if job.step == CLEAN else next(s for s in spec_steps(spec) if s.name == job.step)
     return api.evaluate_step(defense, step, job.x, job.y, job.sample_index, seed=shard_seed(spec.seed, job.shard),
                              eot_draws=spec.eot_draws, surrogate=surrogate)
 
@@ -497,13 +497,13 @@ def _longest_first(job: TrainJob | EvalJob) -> tuple:
         fields = {f.name for f in dataclasses.fields(defense.Params)}
         params = defense.Params(**{k: v for k, v in job.spec.params.items() if k in fields})  # resolved: every field
         return (0, -(job.spec.epochs or 1) * len(job.x) * defense.training_cost(params))
-    return (1, not DEFENSES.get(job.spec.defense).randomized, job.step == "clean", -len(job.x))
+    return (1, not DEFENSES.get(job.spec.defense).randomized, job.step == CLEAN, -len(job.x))
 
 
 def _evaluation_jobs(run: Planned, device: str, threads: int | None) -> list[EvalJob]:
     """The (step, shard) jobs of ``run`` whose records are not stored yet."""
     dataset, index = run.dataset, run.test_index
-    steps = ["clean", *run.spec.attacks]
+    steps = [CLEAN, *run.spec.attacks]
     parts = shards_of(len(index))
     jobs = []
     for step in steps:
@@ -512,7 +512,7 @@ def _evaluation_jobs(run: Planned, device: str, threads: int | None) -> list[Eva
             samples = index[part]
             if len(samples) and int(samples[0]) in stored:
                 continue  # a shard commits in one transaction: one stored sample means all are
-            surrogate = run.surrogate if step != "clean" and ATTACKS.get(step).target == "surrogate" else None
+            surrogate = run.surrogate if step != CLEAN and ATTACKS.get(step).target == "surrogate" else None
             jobs.append(EvalJob(run.spec, DataInfo.of(dataset), step, number, len(parts), samples,
                                 dataset.x_test[samples], dataset.y_test[samples], {}, run.label, device, threads,
                                 surrogate=surrogate))
@@ -552,7 +552,7 @@ def _finish_run(store, run: Planned, threads: int | None) -> None:
         return
     records = store.records([run.run_id])
     stored = [Record(*tuple(row)[1:]) for row in records.itertuples(index=False)]
-    clean = records[records.attack == "clean"]
+    clean = records[records.attack == CLEAN]
     input_dim = int(math.prod(run.dataset.shape))
     assessment = assess_run(stored, store.diagnostics(run.run_id), spec_steps(run.spec), defense_class.randomized,
                             run.spec.eot_draws, input_dim)

@@ -20,11 +20,10 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from bench.confidence import CHANCE_ALPHA, most_right_by_guessing
-from bench.types import ABSTAIN, RECORD_COLUMNS, Record
+from bench.confidence import at_chance, chance_level
+from bench.types import ABSTAIN, CLEAN, RECORD_COLUMNS, Record, certified_at, has_certificate
 
 RUN_KEYS = ["run_id", "dataset", "defense", "label", "params"]
-CLEAN = "clean"  # the attack name of the unperturbed step
 WORST_CASE = "worst-case"  # the per-sample worst case over the attacks of one norm
 
 # The certified thresholds T, listed once: the fine grid of the JSON, CSV and plots; the columns
@@ -45,8 +44,8 @@ def records_frame(records: list[Record], run_id: str = "run") -> pd.DataFrame:
 
 def certified_mask(records: pd.DataFrame) -> np.ndarray:
     """Which records carry a certificate: the stored ``certified`` flag, else (records without
-    it) the convention of ``bench.types.Certificate``: not abstained and a radius above 0."""
-    derived = (records.certified_label != ABSTAIN) & (records.certified_radius > 0)
+    it) the rule ``bench.types.has_certificate``: not abstained and a radius above 0."""
+    derived = has_certificate(records.certified_label, records.certified_radius)
     if "certified" not in records:
         return derived.to_numpy(dtype=bool)
     stored = records.certified
@@ -132,10 +131,10 @@ def certified(records: pd.DataFrame, thresholds: tuple[float, ...] = THRESHOLD_G
     for key, index in with_certificates.groupby(keys, sort=False).indices.items():
         group = with_certificates.iloc[index]
         radius = group.certified_radius.to_numpy(dtype=float)
-        has_certificate = mask[index]
+        with_certificate = mask[index]
         correct = (group.certified_label == group.true_label).to_numpy()
         for threshold in thresholds:
-            robust = has_certificate & (radius >= threshold)
+            robust = certified_at(with_certificate, radius, threshold)
             robust_n, robust_correct = int(robust.sum()), int((robust & correct).sum())
             rows.append({
                 **dict(zip(keys, key)),
@@ -164,7 +163,7 @@ def median_perturbation(records: pd.DataFrame) -> pd.DataFrame:
     least half the points. For minimisation attacks (CW, FMN) this is the median minimal
     perturbation; for fixed-budget attacks it is resolved only to the epsilon grid."""
     columns = RUN_KEYS + ["attack", "norm", "median_perturbation", "n"]
-    attacked = records[(records.attack != "clean") & records.distance.notna()]
+    attacked = records[(records.attack != CLEAN) & records.distance.notna()]
     if attacked.empty:
         return pd.DataFrame(columns=columns)
     keys = RUN_KEYS + ["attack", "norm"]
@@ -210,7 +209,7 @@ def strength_warnings(frame: pd.DataFrame, among: Callable[[str], bool] | None =
     worst case, the figure to quote. Each warning starts with ``attack strength (NORM)``. ``among``
     limits the pairs to the attacks it accepts (the worst case still counts every attack).
     """
-    attacked = frame[frame.attack != "clean"]
+    attacked = frame[frame.attack != CLEAN]
     warnings = []
     for norm, by_norm in attacked.groupby("norm", sort=True):
         correct = by_norm.pivot_table(index=["epsilon", "sample_index"], columns="attack", values="correct", aggfunc="min")
@@ -248,25 +247,22 @@ def sanity_warnings(
       it needs ``input_dim``, the number of values per input, C*H*W);
     - a randomized defense attacked with a single noise draw per step (non-adaptive);
     - two attacks of one norm that disagree per sample by more than 1 point (``strength_warnings``);
-    - clean accuracy not significantly above chance (the largest class share; the exact binomial
-      test at ``CHANCE_ALPHA``): an untrained model, or inputs or labels not as the model expects.
+    - clean accuracy not significantly above chance (the largest class's share;
+      ``bench.confidence.at_chance``): an untrained model, or inputs or labels not as the model expects.
     """
     warnings = []
     frame = records_frame(records)
     table = accuracy_under_attack(frame)
-    clean = frame[frame.attack == "clean"]
-    chance = float(clean.true_label.value_counts(normalize=True).max()) if not clean.empty else None
-    if chance is not None:
-        guessed = most_right_by_guessing(len(clean), chance, CHANCE_ALPHA)
-        if guessed is not None and int(clean.correct.sum()) <= guessed:
-            abstained = int((clean.prediction == ABSTAIN).sum())
-            warnings.append(
-                f"clean accuracy {clean.correct.mean():.3f} <= chance {chance:.3f} (the largest class share) + "
-                f"{guessed / len(clean) - chance:.3f}, what guessing reaches with probability {1 - CHANCE_ALPHA:g} on "
-                f"{len(clean)} test inputs{f' ({abstained} abstentions)' if abstained else ''}: the model does no "
-                "better than guessing (untrained, or inputs or labels not as it expects), so its robustness numbers say nothing"
-            )
-    for (attack, norm), group in table[table.attack != "worst-case"].groupby(["attack", "norm"]):
+    clean = frame[frame.attack == CLEAN]
+    chance = chance_level(clean.true_label) if not clean.empty else None
+    finding = at_chance(int(clean.correct.sum()), len(clean), chance, inputs="test inputs") if chance is not None else None
+    if finding is not None:
+        abstained = int((clean.prediction == ABSTAIN).sum())
+        warnings.append(
+            f"clean {finding}{f' ({abstained} abstentions)' if abstained else ''}: the model does no better than "
+            "guessing (untrained, or inputs or labels not as it expects), so its robustness numbers say nothing"
+        )
+    for (attack, norm), group in table[table.attack != WORST_CASE].groupby(["attack", "norm"]):
         group = group.sort_values("epsilon")
         accuracy = group.accuracy.to_numpy()
         rises = np.diff(accuracy) > 0.02  # tolerate noise from randomized prediction

@@ -143,15 +143,17 @@ def flatten(table: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def parse_assignments(items: list[str], flag: str) -> dict[str, str]:
-    """``["L=0.1", "pixeldp.draws=300"]`` -> dict; a one-line error for anything else."""
-    values = {}
+def parse_assignments(items: Sequence[str], flag: str, example: str = "L=0.1") -> list[tuple[str, str]]:
+    """``["L=0.1", "pixeldp.draws=300"]`` -> ``[("L", "0.1"), ("pixeldp.draws", "300")]``, in order and
+    keeping a repeated key (``--where`` matches any of its values; ``dict()`` keeps the last); a
+    one-line error naming ``flag`` for anything else."""
+    pairs = []
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise BenchError(f"{flag} {item!r} is malformed; expected KEY=VALUE, e.g. {flag} L=0.1")
-        values[key.strip()] = value.strip()
-    return values
+            raise BenchError(f"{flag} {item!r} is malformed; expected KEY=VALUE, e.g. {flag} {example}")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
 
 
 def scoped(values: dict[str, Any], owner: str, accepted: set[str]) -> dict[str, Any]:

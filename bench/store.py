@@ -39,7 +39,7 @@ import torch
 
 from bench.checkpoint import load_weights
 from bench.errors import BenchError
-from bench.types import RECORD_COLUMNS, Record
+from bench.types import HAS_CERTIFICATE_SQL, RECORD_COLUMNS, Record
 
 # A run's owner renews its lease every HEARTBEAT_SECONDS; one whose lease is LEASE_SECONDS
 # old is gone (killed, hung or disconnected) and its run may be taken over. Five minutes
@@ -256,12 +256,11 @@ class Store:
             if up_to_date:
                 return
             if record_columns and "certified" not in record_columns:
-                # Stores written before records had ``certified``: derive it by the one convention of
-                # ``bench.types.Certificate`` (abstention, a failed test and radius 0 are not certified).
+                # Stores written before records had ``certified``: derive it by the one rule,
+                # ``bench.types.has_certificate`` (abstention, a failed test and radius 0 are not certified).
                 connection.execute("ALTER TABLE records ADD COLUMN certified INTEGER")
                 connection.execute(
-                    "UPDATE records SET certified = (certified_label != -1 AND certified_radius > 0) "
-                    "WHERE certified_radius IS NOT NULL"
+                    f"UPDATE records SET certified = {HAS_CERTIFICATE_SQL} WHERE certified_radius IS NOT NULL"
                 )
             if "status" not in columns:
                 # Stores written before runs had a status held complete runs only.

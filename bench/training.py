@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from bench.confidence import CHANCE_ALPHA, most_right_by_guessing
+from bench.confidence import CHANCE_ALPHA, at_chance, chance_level, most_right_by_guessing
 from bench.errors import TrainingFailed
 from bench.log import LOGGER
 from bench.progress import Progress
@@ -21,16 +21,15 @@ from bench.progress import Progress
 # parameters, under whatever --param gives; test_size None is the whole test split. The runner
 # stores the resolved values in the run's spec, so they are part of its training hash.
 # Why the rows (docs/comparison-defenses.md has the runs):
-# - robustopt at lr 0.05 collapses while its epsilon ramps up (49% clean on digits, most
-#   predictions one class; a constant classifier on MNIST); 0.01 trains on both. Its ramp must
-#   end inside MNIST's 8 epochs (Wong & Kolter ramp over the first half), with their 50 projections.
+# - robustopt at lr 0.05 collapses while its epsilon ramps up (most predictions one class); 0.01
+#   trains on digits and MNIST. Its ramp must end inside MNIST's 8 epochs (Wong & Kolter ramp over
+#   the first half), with their 50 projections.
 # - madry (every example adversarial) at lr 0.05 stays at chance on MNIST; 0.02 trains. Its
 #   training epsilon is the class's CIFAR-10 recipe (L-inf 8/255) unless a row sets one: 0.1 on
-#   digits, MNIST and Fashion-MNIST, inside their attack grids (to 0.3), the setting measured on
-#   MNIST (docs/comparison-defenses.md: 98.8% clean, 94.8% under PGD-40 at 0.1); Madry et al.'s
-#   MNIST 0.3 needs 40 steps of 0.01 and a far longer schedule than 8 CPU epochs.
+#   digits, MNIST and Fashion-MNIST, inside their attack grids (to 0.3); Madry et al.'s MNIST 0.3
+#   needs 40 steps of 0.01 and a far longer schedule than 8 CPU epochs.
 # - digits is the quick look: 200 of its 500 test images (95% intervals +-3 points; pass
-#   --test-size 500 for all) keep the README's first command near half a minute of CPU.
+#   --test-size 500 for all) keep the README's first command short.
 # Digits rows are checked on seeds 0, 1, 2 by benchmarks/bench_defaults.py.
 TRAINING_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("*", "*"):                     {"lr": 0.05, "epochs": 30, "test_size": None},
@@ -138,28 +137,15 @@ def train_classifier(
     return history
 
 
-# The chance check. A model "ended at chance" when its accuracy on its own training images is not
-# significantly above chance: the exact one-sided binomial test of "accuracy <= chance" does not
-# reject at CHANCE_ALPHA (equivalently, the Clopper-Pearson lower bound is at most chance). A model
-# that guesses is caught with probability >= 1 - CHANCE_ALPHA whatever the number of images; the
-# margin above chance that it allows shrinks as the images grow: with 10 classes, 0.10 on 100
-# images, 0.057 on 300, 0.022 on 2,000, while a model that learned is far above.
-# Training accuracy is the right measure here: it is what training maximised, so a model that is at
-# chance even there learned nothing. (Test accuracy at chance with training accuracy above it is
-# memorising, e.g. shuffled labels: the clean table shows it, with a sanity warning from
-# bench.metrics.) Holding images out instead would change what every run trains on.
-# CHANCE_SAMPLE seeded training images keep the check at a fraction of an epoch on large training
-# sets, with power to spare (measured: 2% of 5 digits epochs for the baseline, 13% for PixelDP).
+# The chance check (the rule: bench.confidence.at_chance) runs on the model's accuracy on its own
+# training images: that is what training maximised, so a model that is at chance even there
+# learned nothing. (Test accuracy at chance with training accuracy above it is memorising, e.g.
+# shuffled labels: the clean table shows it, with a sanity warning from bench.metrics.) Holding
+# images out instead would change what every run trains on. CHANCE_SAMPLE seeded training images
+# keep the check at a fraction of an epoch on large training sets, with power to spare.
 # No option turns the check off: a model at chance has no robustness to measure, and a user who
 # wants an untrained model's numbers passes it to bench.evaluate untrained.
 CHANCE_SAMPLE = 2000
-
-
-def chance_level(y: torch.Tensor, num_classes: int) -> float:
-    """The accuracy a model reaches without looking at the images: 1 / ``num_classes``, or the
-    largest class's share of the labels ``y`` where that is larger (a constant prediction)."""
-    largest = int(torch.bincount(y.long().flatten()).max()) / len(y) if len(y) else 0.0
-    return max(1.0 / num_classes, largest)
 
 
 @torch.no_grad()
@@ -185,17 +171,13 @@ def check_learned(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, desc: s
             correct += int((logits.argmax(1).cpu() == y[part].cpu()).sum())
             num_classes = logits.shape[1]
     n = len(index)
-    chance = chance_level(y, num_classes)
-    guessed = most_right_by_guessing(n, chance, CHANCE_ALPHA)
-    if guessed is None:
+    chance = chance_level(y.cpu(), num_classes)
+    if most_right_by_guessing(n, chance, CHANCE_ALPHA) is None:
         LOGGER.warning(f"{desc}: {n} training images are too few to tell a model that learned from chance; not checked")
         return correct / n
-    if correct <= guessed:
-        highest = guessed / n
-        why = f"1 of {num_classes} classes" if chance == 1.0 / num_classes else "the largest class's share"
+    finding = at_chance(correct, n, chance, num_classes, "training images")
+    if finding is not None:
         raise TrainingFailed(
-            f"{desc}: training ended at chance: train accuracy {correct / n:.3f} <= chance {chance:.3f} ({why}) "
-            f"+ {highest - chance:.3f}, what guessing reaches with probability {1 - CHANCE_ALPHA:g} on {n} training images; "
-            "the model learned nothing: try more --epochs or another --lr"
+            f"{desc}: training ended at chance: train {finding}; the model learned nothing: try more --epochs or another --lr"
         )
     return correct / n

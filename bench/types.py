@@ -16,6 +16,25 @@ THREAT_MODELS: dict[Norm, ThreatModel] = {"linf": "Linf", "l2": "L2", "l1": "L1"
 ABSTAIN = -1
 """The label of a point on which a defense declines to predict or certify."""
 
+CLEAN = "clean"
+"""The attack name of the unattacked step: the clean inputs' records and diagnostics carry it."""
+
+
+def has_certificate(label, radius):
+    """The certificate rule, the one definition: a point is certified iff its certified ``label``
+    is not ``ABSTAIN`` and its ``radius`` is above 0 (elementwise on tensors, arrays and Series)."""
+    return (label != ABSTAIN) & (radius > 0)
+
+
+def certified_at(certified, radius, threshold):
+    """Certified at threshold T: certified (``has_certificate``) and ``radius >= T``."""
+    return certified & (radius >= threshold)
+
+
+# ``has_certificate`` as an SQL expression over the records table's columns (the store derives the
+# ``certified`` column of older stores with it).
+HAS_CERTIFICATE_SQL = f"(certified_label != {ABSTAIN} AND certified_radius > 0)"
+
 
 @dataclass
 class Certificate:
@@ -31,8 +50,8 @@ class Certificate:
     threshold T, T = 0 included. That covers abstention (``label = ABSTAIN``), a robustness test
     that failed, and a radius of exactly 0 (a certificate of size 0 guarantees nothing about any
     perturbed input), so ``certified`` is always false where ``label`` is ``ABSTAIN`` or the
-    radius is not above 0, and the radius of an uncertified point is stored as 0. Certified at T
-    means ``certified and radius >= T``.
+    radius is not above 0 (``has_certificate``), and the radius of an uncertified point is stored
+    as 0. Certified at T means ``certified and radius >= T`` (``certified_at``).
     """
 
     label: torch.Tensor
@@ -42,7 +61,7 @@ class Certificate:
     confidence: float | None = None
 
     def __post_init__(self) -> None:
-        mask = (self.label != ABSTAIN) & (self.radius > 0)
+        mask = has_certificate(self.label, self.radius)
         self.certified = mask if self.certified is None else self.certified.bool() & mask
         self.radius = self.radius.where(self.certified, self.radius.new_zeros(()))
 

@@ -19,6 +19,7 @@ from bench.registry import DATASETS
 from bench.jobs import run_grid
 from bench.spec import RunSpec
 from bench.store import Store
+from bench.types import CLEAN, certified_at, has_certificate
 
 DEFENSES = ("baseline", "madry", "robustopt", "pixeldp", "smoothing")
 TARGETS = {"robustopt": 0.90}  # clean accuracy every seed must reach; 0.95 for the others
@@ -27,12 +28,14 @@ THRESHOLDS = {"linf": (0.05, 0.1), "l2": (0.1, 0.25, 0.5)}
 
 
 def certified_text(records) -> str:
-    clean = records[records.attack == "clean"]
+    clean = records[records.attack == CLEAN]
     if clean.certified_radius.isna().all():
         return ""
     norm = clean.certified_norm.iloc[0]
     correct = clean.certified_label == clean.label
-    parts = [f"{float((correct & (clean.certified_radius >= t)).mean()):.3f} at {t:g}" for t in THRESHOLDS[norm]]
+    certified = has_certificate(clean.certified_label, clean.certified_radius)
+    parts = [f"{float((correct & certified_at(certified, clean.certified_radius, t)).mean()):.3f} at {t:g}"
+             for t in THRESHOLDS[norm]]
     return f"{', '.join(parts)} ({norm})"
 
 
@@ -62,7 +65,7 @@ def main() -> None:
                 worst[name] = 0.0
                 continue
             records = store.records([run.run_id])
-            clean = float(records[records.attack == "clean"].correct.mean())
+            clean = float(records[records.attack == CLEAN].correct.mean())
             print(f"| {name} | {seed} | {run.spec['lr']:g} | {run.spec['epochs']} | {clean:.3f} | "
                   f"{certified_text(records)} | {run.info['train_seconds']:.0f} |", flush=True)
             worst[name] = min(worst.get(name, 1.0), clean)

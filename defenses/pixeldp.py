@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -33,7 +32,7 @@ from torch import nn
 from bench.errors import BenchError
 from bench.models import ZooModel
 from bench.registry import DEFENSES
-from bench.checkpoint import load_weights
+from bench.checkpoint import load_into
 from bench.progress import progress
 from bench.training import TrainConfig, batches, train_classifier
 from bench.defenses.base import Certificate, Defense
@@ -424,13 +423,7 @@ class PixelDP(Defense):
     def _prepare_classifier(self, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> None:
         path = self.params.classifier_checkpoint
         if path:
-            if not Path(path).is_file():
-                raise BenchError(f"pixeldp classifier_checkpoint {path} does not exist")
-            state = load_weights(path, self.device, "pixeldp classifier_checkpoint")
-            try:
-                self.model.load_state_dict(state["model"] if "model" in state else state)
-            except (RuntimeError, KeyError) as error:
-                raise BenchError(f"pixeldp classifier_checkpoint {path} does not fit this model: {str(error).splitlines()[0]}") from None
+            load_into(self.model, path, "pixeldp classifier_checkpoint", "this model", self.device)
         elif self.pretrained:
             pass  # an outside classifier arrived trained (bench.wrap): it stays as it is, frozen
         else:

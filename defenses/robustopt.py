@@ -160,8 +160,7 @@ class RobustOpt(Defense):
         # epsilon itself); the radius reported is the largest value proved, a lower bound.
         max_radius: float = 0.0
         bisection_steps: int = 6
-        # The exact bound's cost per image grows with the batch on CPU (MNIST, wk-small, one
-        # thread: 56 ms per image and bound in batches of 16, 70 ms in 32, 104 ms in 128).
+        # The exact bound's cost per image grows with the batch on CPU (docs/comparison-defenses.md).
         certify_batch_size: int = 16
 
         def check(self) -> None:

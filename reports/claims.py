@@ -31,6 +31,7 @@ import pandas as pd
 from bench.errors import BenchError
 from bench.metrics import WORST_CASE
 from bench.reports.load import select_runs
+from bench.types import CLEAN
 
 HOLDS, CONTRADICTED, INCONCLUSIVE = "holds", "contradicted", "inconclusive"
 VERDICTS = (HOLDS, CONTRADICTED, INCONCLUSIVE)
@@ -185,10 +186,10 @@ def series_points(tables: Mapping[str, pd.DataFrame], runs: pd.DataFrame, check:
         rows = rows[(rows.attack == check.attack) & ((rows.norm == check.norm) if check.norm else True)]
         return {float(r.epsilon): _point(r, "accuracy", interval) for _, r in rows.iterrows()}
     if metric in ("certified_accuracy", "robust_recall"):
-        rows = rows[rows.attack == "clean"]
+        rows = rows[rows.attack == CLEAN]
         return {float(r.threshold): _point(r, metric, interval) for _, r in rows.iterrows()}
     # robust precision under attack, at threshold T: the attack of that norm that leaves the lowest
-    rows = rows[(rows.attack != "clean") & (rows.threshold.round(6) == round(check.threshold, 6))]
+    rows = rows[(rows.attack != CLEAN) & (rows.threshold.round(6) == round(check.threshold, 6))]
     if check.norm:
         rows = rows[rows.attack_norm == check.norm]
     rows = rows.dropna(subset=["robust_precision"])

@@ -14,6 +14,7 @@ from bench.reports.render import rows, to_latex
 from bench.reports.tables import tables_from
 from bench.spec import flatten
 from bench.store import Store
+from bench.types import CLEAN
 
 
 def resolve_run(runs: pd.DataFrame, prefix: str) -> pd.Series:
@@ -63,18 +64,18 @@ def _metric_diff(tables: dict[str, pd.DataFrame], a: str, b: str, thresholds: Se
     long = []
     clean = tables["clean"]
     for _, r in clean.iterrows():
-        long.append((r.run_id, "accuracy", "clean", "", 0.0, None, r.accuracy, r.ci_low, r.ci_high, r.n))
+        long.append((r.run_id, "accuracy", CLEAN, "", 0.0, None, r.accuracy, r.ci_low, r.ci_high, r.n))
     for _, r in tables["accuracy_under_attack"].iterrows():
         if r.epsilon > 0:
             long.append((r.run_id, "accuracy", r.attack, r.norm, r.epsilon, None, r.accuracy, r.ci_low, r.ci_high, r.n))
     certified = tables["certified"]
     if not certified.empty:
         shown = thresholds_present(certified, thresholds)
-        for _, r in certified[certified.attack.eq("clean") & certified.threshold.isin(shown)].iterrows():
-            long.append((r.run_id, "certified accuracy", "clean", r.norm, 0.0, r.threshold, r.certified_accuracy,
+        for _, r in certified[certified.attack.eq(CLEAN) & certified.threshold.isin(shown)].iterrows():
+            long.append((r.run_id, "certified accuracy", CLEAN, r.norm, 0.0, r.threshold, r.certified_accuracy,
                          r.certified_accuracy_ci_low, r.certified_accuracy_ci_high, r.n))
         at_t = thresholds_present(certified, PRECISION_THRESHOLDS)
-        for _, r in certified[certified.attack.ne("clean") & certified.threshold.isin(at_t)].iterrows():
+        for _, r in certified[certified.attack.ne(CLEAN) & certified.threshold.isin(at_t)].iterrows():
             long.append((r.run_id, "robust precision", r.attack, r.attack_norm, r.epsilon, r.threshold, r.robust_precision,
                          r.robust_precision_ci_low, r.robust_precision_ci_high, r.robust_n))
             long.append((r.run_id, "robust recall", r.attack, r.attack_norm, r.epsilon, r.threshold, r.robust_recall,
@@ -90,7 +91,7 @@ def _metric_diff(tables: dict[str, pd.DataFrame], a: str, b: str, thresholds: Se
     side_b = frame[frame.run_id == b].drop(columns="run_id")
     merged = side_a.merge(side_b, on=keys, how="outer", suffixes=("_a", "_b"), sort=False)
     order = {"accuracy": 0, "certified accuracy": 1, "robust precision": 2, "robust recall": 3}
-    merged = merged.assign(_order=merged.metric.map(order).fillna(4), _clean=merged.attack.ne("clean"))
+    merged = merged.assign(_order=merged.metric.map(order).fillna(4), _clean=merged.attack.ne(CLEAN))
     merged = merged.sort_values(["_order", "_clean", "attack", "threshold", "epsilon", "metric"], kind="stable")
     rows = []
     for _, r in merged.iterrows():

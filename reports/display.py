@@ -6,9 +6,10 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from bench.metrics import PRECISION_THRESHOLDS, TABLE_THRESHOLDS
+from bench.metrics import PRECISION_THRESHOLDS, TABLE_THRESHOLDS, WORST_CASE
 from bench.reports.labels import FLAG, NORM_NAMES, config_order, ranked
 from bench.reports.tables import ranking_table
+from bench.types import CLEAN
 
 RANKING_PREFIX = "Ranking: "
 RANKING_RULE = (
@@ -36,7 +37,7 @@ def cell(value: Any, low: Any, high: Any) -> str:
 
 
 def _order(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    worst_last = table.attack.eq("worst-case") if "attack" in table else False
+    worst_last = table.attack.eq(WORST_CASE) if "attack" in table else False
     return table.assign(_worst=worst_last).sort_values(keys[:-1] + ["_worst", keys[-1]], kind="stable")
 
 
@@ -116,7 +117,7 @@ def display_tables(
                 group)
     certified = tables.get("certified", pd.DataFrame())
     if not certified.empty:
-        clean_rows = certified[certified.attack == "clean"]
+        clean_rows = certified[certified.attack == CLEAN]
         chosen = thresholds_present(clean_rows, thresholds if thresholds is not None else TABLE_THRESHOLDS)
         clean_rows = clean_rows[clean_rows.threshold.isin(chosen)].sort_values(["dataset", "norm", "_rank"], kind="stable")
         if not clean_rows.empty:
@@ -184,7 +185,7 @@ def thresholds_present(rows: pd.DataFrame, wanted: Sequence[float]) -> list[floa
 
 def _precision_recall(certified: pd.DataFrame, thresholds: Sequence[float] | None) -> dict[str, pd.DataFrame]:
     """Robust precision and recall at T: one row per (dataset, attack, configuration, T), one column per epsilon."""
-    attacked = certified[certified.attack != "clean"]
+    attacked = certified[certified.attack != CLEAN]
     if attacked.empty:
         return {}
     chosen = thresholds_present(certified, thresholds if thresholds is not None else PRECISION_THRESHOLDS)

@@ -1,4 +1,5 @@
-"""Loading runs and records from one or several results stores, and selecting runs (``--where``)."""
+"""Loading runs and records from one or several results stores, and selecting runs (``--where``,
+parsed by :func:`bench.spec.parse_assignments`)."""
 from __future__ import annotations
 
 import json
@@ -23,17 +24,6 @@ class Results:
 
     runs: pd.DataFrame
     records: pd.DataFrame
-
-
-def parse_where(items: Sequence[str]) -> list[tuple[str, str]]:
-    """``["dataset=svhn", "L=0.1"]`` -> pairs; a one-line error for anything else."""
-    pairs = []
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise BenchError(f"--where {item!r} is malformed; expected KEY=VALUE, e.g. --where dataset=svhn")
-        pairs.append((key.strip(), value.strip()))
-    return pairs
 
 
 def _same(stored: Any, wanted: str) -> bool:

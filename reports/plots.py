@@ -31,7 +31,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from bench.metrics import CLEAN, PRECISION_THRESHOLDS, WORST_CASE  # noqa: E402
+from bench.metrics import PRECISION_THRESHOLDS, WORST_CASE  # noqa: E402
+from bench.types import CLEAN  # noqa: E402
 from bench.reports.labels import FLAG, NORM_NAMES, config_order  # noqa: E402
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]

@@ -59,6 +59,7 @@ from bench.reports.cost import cost_table
 from bench.reports.labels import FLAG, verdict
 from bench.reports.load import Results, load_results
 from bench.store import Store
+from bench.types import CLEAN
 
 CONFIDENCE = 0.95  # of every interval in tables and plots
 TABLE_NAMES = ("clean", "accuracy_under_attack", "certified", "cost", "diagnostics", "ranking")
@@ -173,7 +174,7 @@ def with_verdict_flips(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return table
     flips = pd.DataFrame(rows, columns=["run_id", "attack", "epsilon", "verdict_flips"])
-    clean = flips[flips.attack == metrics.CLEAN][["run_id", "verdict_flips"]].rename(columns={"verdict_flips": "clean_flips"})
+    clean = flips[flips.attack == CLEAN][["run_id", "verdict_flips"]].rename(columns={"verdict_flips": "clean_flips"})
     merged = table.merge(flips, on=["run_id", "attack", "epsilon"], how="left").merge(clean, on="run_id", how="left")
     at_zero = (merged.epsilon == 0) & (merged.attack != metrics.WORST_CASE)
     merged["verdict_flips"] = merged.verdict_flips.where(~at_zero, merged.clean_flips)
@@ -190,7 +191,7 @@ def with_median_perturbation(table: pd.DataFrame, records: pd.DataFrame) -> pd.D
 
 
 def _clean_first(column: pd.Series) -> pd.Series:
-    return column.map(lambda a: (a != metrics.CLEAN, a)) if column.name == "attack" else column
+    return column.map(lambda a: (a != CLEAN, a)) if column.name == "attack" else column
 
 
 def order_by_configuration(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:

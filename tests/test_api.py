@@ -142,7 +142,7 @@ def test_evaluating_a_model_at_chance_reports_it(caplog):
     when the clean accuracy is no better than guessing; bench.train raises instead (test_training)."""
     results = bench.evaluate(Constant(3), "digits", test_size=100, log=logging.getLogger("test").warning)
     (warning,) = [w for w in results.warnings if w.startswith("clean accuracy")]
-    assert warning.startswith("clean accuracy 0.100 <= chance 0.100 (the largest class share) + ")
+    assert warning.startswith("clean accuracy 0.100 <= chance 0.100 (the largest class's share) + ")
     assert f"warning: {warning}" in caplog.text
 
 
@@ -336,7 +336,7 @@ def test_bench_eval_finds_a_module_in_the_current_folder(bench_cli, model_file, 
         ("not_a_model", None, "not_a_model() returned a str, not a torch nn.Module"),
         ("nope", None, "has no attribute 'nope'"),
         ("factory", "five", "does not fit"),
-        ("factory", "code", "is not a weights-only torch file"),
+        ("factory", "code", "is not loadable (it holds more than tensors"),
         ("factory", "missing", "does not exist"),
         ("factory", "directory", "is a directory; give the state-dict file itself"),
     ],

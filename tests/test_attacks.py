@@ -283,7 +283,7 @@ def test_sanity_warns_about_clean_accuracy_at_chance():
     guessing, learned = right_on_first(19), right_on_first(21)
     # 21 of 100 right is significant at 0.001 against guessing at 0.1 (scipy: binom.sf(20, 100, 0.1) = 0.0008); 19 is not.
     (warning,) = sanity_warnings(guessing, False, None)
-    assert warning.startswith("clean accuracy 0.190 <= chance 0.100 (the largest class share) + 0.100") and "100 test inputs:" in warning
+    assert warning.startswith("clean accuracy 0.190 <= chance 0.100 (the largest class's share) + 0.100") and "100 test inputs:" in warning
     assert sanity_warnings(learned, False, None) == [] and sanity_warnings(rows, False, None) == []
 
 
