@@ -30,6 +30,7 @@ work runs in other processes; Linux only).
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import math
 import os
@@ -524,11 +525,23 @@ def training_rows(images: int, batch_size: int, budget: Budget) -> list[Row]:
     baseline = Baseline(build_model("mnist-cnn", shape, 10, mean, std))
     pixeldp = PixelDP(build_model("mnist-cnn", shape, 10, mean, std))
     pixeldp._build(shape)
-    epoch = lambda defense: (lambda: defense.fit(x, y, config))  # noqa: E731
+    def from_start(model: nn.Module, train: Callable[[], object]) -> Callable[[], None]:
+        """Every call trains from the same weights, so every round does the same work (weights
+        that drift over rounds change the cost, e.g. through denormal numbers)."""
+        start = copy.deepcopy(model.state_dict())
+
+        def call() -> None:
+            model.load_state_dict(start)
+            train()
+
+        return call
+
+    epoch = lambda defense: from_start(defense.model, lambda: defense.fit(x, y, config))  # noqa: E731
     what = f"one training epoch, {images} MNIST-shaped images, batch {batch_size}"
     rows = [
         measure(what + ", mnist-cnn", ("baseline epoch (training loop)", epoch(baseline)),
-                ("bare SGD loop", lambda: hand_written_epoch(plain, x, y, batch_size)), TARGETS["epoch"], budget),
+                ("bare SGD loop", from_start(plain, lambda: hand_written_epoch(plain, x, y, batch_size))),
+                TARGETS["epoch"], budget),
         measure(what + ", mnist-cnn", ("pixeldp epoch", epoch(pixeldp)), ("baseline epoch", epoch(baseline)),
                 TARGETS["pixeldp-train"], budget),
     ]
