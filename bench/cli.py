@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import os
 import signal
@@ -609,6 +610,8 @@ def command_reproduce(args: argparse.Namespace) -> int:
     def announce(specs: list[Any], loaded: dict[Any, Any]) -> None:
         for dataset in loaded.values():
             reproduce.check_dataset_kind(reproduction, dataset)
+        if not log.LOGGER.isEnabledFor(logging.INFO):  # --quiet: nobody would read the estimate
+            return
         log.LOGGER.info(f"what will run ({len(specs)} runs) and an upper bound of its cost, from unit costs "
                         f"measured here:\n{reproduce.plan_text(reproduce.cost_model(specs, loaded), args.jobs)}")
 

@@ -396,7 +396,7 @@ def measure_units(spec: Any, dataset: Any) -> Units:
     defense, _ = build_defense(spec, dataset, "cpu")
     defense.fit(dataset.x_train[:64], dataset.y_train[:64], TrainConfig(epochs=1, batch_size=64))  # builds it
     _, gradient = unit_seconds(defense.attack_model(), tuple(dataset.shape))
-    x = dataset.x_test[:32]
+    x = dataset.x_test[:16]
     seconds = {}
     for name in ("predict", "evaluate"):
         call = getattr(defense, name)
@@ -426,12 +426,14 @@ def cost_model(specs: list[Any], datasets: dict[Any, Any]) -> pd.DataFrame:
     from bench.runner import build_defense, spec_steps
     from bench.training import training_defaults
 
-    rows, trained = [], set()
+    rows, trained, measured = [], set(), {}
     for spec in specs:
         dataset = datasets[(spec.dataset, spec.image_size)]
         defense, model_name = build_defense(spec, dataset, "cpu")
         run = describe(defense, spec.defense, model_name)[0]
-        units = measure_units(spec, dataset)
+        if spec.training_hash() not in measured:  # runs of one trained model have the same units
+            measured[spec.training_hash()] = measure_units(spec, dataset)
+        units = measured[spec.training_hash()]
         defaults = training_defaults(spec.defense, spec.dataset)
         epochs = spec.epochs or defaults["epochs"]
         n_train = min(spec.train_size or len(dataset.y_train), len(dataset.y_train))
