@@ -796,7 +796,8 @@ def print_cost_model(args: argparse.Namespace) -> int:
     costs = reproduce.cost_model(specs, datasets)
     shown = costs.assign(**{column: costs[column].map(lambda seconds: f"{seconds:.2f}") for column in ("CPU s", "expected CPU s")})
     print(f"cost model of {args.reproduction}, profile {args.profile}: unit costs measured on this machine "
-          f"({reproduce.machine_class()}) times counts, as if no point broke before the largest budget")
+          f"({reproduce.machine_class()}) times counts: a bound (no point broke before the largest budget) and "
+          "the expected cost (the epsilon sweep's prior share of it)")
     print(shown.to_markdown(index=False))
     print(reproduce.plan_text(costs, args.jobs))
     return 0
