@@ -189,4 +189,7 @@ def test_autoattack_names_its_running_stage_inside_one_chunk(monkeypatch):
     adversarials = attack.run(model, x, y, [0.01, 0.02])
     assert len(adversarials) == 2
     lines = [line for _, line in stream.arrivals]
-    assert any("> autoattack-linf stages: 0/1 stage (now square eps=0.01 on 6 points)" in line for line in lines), lines
+    # The heartbeat thread may first get the CPU during either budget's Square (each ~0.75 s of
+    # queries); what matters is that it names the stage, its budget and its points.
+    stage = re.compile(r"> autoattack-linf stages: 0/1 stage \(now square eps=0\.0[12] on 6 points\)")
+    assert any(stage.search(line) for line in lines), lines
