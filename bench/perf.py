@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 import math
 import os
 import platform
@@ -403,8 +404,10 @@ def measure(what: str, ours: tuple[str, Callable[[], object]], reference: tuple[
 
 
 # -- the rows ----------------------------------------------------------------------------------------
+@functools.cache
 def _digits_model(epochs: int = 5) -> tuple[nn.Module, object]:
-    """The digits CNN trained a few epochs: attacks that stop early need a model with margins."""
+    """The digits CNN trained a few epochs (once per process): attacks that stop early need a
+    model with margins."""
     from bench.datasets.digits import load_digits
     from bench.defenses.baseline import Baseline
     from bench.models import build_model

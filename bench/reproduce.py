@@ -350,28 +350,25 @@ def swept_share(epsilons: int) -> float:
     return (epsilons + 1) / (2 * epsilons)
 
 
-def unit_seconds(model: Any, shape: tuple[int, ...], batch: int = 64, repeats: int = 3) -> tuple[float, float]:
-    """Seconds per image of a forward pass and of a forward-and-backward pass (input gradient) of
-    ``model`` on this machine, in batches of ``batch`` (the fastest of ``repeats``)."""
+def gradient_seconds(model: Any, shape: tuple[int, ...], batch: int = 64, repeats: int = 3) -> float:
+    """Seconds per image of a forward-and-backward pass (input gradient) of ``model`` on this
+    machine, in batches of ``batch`` (the fastest of ``repeats``), with its weights frozen as
+    attacks run it."""
     import torch
 
     from bench.attacks.base import frozen_parameters
 
     x = torch.rand(batch, *shape)
     model.eval()
-    forward, gradient = [], []
-    with frozen_parameters(model):  # as attacks run it: no weight gradients
+    seconds = []
+    with frozen_parameters(model):
         model(x.clone().requires_grad_(True)).sum().backward()  # the first call allocates: not timed
         for _ in range(repeats):
-            start = time.perf_counter()
-            with torch.no_grad():
-                model(x)
-            forward.append(time.perf_counter() - start)
             inputs = x.clone().requires_grad_(True)
             start = time.perf_counter()
             model(inputs).sum().backward()
-            gradient.append(time.perf_counter() - start)
-    return min(forward) / batch, min(gradient) / batch
+            seconds.append(time.perf_counter() - start)
+    return min(seconds) / batch
 
 
 @dataclass
@@ -386,16 +383,15 @@ class Units:
     train_step: float
 
 
-def measure_units(spec: Any, dataset: Any) -> Units:
-    """The run's units, on its own model and parameters (untrained weights: the costs do not
-    depend on them, except RobustOpt's exact certificates, through its unstable ReLUs)."""
+def measure_units(spec: Any, dataset: Any, defense: Any) -> Units:
+    """The units of ``spec``'s run, on ``defense`` as ``build_defense`` made it (untrained
+    weights: the costs do not depend on them, except RobustOpt's exact certificates, through its
+    unstable ReLUs)."""
     from bench.overhead import step_seconds
-    from bench.runner import build_defense
     from bench.training import TrainConfig
 
-    defense, _ = build_defense(spec, dataset, "cpu")
     defense.fit(dataset.x_train[:64], dataset.y_train[:64], TrainConfig(epochs=1, batch_size=64))  # builds it
-    _, gradient = unit_seconds(defense.attack_model(), tuple(dataset.shape))
+    gradient = gradient_seconds(defense.attack_model(), tuple(dataset.shape))
     x = dataset.x_test[:16]
     seconds = {}
     for name in ("predict", "evaluate"):
@@ -432,7 +428,7 @@ def cost_model(specs: list[Any], datasets: dict[Any, Any]) -> pd.DataFrame:
         defense, model_name = build_defense(spec, dataset, "cpu")
         run = describe(defense, spec.defense, model_name)[0]
         if spec.training_hash() not in measured:  # runs of one trained model have the same units
-            measured[spec.training_hash()] = measure_units(spec, dataset)
+            measured[spec.training_hash()] = measure_units(spec, dataset, defense)
         units = measured[spec.training_hash()]
         defaults = training_defaults(spec.defense, spec.dataset)
         epochs = spec.epochs or defaults["epochs"]
