@@ -1,29 +1,21 @@
 """The public API: evaluate any model or defense, train one, read stored results.
 
-``bench.evaluate(model, "digits", ["pgd-linf"])`` is the whole evaluation; the CLI (``bench run``,
-``bench eval``) and the runner are thin shells over the functions here, so one loop produces
-every record (:func:`evaluate_steps`), whether it comes from Python or the command line.
-
-One evaluation step (the clean inputs, or one attack over its epsilons) is the unit of work: it
-is seeded on its own, committed to a store on its own, and described by a plain, picklable
-:class:`Step`, so a resumed or parallel run writes exactly the records of a serial one.
+``bench.evaluate(model, "digits", ["pgd-linf"])`` is the whole evaluation; the CLI (``bench eval``,
+``bench report``) is a thin shell over the functions here. What they use lives below:
+the evaluation loop that produces every record (``bench.evaluation``), a run's life in a
+store (``bench.lifecycle``), provenance (``bench.provenance``), so that ``bench run``'s grid
+(``bench.jobs``) writes the same records and summaries as this module.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime
 import hashlib
-import platform
-import random
-import socket
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from functools import cached_property
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -32,83 +24,25 @@ import pandas as pd
 import torch
 from torch import nn
 
-from bench.attacks import EOT, Attack, perturbation_norm
-from bench.attacks.base import Connected, frozen_parameters
-from bench.datasets.base import Dataset, balanced_subset
-from bench.defenses.base import Certificate, Defense
-from bench.diagnostics import Assessment, Diagnostic, assess, probe_clean, randomized_points, verdict_flips
+from bench.attacks import Attack
 from bench.checkpoint import load_into
+from bench.datasets.base import Dataset, balanced_subset
+from bench.defenses.base import Defense
 from bench.errors import BenchError, one_line
+from bench.evaluation import Log, Step, attack_steps, describe, evaluate_steps, quiet as _quiet
+from bench.lifecycle import RunFacts, RunRecorder
 from bench.metrics import THRESHOLD_GRID
-from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
-from bench.spec import (
-    Epsilons, RunSpec, check_epsilon_keys, epsilons_for, parse_assignments, scoped, unclaimed, with_audit,
-)
-from bench.store import MODEL_STEPS, RUN_FIELDS, Run, Store
-from bench.training import TrainConfig, check_learned, training_defaults
+from bench.provenance import fingerprint, seed_everything
+from bench.registry import DATASETS, DEFENSES, build_params, defense_name
+from bench.spec import Epsilons, RunSpec, parse_assignments, with_audit
+from bench.store import RUN_FIELDS, Run, Store
+from bench.training import TrainConfig, fit_and_check, training_defaults
 from bench.threads import using_threads
-from bench.types import CLEAN, RECORD_COLUMNS, Record
-from bench.validation import (
-    check_epsilon_bounds, check_epsilons, check_subset_size, check_writable_dir, validate_options,
-)
+from bench.types import RECORD_COLUMNS, Record
+from bench.validation import check_epsilon_bounds, check_subset_size, check_writable_dir, validate_options
 
-Log = Callable[[str], None]
 Data = str | Dataset | tuple[Any, Any]
 
-
-# -- small shared pieces -------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("robustness-bench", "torch", "numpy", "foolbox", "adversarial-robustness-toolbox", "pyautoattack"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _quiet(_: str) -> None:
-    pass
-
-
-def fingerprint(state: nn.Module | Mapping[str, Any]) -> str:
-    """A short hash of a model's (or a defense's) state: names, shapes and bytes of every tensor.
-    The identity of an outside model in specs: a resumed run must continue with the same weights."""
-    digest = hashlib.sha256()
-
-    def add(value: Any, name: str) -> None:
-        digest.update(name.encode())
-        if isinstance(value, torch.Tensor):
-            digest.update(str((tuple(value.shape), value.dtype)).encode())
-            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(value, Mapping):
-            for key in sorted(value, key=str):
-                add(value[key], f"{name}.{key}")
-        else:
-            digest.update(repr(value).encode())
-
-    add(state.state_dict() if isinstance(state, nn.Module) else state, "")
-    return digest.hexdigest()[:12]
-
-
-def describe(defense: Defense, name: str, model_name: str) -> tuple[str, dict[str, Any]]:
-    """A short label for tables (``pixeldp(L=0.3)``) and the full parameter dict."""
-    params = dataclasses.asdict(defense.params)
-    defaults = dataclasses.asdict(type(defense).Params())
-    changed = [f"{k}={v}" for k, v in params.items() if defaults.get(k) != v]
-    label = name + (f"({', '.join(changed)})" if changed else "")
-    params["model"] = model_name
-    return label, params
 
 
 # -- defenses around any model ---------------------------------------------------------------------
@@ -139,12 +73,6 @@ def as_defense(model_or_defense: Any, device: str = "cpu") -> Defense:
     raise BenchError(
         f"expected an nn.Module (images in [0,1] -> logits) or a Defense, got {type(model_or_defense).__name__}"
     )
-
-
-def defense_name(defense: Defense) -> str:
-    """A defense's one name: its registry key (for a plug-in, the entry point's name), else its
-    declared ``name``, else its class name for an unregistered class."""
-    return DEFENSES.name_of(type(defense)) or defense.name or type(defense).__name__.lower()
 
 
 def model_name(defense: Defense) -> str:
@@ -384,275 +312,6 @@ def plan_line(label: str, test: EvalData, test_size: int | None, steps: Sequence
             + "".join(f", {attack}" for attack in attacks))
 
 
-# -- attacks and their epsilons ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class Step:
-    """One evaluation step, a plain picklable value: ``attack is None`` is the clean step."""
-
-    name: str
-    attack: Attack | None = None
-    epsilons: tuple[float, ...] = ()
-
-
-def attack_steps(
-    attacks: Sequence[str | Attack], epsilons: Epsilons | None = None, attack_params: Mapping[str, Any] | None = None,
-    backend: str = "foolbox",
-) -> list[Step]:
-    """Attack names (or ready ``Attack`` objects) with their epsilons as evaluation steps.
-
-    ``epsilons``: one list for every attack, or a mapping from an attack name or a norm
-    (``linf``, ``l2``, ``l1``) to its list (the attack's name wins over its norm); an attack
-    without epsilons uses its own defaults.
-    """
-    if isinstance(attacks, (str, Attack)):
-        attacks = [attacks]  # one attack
-    steps, names = [], set()
-    attack_params = dict(attack_params or {})
-    named = {entry: {f.name for f in dataclasses.fields(ATTACKS.get(entry).Params)} for entry in attacks if isinstance(entry, str)}
-    unclaimed(attack_params, named, "attack parameter")
-    for entry in attacks:
-        if isinstance(entry, str):
-            attack_class = ATTACKS.get(entry)
-            fields = {f.name for f in dataclasses.fields(attack_class.Params)}
-            params = build_params(attack_class.Params, scoped(attack_params, entry, fields), f"attack {entry}")
-            attack, name = attack_class(params, backend=backend), entry
-        elif isinstance(entry, Attack):
-            attack, name = entry, entry.name or type(entry).__name__.lower()
-        else:
-            raise BenchError(f"attacks must be names or Attack objects, got {type(entry).__name__}")
-        if name in names or name == CLEAN:
-            raise BenchError(f"attack {name!r} is given twice" if name in names else f"{CLEAN!r} is not an attack name")
-        names.add(name)
-        steps.append(Step(name, attack, tuple(float(e) for e in _epsilons_for(name, attack, epsilons))))
-    check_epsilon_keys(epsilons, {step.name: step.attack.norm for step in steps})
-    return steps
-
-
-def _epsilons_for(name: str, attack: Attack, epsilons: Epsilons | None) -> list[float]:
-    chosen = epsilons_for(epsilons, name, attack.norm, attack.default_epsilons)
-    if not chosen:
-        raise BenchError(f"attack {name}: no epsilons given and it has no defaults; pass epsilons=[...]")
-    check_epsilons(chosen, f"epsilons of {name}")
-    return chosen
-
-
-# -- the evaluation loop -----------------------------------------------------------------------------
-def records_for(
-    indices: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, certificate: Certificate | None,
-    attack: str, norm: str | None, epsilon: float, distance: torch.Tensor | None,
-) -> list[Record]:
-    return [
-        Record(
-            sample_index=int(indices[i]), attack=attack, norm=norm, epsilon=float(epsilon),
-            prediction=int(predictions[i]), label=int(labels[i]), correct=int(predictions[i] == labels[i]),
-            distance=None if distance is None else float(distance[i]),
-            certified_label=None if certificate is None else int(certificate.label[i]),
-            certified_radius=None if certificate is None else float(certificate.radius[i]),
-            certified_norm=None if certificate is None else certificate.norm,
-            certified=None if certificate is None else int(certificate.certified[i]),
-        )
-        for i in range(len(labels))
-    ]
-
-
-@dataclass
-class StepResult:
-    """What one evaluation step produced: its records and its diagnostics' counts."""
-
-    records: list[Record]
-    diagnostics: list[Diagnostic] = field(default_factory=list)
-
-
-def attack_target(defense: Defense, attack: Attack, surrogate: nn.Module | None = None) -> nn.Module:
-    """The model ``attack`` runs on: the defense's attack model, its BPDA approximation, or an
-    undefended surrogate (``Attack.target``)."""
-    if attack.target == "surrogate":
-        if surrogate is None:
-            raise BenchError(f"attack {attack.name} needs an undefended surrogate model (trained on the same data)")
-        return surrogate.eval()
-    if attack.target == "bpda":
-        model = defense.bpda_model()
-        if model is None:
-            raise BenchError(f"attack {attack.name}: defense {defense_name(defense)} offers no BPDA approximation "
-                             "(Defense.bpda_model() returns None)")
-        return model.eval()
-    return defense.attack_model()
-
-
-def evaluate_step(
-    defense: Defense, step: Step, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, *,
-    seed: int = 0, eot_draws: int = 20, log: Log = _quiet, label: str = "", surrogate: nn.Module | None = None,
-) -> StepResult:
-    """The records of one step: predictions (and certificates) on the clean or attacked inputs,
-    with the step's diagnostics (``bench.diagnostics``).
-
-    Seeded on its own, so the step gives the same records whatever ran before it. Randomized
-    defenses, and defenses whose output changes between two calls on the same input although they
-    do not declare it, are attacked through EOT over ``eot_draws`` noise draws per gradient step.
-    The verdict of a point is one call of the defense's rule (``predict``); on a randomized defense
-    a second call measures how often that verdict flips (``verdict-flips``).
-    """
-    seed_everything(seed)
-    declared = defense.randomized
-    if step.attack is None:
-        predictions, certificate = defense.evaluate(x)
-        records = records_for(index, y, predictions, certificate, CLEAN, None, 0.0, None)
-        target = defense.attack_model()
-        varies = [] if declared else [Diagnostic(CLEAN, "undeclared-randomness", 0.0,
-                                                 int(randomized_points(target, x).sum()), len(x))]
-        randomized = declared or bool(varies and varies[0].count)
-        if randomized:
-            target = EOT(target, eot_draws)
-        with frozen_parameters(target):
-            probes = probe_clean(CLEAN, target, x, y, defense.predict, predictions, randomized)
-        return StepResult(records, varies + probes)
-    target = Connected(attack_target(defense, step.attack, surrogate))
-    randomized = declared or (step.attack.target != "surrogate" and bool(randomized_points(target, x).any()))
-    if randomized and step.attack.target != "surrogate":
-        target = EOT(target, min(eot_draws, step.attack.max_eot_draws or eot_draws))
-    # The defense's own prediction rule judges success inside the attacks too (AutoAttack's
-    # cascade, the minimisation attacks' re-judging), not the attack model's argmax.
-    adversarials = step.attack.run(target, x, y, list(step.epsilons), predict=defense.predict)
-    judged = evaluate_each(defense, adversarials, distinct=not randomized)
-    records, diagnostics = [], []
-    for epsilon, x_adv, (predictions, certificate) in zip(step.epsilons, adversarials, judged):
-        distance = perturbation_norm(x_adv - x, step.attack.norm)
-        records += records_for(index, y, predictions, certificate, step.name, step.attack.norm, epsilon, distance)
-        if randomized:
-            flips = int(verdict_flips(defense.predict, x_adv, y, predictions).sum())
-            diagnostics.append(Diagnostic(step.name, "verdict-flips", float(epsilon), flips, len(x)))
-        log(f"[{label}] {step.name} eps={epsilon:g}: accuracy {float((predictions == y).float().mean()):.4f}")
-    return StepResult(records, diagnostics)
-
-
-def evaluate_each(
-    defense: Defense, inputs: Sequence[torch.Tensor], distinct: bool = True,
-) -> list[tuple[torch.Tensor, Certificate | None]]:
-    """``defense.evaluate`` of each batch in ``inputs`` (one attack's batches, smallest budget
-    first); with ``distinct``, an input equal to the previous batch's at its index is not
-    evaluated again.
-
-    A point broken within a smaller budget carries the same adversarial input to every larger
-    one, and a point misclassified clean is not attacked. On a deterministic defense their
-    verdicts are equal, and an expensive certificate (RobustOpt's exact dual bound, most of its
-    attack steps' time) is worth computing once: about a quarter fewer on MNIST at 5 L2 budgets.
-    A randomized defense needs ``distinct=False``: fresh draws for every input.
-    """
-    results: list[tuple[torch.Tensor, Certificate | None]] = []
-    for batch in inputs:
-        if not distinct or not results or len(batch) != len(previous):
-            results.append(defense.evaluate(batch))
-        else:
-            changed = (batch != previous).flatten(1).any(1)
-            predictions, certificate = results[-1][0].clone(), results[-1][1]
-            if changed.any():
-                new_predictions, new_certificate = defense.evaluate(batch[changed])
-                predictions[changed] = new_predictions
-                if certificate is not None:
-                    certificate = dataclasses.replace(certificate, **{
-                        name: getattr(certificate, name).clone().index_put_((changed,), getattr(new_certificate, name))
-                        for name in ("label", "radius", "certified")})
-            results.append((predictions, certificate))
-        previous = batch
-    return results
-
-
-def evaluate_steps(
-    defense: Defense, steps: Sequence[Step], x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, *,
-    seed: int = 0, eot_draws: int = 20, done: set[str] = frozenset(),
-    commit: Callable[[StepResult], None] | None = None, log: Log = _quiet, label: str = "",
-    surrogate: Callable[[], nn.Module | None] | None = None,
-) -> list[StepResult]:
-    """The clean step, then one step per attack; steps named in ``done`` are skipped, each other
-    step's result goes to ``commit`` as soon as it exists (a store commits it atomically).
-    ``surrogate`` builds the undefended surrogate for transfer attacks, once, when one needs it."""
-    results: list[StepResult] = []
-    built: list[nn.Module | None] = []
-    for step in [Step(CLEAN), *steps]:
-        if step.name in done:
-            continue
-        model = None
-        if step.attack is not None and step.attack.target == "surrogate":
-            if not built:
-                built.append(surrogate() if surrogate is not None else None)
-            model = built[0]
-            if model is None:
-                log(f"[{label}] {step.name} skipped: no surrogate model")
-                continue
-        part = evaluate_step(defense, step, x, y, index, seed=seed, eot_draws=eot_draws, log=log, label=label,
-                             surrogate=model)
-        if commit is not None:
-            commit(part)
-        results.append(part)
-    return results
-
-
-# -- where a run's records go ------------------------------------------------------------------------
-class RunWriter:
-    """A run's records in memory, or in a store: registered when it starts (or resumed from the
-    stored steps of an unfinished run of the same spec that no live process owns), committed step
-    by step, marked complete at the end, and handed back as ``interrupted`` on any failure.
-    While it works, this process holds a lease on the run (``Store.hold``) and each commit records
-    the seconds the step took; ``resume=False`` always starts a new run."""
-
-    def __init__(self, store: Store | None, run: Run, log: Log = _quiet, resume: bool = True):
-        self.store, self.run, self.done, self.resumed = store, run, set(), False
-        self._records: list[Record] = []
-        self._diagnostics: list[Diagnostic] = []
-        if store is None:
-            return
-        if resume:
-            store.wait_for_writer(run.spec_hash, lambda text: log(f"[{run.label}] {text}"))
-        previous = store.resumable(run.spec_hash) if resume else None
-        if previous is not None:
-            stored, self.done = previous
-            self.run = dataclasses.replace(run, run_id=stored.run_id, created=stored.created)
-            self.resumed = True
-            log(f"[{run.label}] resuming unfinished run {stored.run_id}: {', '.join(sorted(self.done)) or 'nothing'} already stored")
-        else:
-            store.begin_run(run)
-        self.lease = store.hold(self.run.run_id)  # renewed while this process works; times each step
-
-    def commit(self, result: StepResult) -> None:
-        if self.store is not None:
-            self.lease.commit(result.records, result.diagnostics)
-        self._records += result.records
-        self._diagnostics += result.diagnostics
-
-    def work(self, step: str) -> None:
-        """Record the seconds since the last commit as ``step`` (``train`` or ``load``)."""
-        if self.store is not None:
-            self.lease.work(step)
-
-    def records(self) -> list[Record]:
-        if self.store is None:
-            return list(self._records)
-        frame = self.store.records([self.run.run_id])
-        return [Record(*tuple(row)[1:]) for row in frame.itertuples(index=False)]
-
-    def diagnostics(self) -> list[Diagnostic]:
-        if self.store is None:
-            return list(self._diagnostics)
-        return self.store.diagnostics(self.run.run_id)
-
-    def finish(self, info: dict[str, Any], warnings: list[str]) -> None:
-        if self.store is not None:
-            # Every process that worked on the run (a resumed one's earlier ones too) is charged.
-            work = self.store.work(self.run.run_id)
-            info = {**info, "eval_seconds": float(work.seconds[~work.step.isin(MODEL_STEPS)].sum())}
-        self.run = dataclasses.replace(self.run, info=info, warnings=warnings, status="complete")
-        if self.store is not None:
-            try:
-                self.store.finish_run(self.run.run_id, info, warnings)
-            finally:
-                self.lease.stop()
-
-    def abort(self) -> None:
-        if self.store is not None:
-            self.store.release(self.run.run_id)
-            self.lease.stop()
-
-
 # -- results ---------------------------------------------------------------------------------------
 
 
@@ -829,25 +488,6 @@ def train(
     return defense
 
 
-def fit_and_check(defense: Defense, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> None:
-    """Seed, train ``defense`` on ``x``, ``y``, and check that training worked: raises
-    ``TrainingFailed`` when it diverged (NaN/inf loss or weights) or ended at chance
-    (``bench.training.check_learned``). Every training of the harness goes through here."""
-    seed_everything(config.seed)
-    defense.fit(x, y, config)
-    check_learned(defense.attack_model(), x, y, desc=defense_name(defense), seed=config.seed,
-                  device=config.device)
-
-
-def assess_run(records: list[Record], diagnostics: list[Diagnostic], steps: Sequence[Step], randomized: bool,
-               eot_draws: int, input_dim: int | None) -> Assessment:
-    """``bench.diagnostics.assess`` for a run with these steps."""
-    kinds = {step.name: step.attack.kind for step in steps if step.attack is not None}
-    audited = tuple(sorted({step.attack.norm for step in steps if step.attack.kind in ("gradient-free", "transfer")}))
-    return assess(records, diagnostics, kinds=kinds, declared_randomized=randomized,
-                  eot_draws=eot_draws if steps else None, input_dim=input_dim, audited_norms=audited)
-
-
 def surrogate_for(defense: Defense, data: Data, *, seed: int = 0, data_dir: Path | str | None = None,
                   download: bool = False, device: str = "cpu", log: Log = _quiet) -> nn.Module | None:
     """An undefended surrogate for transfer attacks: a fresh copy of ``defense.model``'s
@@ -972,35 +612,22 @@ def evaluate(
     )
     if isinstance(store, (str, Path)):
         store = Store(store)
-    run = Run(
-        run_id=uuid.uuid4().hex[:12], created=now(), dataset=test.name, defense=name, label=label, params=params,
-        spec=dataclasses.asdict(spec), spec_hash=spec.hash(), training_hash=spec.training_hash(), seed=seed,
-        versions=library_versions(), host=socket.gethostname(), info={}, warnings=[],
-    )
     log(plan_line(label, test, test_size, steps, defense, eot_draws))
-    writer = RunWriter(store, run, log)
+    facts = RunFacts(steps=tuple(steps), randomized=defense.randomized, certifies=defense.certifies,
+                     eot_draws=eot_draws, input_dim=input_dim, num_test=len(test.y), num_train=None,
+                     data_official=test.provenance, device=device, worker_threads=threads)
+    recorder = RunRecorder(store, Run.start(spec, label, params), facts, log=log)
     try:
-        started = time.perf_counter()
         with using_threads(threads):
             evaluate_steps(defense, steps, test.x, test.y, test.index, seed=seed, eot_draws=eot_draws,
-                           done=writer.done, commit=writer.commit, log=log, label=label,
+                           done=set(recorder.done),
+                           commit=lambda step, part: recorder.commit(step, part.records, part.diagnostics),
+                           log=log, label=label,
                            surrogate=lambda: surrogate_for(defense, data, seed=seed, data_dir=data_dir,
                                                            download=download, device=device, log=log))
-        eval_seconds = time.perf_counter() - started
-        records = writer.records()
-        assessment = assess_run(records, writer.diagnostics(), steps, defense.randomized, eot_draws,
-                                int(np.prod(test.x.shape[1:])))
-        warnings = assessment.warnings
-        for warning in warnings:
-            log(f"[{label}] warning: {warning}")
-        info = {**assessment.info(),
-            "eval_seconds": eval_seconds, "num_test": len(test.y), "device": device,
-            "data_official": test.provenance, "randomized": defense.randomized, "certifies": defense.certifies,
-            "resumed": writer.resumed, "argv": sys.argv,
-        }
-        writer.finish(info, warnings)
+        run = recorder.finish()
     except BaseException:
-        writer.abort()
+        recorder.interrupt()
         raise
-    return Results.from_runs([writer.run], [(writer.run.run_id, r) for r in records],
+    return Results.from_runs([run], [(run.run_id, record) for record in recorder.records()],
                              str(store.directory) if store is not None else "")

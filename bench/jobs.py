@@ -24,10 +24,8 @@ import dataclasses
 import hashlib
 import math
 import socket
-import sys
 import time
 import traceback
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -36,15 +34,17 @@ import numpy as np
 import torch
 
 from bench import log, progress
-from bench import api
-from bench.api import Step, StepResult, assess_run
 from bench.datasets.base import Dataset, balanced_subset
 from bench.errors import BenchError
+from bench.evaluation import Step, StepResult, describe, evaluate_step
 from bench.executors import Serial, start_worker
+from bench.lifecycle import RunFacts, RunRecorder
 from bench.log import LOGGER
-from bench.registry import ATTACKS
+from bench.registry import ATTACKS, DEFENSES
 from bench.runner import build_defense, resolved, spec_steps
 from bench.spec import RunSpec
+from bench.store import Run
+from bench.training import TrainConfig, fit_and_check
 from bench.types import CLEAN, Record
 
 # Test samples per evaluation job: large test sets split into shards that run in parallel and
@@ -174,9 +174,6 @@ def run_job(job: TrainJob | EvalJob) -> JobResult:
 
 
 def _train(job: TrainJob) -> dict[str, Any]:
-    from bench.api import fit_and_check
-    from bench.training import TrainConfig
-
     spec = job.spec
     defense, _ = build_defense(spec, job.data.empty_dataset(), job.device)
     config = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed, device=job.device)
@@ -185,7 +182,7 @@ def _train(job: TrainJob) -> dict[str, Any]:
 
 
 def _evaluate(job: EvalJob) -> StepResult:
-    """One step of the public API's evaluation loop (``bench.api.evaluate_step``) on one shard."""
+    """One step of the evaluation loop (``bench.evaluation.evaluate_step``) on one shard."""
     spec = job.spec
     defense, _ = build_defense(spec, job.data.empty_dataset(), job.device)
     defense.load_state_dict(job.state)
@@ -195,7 +192,7 @@ def _evaluate(job: EvalJob) -> StepResult:
         baseline.load_state_dict(job.surrogate_state)
         surrogate = baseline.attack_model()
     step = Step(CLEAN) if job.step == CLEAN else next(s for s in spec_steps(spec) if s.name == job.step)
-    return api.evaluate_step(defense, step, job.x, job.y, job.sample_index, seed=shard_seed(spec.seed, job.shard),
+    return evaluate_step(defense, step, job.x, job.y, job.sample_index, seed=shard_seed(spec.seed, job.shard),
                              eot_draws=spec.eot_draws, surrogate=surrogate)
 
 
@@ -210,14 +207,34 @@ class Planned:
     dataset: Dataset
     train_index: torch.Tensor
     test_index: torch.Tensor
-    run_id: str = ""
-    resumed: bool = False
-    done: dict[str, set[int]] = field(default_factory=dict)  # step -> stored sample indices
     jobs_left: int = 0
     errors: list[str] = field(default_factory=list)
-    lease: Any = None
     device: str = "cpu"
     surrogate: RunSpec | None = None  # the undefended surrogate's training spec, for transfer attacks
+    recorder: RunRecorder | None = None  # its life in the store, from ``open``
+
+    def open(self, store, threads: int | None, force: bool) -> RunRecorder:
+        """Register, resume or (unless ``force``) find complete this run in ``store``."""
+        defense_class = DEFENSES.get(self.spec.defense)
+        facts = RunFacts(steps=tuple(spec_steps(self.spec)), randomized=defense_class.randomized,
+                         certifies=defense_class.certifies, eot_draws=self.spec.eot_draws,
+                         input_dim=int(math.prod(self.dataset.shape)), num_test=len(self.test_index),
+                         num_train=len(self.train_index), data_official=self.dataset.provenance, device=self.device,
+                         worker_threads=threads)
+        self.recorder = RunRecorder(store, Run.start(self.spec, self.label, self.params), facts, log=LOGGER.info,
+                                    skip_complete=not force)
+        return self.recorder
+
+    @property
+    def run_id(self) -> str:
+        return self.recorder.run.run_id if self.recorder is not None else ""
+
+    @property
+    def done(self) -> dict[str, set[int]]:
+        return self.recorder.done if self.recorder is not None else {}
+
+    def finish(self) -> None:
+        self.recorder.finish(self.errors)
 
 
 @dataclass
@@ -230,8 +247,6 @@ class GridOutcome:
 
 def plan_runs(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], device: str) -> list[Planned]:
     """Each spec resolved (model, epochs and every parameter spelled out), with its subsets."""
-    from bench.api import describe
-
     planned = []
     for spec in specs:
         dataset = datasets[(spec.dataset, spec.image_size)]
@@ -266,48 +281,30 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
     """Run every spec of the grid through ``executor`` (default: in this process), skipping
     complete runs (unless ``force``), resuming unfinished ones at job granularity, and storing
     as jobs finish."""
-    from bench.api import library_versions, now
-    from bench.store import Run
-
     executor = executor or Serial()
-    threads = getattr(executor, "threads", None)
     runs = plan_runs(specs, datasets, device)
-    complete = {run.spec_hash: run.run_id for run in store.runs()} if store.path.is_file() and not force else {}
+    try:
+        return _drive(runs, store, executor, device, force)
+    except BaseException:
+        # Hand unfinished runs back: their stored jobs stay, and the same command resumes them.
+        for run in runs:
+            if run.recorder is not None:
+                run.recorder.interrupt()
+        raise
+
+
+def _drive(runs: list[Planned], store, executor, device: str, force: bool) -> GridOutcome:
+    threads = getattr(executor, "threads", None)
     active: list[Planned] = []
-    run_ids: list[str] = []
     for run in runs:
-        if not force:  # another command writing this spec: wait, then resume its run or take it as complete
-            store.wait_for_writer(run.spec.hash(), lambda text: LOGGER.info(f"[{run.label}] {text}"))
-            finished = store.complete_run(run.spec.hash())
-            if finished is not None:
-                complete[run.spec.hash()] = finished.run_id
-        if run.spec.hash() in complete:
-            run_ids.append(complete[run.spec.hash()])
-            LOGGER.info(f"[{run.label}] already complete: run {complete[run.spec.hash()]}; --force starts a new one")
-            continue
-        previous = store.resumable(run.spec.hash())
-        if previous is not None:
-            run.run_id, run.resumed = previous[0].run_id, True
-            records = store.records([run.run_id])
-            run.done = {step: set(group.sample_index.tolist()) for step, group in records.groupby("attack")}
-            LOGGER.info(f"[{run.label}] resuming unfinished run {run.run_id}: "
-                        f"{', '.join(f'{k} ({len(v)} samples)' for k, v in sorted(run.done.items())) or 'nothing'} already stored")
-        else:
-            run.run_id = uuid.uuid4().hex[:12]
-            store.begin_run(Run(
-                run_id=run.run_id, created=now(), dataset=run.dataset.name, defense=run.spec.defense, label=run.label,
-                params=run.params, spec=dataclasses.asdict(run.spec), spec_hash=run.spec.hash(),
-                training_hash=run.spec.training_hash(), seed=run.spec.seed, versions=library_versions(),
-                host=socket.gethostname(), info={}, warnings=[],
-            ))
-        run_ids.append(run.run_id)
-        run.lease = store.hold(run.run_id)  # a heartbeat: other processes see the run is being worked on
-        active.append(run)
-    for run in [run for run in active if run.resumed and not _evaluation_jobs(run, device, threads)]:
+        if not run.open(store, threads, force).complete:
+            active.append(run)
+    run_ids = [run.run_id for run in runs]
+    for run in [run for run in active if run.recorder.resumed and not _evaluation_jobs(run, device, threads)]:
         # Every step was stored before the process that wrote them stopped (Ctrl-C or a crash
         # after the last commit): nothing to run, only the finish it missed.
-        LOGGER.info(f"[{run.label}] every step of unfinished run {run.run_id} is stored: completing it")
-        _finish_run(store, run, threads)
+        run.recorder.say(f"every step of unfinished run {run.run_id} is stored: completing it")
+        run.finish()
         active.remove(run)
     skipped = len(runs) - len(active)
     if not active:
@@ -399,10 +396,7 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
             bar.update(len(dropped))
             run.jobs_left -= len(dropped)
             if run.jobs_left == 0:
-                finish(run)
-
-    def finish(run: Planned) -> None:
-        _finish_run(store, run, threads)
+                run.finish()
 
     try:
         first = sorted(training.values(), key=_longest_first) + sorted(evaluation_wave(active), key=_longest_first)
@@ -420,13 +414,13 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
                             run.errors.append(f"training: {result.error}")
                             skipped_jobs = evaluations.pop(run.run_id, [])
                             bar.update(len(skipped_jobs))
-                            finish(run)
+                            run.finish()
                         drop_transfers(result.key[1], result.error)
                     else:
                         path = store.save_checkpoint(result.key[1], result.state)
                         states[result.key[1]] = result.state
                         for run in owners:
-                            store.add_work(run.run_id, "train", result.seconds)
+                            run.recorder.work("train", result.seconds)
                         LOGGER.info(done_line(f"done: {job.describe()} in {result.seconds:.1f} s (checkpoint {path.name})"))
                         second += evaluation_wave(active)
                     bar.update(1)
@@ -438,25 +432,16 @@ def run_grid(specs: list[RunSpec], datasets: dict[tuple[str, int], Dataset], sto
                     LOGGER.warning(done_line(f"failed: {job.describe()}: {result.error}"))
                 else:
                     # One transaction per job, with the seconds its worker spent (costs add up across resumes).
-                    store.add_records(run.run_id, result.records, step=job.step, seconds=result.seconds,
-                                      diagnostics=result.diagnostics)
+                    run.recorder.commit(job.step, result.records, result.diagnostics, result.seconds)
                     LOGGER.info(done_line(f"done: {job.describe()} in {result.seconds:.1f} s: {_summary(result.records)}"))
                 bar.update(1)
                 run.jobs_left -= 1
                 if run.jobs_left == 0:
-                    finish(run)
+                    run.finish()
         for run in active:
             if run.jobs_left > 0 and not run.errors:  # its training job never came back
                 run.errors.append("training did not finish")
-                finish(run)
-    except BaseException:
-        # Hand unfinished runs back: their stored jobs stay, and the same command resumes them.
-        for run in active:
-            if run.lease is not None:
-                run.lease.stop()
-            if run.jobs_left > 0 and not run.errors:
-                store.finish_run(run.run_id, store.costs(run.run_id, run.spec.training_hash()), [], status="interrupted")
-        raise
+                run.finish()
     finally:
         bar.close()
     return GridOutcome(run_ids, skipped, total, failures)
@@ -490,8 +475,6 @@ def _longest_first(job: TrainJob | EvalJob) -> tuple:
     """Costly jobs first, so that no worker is left with a long one at the end while the others
     idle: training by epochs x images x the defense's work per image (``Defense.training_cost``); then evaluations of randomized defenses (every prediction
     averages many noisy draws), attacks before the clean step, bigger shards first."""
-    from bench.registry import DEFENSES
-
     if isinstance(job, TrainJob):
         defense = DEFENSES.get(job.spec.defense)
         fields = {f.name for f in dataclasses.fields(defense.Params)}
@@ -524,41 +507,3 @@ def _summary(records: list[Record]) -> str:
     for record in records:
         by_epsilon.setdefault(record.epsilon, []).append(record.correct)
     return ", ".join(f"eps {eps:g} accuracy {np.mean(values):.3f}" for eps, values in sorted(by_epsilon.items()))
-
-
-def _finish_run(store, run: Planned, threads: int | None) -> None:
-    from bench.registry import DEFENSES
-
-    if run.lease is not None:
-        run.lease.stop()
-        run.lease = None
-    defense_class = DEFENSES.get(run.spec.defense)
-    info = {
-        # summed over every process that worked on the run, a resumed run's earlier ones too
-        **store.costs(run.run_id, run.spec.training_hash()),
-        "resumed": run.resumed,
-        "num_train": len(run.train_index),
-        "num_test": len(run.test_index),
-        "data_official": run.dataset.provenance,
-        "randomized": defense_class.randomized,
-        "certifies": defense_class.certifies,
-        "device": run.device,
-        "argv": sys.argv,
-        "worker_threads": threads,
-    }
-    if run.errors:
-        info["errors"] = run.errors
-        store.finish_run(run.run_id, info, [], status="failed")
-        return
-    records = store.records([run.run_id])
-    stored = [Record(*tuple(row)[1:]) for row in records.itertuples(index=False)]
-    clean = records[records.attack == CLEAN]
-    input_dim = int(math.prod(run.dataset.shape))
-    assessment = assess_run(stored, store.diagnostics(run.run_id), spec_steps(run.spec), defense_class.randomized,
-                            run.spec.eot_draws, input_dim)
-    info.update(assessment.info())
-    warnings = assessment.warnings
-    for warning in warnings:
-        LOGGER.warning(f"[{run.label}] warning: {warning}")
-    LOGGER.info(f"[{run.label}] complete: clean accuracy {float(clean.correct.mean()):.4f} on {len(clean)} test images")
-    store.finish_run(run.run_id, info, warnings)

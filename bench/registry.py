@@ -79,6 +79,12 @@ DEFENSES: Registry[Any] = Registry("defense", "bench.defenses", "bench.defenses"
 ATTACKS: Registry[Any] = Registry("attack", "bench.attacks", "bench.attacks")
 
 
+def defense_name(defense: Any) -> str:
+    """A defense's one name: its registry key (for a plug-in, the entry point's name), else its
+    declared ``name``, else its class name for an unregistered class."""
+    return DEFENSES.name_of(type(defense)) or defense.name or type(defense).__name__.lower()
+
+
 def _coerce(value: Any, annotation: Any, key: str, owner: str) -> Any:
     """Turn a command-line string (or a TOML value) into the field's declared type."""
     origin = typing.get_origin(annotation)

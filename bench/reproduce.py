@@ -417,7 +417,7 @@ def cost_model(specs: list[Any], datasets: dict[Any, Any]) -> pd.DataFrame:
     (more unstable ReLUs) than on a trained model."""
     import math
 
-    from bench.api import describe
+    from bench.evaluation import describe
     from bench.diagnostics import PROBE_SIZE, PROBE_STEPS
     from bench.runner import build_defense, spec_steps
     from bench.training import training_defaults

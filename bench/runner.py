@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from bench.api import Step, attack_steps, seed_everything
+from bench.evaluation import Step, attack_steps
+from bench.provenance import seed_everything
 from bench.api import load_dataset as api_load_dataset
 from bench.datasets.base import Dataset
 from bench.defenses.base import Defense

@@ -22,6 +22,7 @@ and evaluation seconds are summed over every process that worked on it.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 import socket
@@ -29,6 +30,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+import uuid
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ import torch
 
 from bench.checkpoint import load_weights
 from bench.errors import BenchError
+from bench.provenance import library_versions, now
 from bench.types import HAS_CERTIFICATE_SQL, RECORD_COLUMNS, Record
 
 # A run's owner renews its lease every HEARTBEAT_SECONDS; one whose lease is LEASE_SECONDS
@@ -127,6 +130,18 @@ def _count_commit() -> None:
     _committed += 1
 
 
+class RunStatus(enum.StrEnum):
+    """Where a run is in its life: ``running`` while a process holds it, ``complete`` when every
+    step is stored and assessed (only complete runs reach tables), ``interrupted`` when its
+    process stopped before the end (the same command resumes it), ``failed`` when a training or
+    step failed (its errors are in ``info``)."""
+
+    RUNNING = "running"
+    COMPLETE = "complete"
+    INTERRUPTED = "interrupted"
+    FAILED = "failed"
+
+
 @dataclass
 class Run:
     run_id: str
@@ -143,21 +158,29 @@ class Run:
     host: str
     info: dict[str, Any]
     warnings: list[str]
-    status: str = "running"
+    status: RunStatus = RunStatus.RUNNING
+
+    @classmethod
+    def start(cls, spec: Any, label: str, params: dict[str, Any]) -> "Run":
+        """A new run of ``spec`` (a ``bench.spec.RunSpec``): a fresh id, the time, this host and
+        the library versions; ``label`` names it in tables, ``params`` are its defense's."""
+        return cls(
+            run_id=uuid.uuid4().hex[:12], created=now(), dataset=spec.dataset, defense=spec.defense, label=label,
+            params=params, spec=dataclasses.asdict(spec), spec_hash=spec.hash(), training_hash=spec.training_hash(),
+            seed=spec.seed, versions=library_versions(), host=socket.gethostname(), info={}, warnings=[],
+        )
 
 
 RUN_FIELDS = [f.name for f in dataclasses.fields(Run)]
 
 
 class RunLease:
-    """A run this process owns: a background thread renews its lease every ``every`` seconds
-    (long training or attack steps), and each commit records the seconds since the previous one,
-    the step's own time. A failed renewal is retried at the next beat; a run lost meanwhile is
-    caught by the next commit's ownership check."""
+    """A run this process owns: a background thread renews its lease every ``every`` seconds, so
+    that long training or attack steps do not look like a dead owner. A failed renewal is retried
+    at the next beat; a run lost meanwhile is caught by the next commit's ownership check."""
 
     def __init__(self, store: "Store", run_id: str, every: float = HEARTBEAT_SECONDS):
         self.store, self.run_id = store, run_id
-        self._since = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, args=(every,), name=f"lease-{run_id}", daemon=True)
         self._thread.start()
@@ -168,16 +191,6 @@ class RunLease:
                 self.store.renew(self.run_id)
             except Exception:  # noqa: BLE001 - reported by the next commit
                 pass
-
-    def commit(self, records: list[Record], diagnostics: Iterable[tuple] = ()) -> None:
-        """Commit one evaluation step's records and diagnostics with the seconds it took."""
-        self.store.add_records(self.run_id, records, seconds=time.perf_counter() - self._since, diagnostics=diagnostics)
-        self._since = time.perf_counter()
-
-    def work(self, step: str) -> None:
-        """Record the seconds since the previous commit as ``step`` (training: ``train``/``load``)."""
-        self.store.add_work(self.run_id, step, time.perf_counter() - self._since)
-        self._since = time.perf_counter()
 
     def stop(self) -> None:
         self._stop.set()
@@ -338,21 +351,22 @@ class Store:
     def save_run(self, run: Run, records: Iterable[Record]) -> None:
         """Write a finished run and all its records in one transaction (imports, tests)."""
         with self._write(f"writing run {run.run_id}") as connection:
-            _insert_run(connection, dataclasses.replace(run, status="complete"))
+            _insert_run(connection, dataclasses.replace(run, status=RunStatus.COMPLETE))
             try:
                 _insert_records(connection, run.run_id, records)
             except sqlite3.IntegrityError:
                 raise BenchError(f"run {run.run_id}: two records share a sample, attack and epsilon") from None
         _count_commit()
 
-    def finish_run(self, run_id: str, info: dict[str, Any], warnings: list[str], status: str = "complete") -> None:
+    def finish_run(self, run_id: str, info: dict[str, Any], warnings: list[str],
+                   status: RunStatus = RunStatus.COMPLETE) -> None:
         """Store the run's summary and status and give up its ownership."""
         with self._write(f"finishing run {run_id}") as connection:
             _renew(connection, run_id, "finishing")
             connection.execute(
                 "UPDATE runs SET info = ?, warnings = ?, status = ?, owner_host = NULL, owner_pid = NULL, "
                 "lease_until = NULL WHERE run_id = ?",
-                (json.dumps(info), json.dumps(warnings), status, run_id),
+                (json.dumps(info), json.dumps(warnings), RunStatus(status).value, run_id),
             )
 
     def release(self, run_id: str) -> None:
@@ -361,9 +375,9 @@ class Store:
         try:
             with closing(self._connect(create=False)) as connection, _writing(connection):
                 connection.execute(
-                    "UPDATE runs SET status = 'interrupted', owner_host = NULL, owner_pid = NULL, lease_until = NULL "
-                    "WHERE run_id = ? AND status != 'complete' AND owner_host = ? AND owner_pid = ?",
-                    (run_id, socket.gethostname(), os.getpid()),
+                    "UPDATE runs SET status = ?, owner_host = NULL, owner_pid = NULL, lease_until = NULL "
+                    "WHERE run_id = ? AND status != ? AND owner_host = ? AND owner_pid = ?",
+                    (RunStatus.INTERRUPTED.value, run_id, RunStatus.COMPLETE.value, socket.gethostname(), os.getpid()),
                 )
         except (BenchError, sqlite3.Error):
             pass
@@ -384,18 +398,27 @@ class Store:
         with self._write("claiming an unfinished run") as connection:
             rows = connection.execute(
                 f"SELECT {', '.join(RUN_FIELDS)}, owner_host, owner_pid, lease_until FROM runs "
-                "WHERE spec_hash = ? AND status != 'complete' ORDER BY rowid DESC",
-                (spec_hash,),
+                "WHERE spec_hash = ? AND status != ? ORDER BY rowid DESC",
+                (spec_hash, RunStatus.COMPLETE.value),
             ).fetchall()
             for row in rows:
                 run = self._run(row[: len(RUN_FIELDS)])
                 claim_hook(run.run_id)
                 if not _owner_alive(*row[len(RUN_FIELDS):]):
                     _set_owner(connection, run.run_id)
-                    connection.execute("UPDATE runs SET status = 'running' WHERE run_id = ?", (run.run_id,))
+                    connection.execute("UPDATE runs SET status = ? WHERE run_id = ?", (RunStatus.RUNNING.value, run.run_id))
                     steps = {r[0] for r in connection.execute("SELECT DISTINCT attack FROM records WHERE run_id = ?", (run.run_id,))}
                     return run, steps
         return None
+
+    def stored_samples(self, run_id: str) -> dict[str, set[int]]:
+        """The sample indices a run has stored, per step."""
+        with closing(self._connect(create=False)) as connection:
+            rows = connection.execute("SELECT DISTINCT attack, sample_index FROM records WHERE run_id = ?", (run_id,))
+            samples: dict[str, set[int]] = {}
+            for step, index in rows:
+                samples.setdefault(step, set()).add(int(index))
+        return samples
 
     def writer(self, spec_hash: str) -> tuple[str, str, int] | None:
         """(run id, host, pid) of another live process writing an unfinished run of this spec."""
@@ -403,8 +426,8 @@ class Store:
             return None
         with closing(self._connect(create=False)) as connection:
             rows = connection.execute(
-                "SELECT run_id, owner_host, owner_pid, lease_until FROM runs WHERE spec_hash = ? AND status != 'complete'",
-                (spec_hash,)).fetchall()
+                "SELECT run_id, owner_host, owner_pid, lease_until FROM runs WHERE spec_hash = ? AND status != ?",
+                (spec_hash, RunStatus.COMPLETE.value)).fetchall()
         for run_id, host, pid, lease_until in rows:
             if (host, pid) != (socket.gethostname(), os.getpid()) and _owner_alive(host, pid, lease_until):
                 return run_id, host, pid
@@ -431,15 +454,7 @@ class Store:
         """Seconds summed over every process that worked on the run (a resumed run's earlier ones
         too): ``train_seconds`` (training, or loading the checkpoint), ``eval_seconds`` (clean and
         attack steps), and ``model_train_seconds``, the training of its model by whichever run did it."""
-        work = self.work(run_id)
-        model = work.step.isin(MODEL_STEPS)
-        return {
-            "train_seconds": float(work.seconds[model].sum()),
-            "eval_seconds": float(work.seconds[~model].sum()),
-            "model_train_seconds": self.training_seconds(training_hash),
-            "reused_checkpoint": not bool((work.step == "train").any()),
-            "processes": len(work[["host", "pid"]].drop_duplicates()),
-        }
+        return work_costs(self.work(run_id), self.training_seconds(training_hash))
 
     def diagnostics(self, run_id: str) -> list[tuple]:
         """The diagnostics' counts stored for a run: (step, name, epsilon, count, n) rows."""
@@ -472,7 +487,7 @@ class Store:
             except sqlite3.Error as error:
                 raise self._error(error, "reading its runs") from None
         runs = [self._run(row) for row in rows]
-        return [run for run in runs if run.status == "complete" or not complete_only]
+        return [run for run in runs if run.status == RunStatus.COMPLETE or not complete_only]
 
     def _run(self, row: tuple) -> Run:
         values = dict(zip(RUN_FIELDS, row))
@@ -485,7 +500,17 @@ class Store:
             if not isinstance(values[name], kind):
                 raise BenchError(f"results store {self.path}: run {values['run_id']} column {name} holds "
                                  f"{type(values[name]).__name__}, expected a JSON {'object' if kind is dict else 'array'}")
+        try:
+            values["status"] = RunStatus(values["status"])
+        except ValueError:
+            raise BenchError(f"results store {self.path}: run {values['run_id']} has status {values['status']!r}; "
+                             f"expected one of {', '.join(RunStatus)}") from None
         return Run(**values)
+
+    def run_records(self, run_id: str) -> list[Record]:
+        """A run's records (``Record``s, built by field name)."""
+        frame = self.records([run_id])
+        return [Record(**{name: getattr(row, name) for name in Record._fields}) for row in frame.itertuples(index=False)]
 
     def records(self, run_ids: list[str] | None = None) -> pd.DataFrame:
         with closing(self._connect(create=False)) as connection:
@@ -531,6 +556,20 @@ class Store:
             if temporary is not None and os.path.exists(temporary):
                 os.unlink(temporary)
         return path
+
+
+def work_costs(work: pd.DataFrame, model_train_seconds: float | None) -> dict[str, Any]:
+    """A run's costs from its work rows (step, seconds, host, pid): ``train_seconds`` (training,
+    or loading the checkpoint), ``eval_seconds`` (clean and attack steps), whether it reused a
+    checkpoint, how many processes worked on it, and ``model_train_seconds`` as given."""
+    model = work.step.isin(MODEL_STEPS)
+    return {
+        "train_seconds": float(work.seconds[model].sum()),
+        "eval_seconds": float(work.seconds[~model].sum()),
+        "model_train_seconds": model_train_seconds,
+        "reused_checkpoint": not bool((work.step == "train").any()),
+        "processes": len(work[["host", "pid"]].drop_duplicates()),
+    }
 
 
 def _tables(connection: sqlite3.Connection) -> set[str]:

@@ -14,6 +14,8 @@ from bench.confidence import CHANCE_ALPHA, at_chance, chance_level, most_right_b
 from bench.errors import TrainingFailed
 from bench.log import LOGGER
 from bench.progress import Progress
+from bench.provenance import seed_everything
+from bench.registry import defense_name
 
 
 # Run defaults per (defense, dataset); "*" matches any. A (defense, dataset) row overrides
@@ -181,3 +183,13 @@ def check_learned(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, desc: s
             f"{desc}: training ended at chance: train {finding}; the model learned nothing: try more --epochs or another --lr"
         )
     return correct / n
+
+
+def fit_and_check(defense: Any, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> None:
+    """Seed, train ``defense`` on ``x``, ``y``, and check that training worked: raises
+    ``TrainingFailed`` when it diverged (NaN/inf loss or weights) or ended at chance
+    (``bench.training.check_learned``). Every training of the harness goes through here."""
+    seed_everything(config.seed)
+    defense.fit(x, y, config)
+    check_learned(defense.attack_model(), x, y, desc=defense_name(defense), seed=config.seed,
+                  device=config.device)

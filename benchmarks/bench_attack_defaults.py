@@ -32,7 +32,7 @@ import torch
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # foolbox imports scipy.ndimage.filters
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench.api import seed_everything  # noqa: E402
+from bench.provenance import seed_everything  # noqa: E402
 from bench.attacks.autoattack import L2AutoAttack, LinfAutoAttack  # noqa: E402
 from bench.attacks.base import frozen_parameters, project  # noqa: E402
 from bench.attacks.eot import EOT  # noqa: E402

@@ -9,7 +9,8 @@ import torch
 
 from bench.datasets.base import balanced_subset
 from bench.datasets.digits import load_digits
-from bench.runner import build_defense, resolved, seed_everything
+from bench.provenance import seed_everything
+from bench.runner import build_defense, resolved
 from bench.spec import RunSpec
 from bench.store import Store
 from bench.training import TrainConfig

@@ -13,6 +13,8 @@ from scipy.stats import beta, norm
 from torch import nn
 
 import bench
+import bench.evaluation
+import bench.provenance
 from bench.cli import main
 from bench.errors import BenchError
 
@@ -159,8 +161,8 @@ def test_pixeldp_autoencoder_in_front_of_a_frozen_outside_classifier():
     results = bench.evaluate(defense, "digits", test_size=10)
     assert set(results.records.certified_norm) == {"l2"} and (results.records.certified_radius >= 0).all()
     # the trained auto-encoder is part of the identity a stored run is resumed by
-    assert results.runs.spec[0]["model"] == f"Sequential@{bench.api.fingerprint(defense.state_dict())}"
-    assert bench.api.fingerprint(defense.state_dict()) != bench.api.fingerprint({"model": classifier.state_dict()})
+    assert results.runs.spec[0]["model"] == f"Sequential@{bench.provenance.fingerprint(defense.state_dict())}"
+    assert bench.provenance.fingerprint(defense.state_dict()) != bench.provenance.fingerprint({"model": classifier.state_dict()})
 
 
 @pytest.mark.parametrize(
@@ -192,7 +194,7 @@ def test_outside_models_that_other_defenses_accept():
     proved = certificate.radius > 0
     assert certificate.norm == "linf" and proved.any()
     radius = float(certificate.radius[proved].min())
-    pgd = bench.api.attack_steps(["pgd-linf"], [radius], {"steps": 20})[0].attack
+    pgd = bench.evaluation.attack_steps(["pgd-linf"], [radius], {"steps": 20})[0].attack
     (x_adv,) = pgd.run(robust.model, x[proved], certificate.label[proved], [radius])
     with torch.no_grad():
         assert robust.model(x_adv).argmax(1).tolist() == certificate.label[proved].tolist()
@@ -315,7 +317,7 @@ def test_bench_eval_gives_the_records_of_evaluate(bench_cli, model_file, tmp_pat
     ordered = lambda frame: frame[columns].sort_values(["attack", "epsilon", "sample_index"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(ordered(cli.records), ordered(python.records))
     # the checkpoint's weights, not the factory's fresh ones
-    assert cli.runs.spec[0]["model"] == f"{path}:factory@{bench.api.fingerprint({'model': model.state_dict()})}"
+    assert cli.runs.spec[0]["model"] == f"{path}:factory@{bench.provenance.fingerprint({'model': model.state_dict()})}"
 
 
 def test_bench_eval_finds_a_module_in_the_current_folder(bench_cli, model_file, monkeypatch):
@@ -408,24 +410,24 @@ def test_a_step_is_a_plain_picklable_unit_of_work():
 
     x, y = digits_test(12)
     smoothed = bench.wrap("smoothing", mlp(8), n=30, n0=5)
-    (step,) = bench.api.attack_steps(["pgd-l2"], [0.5], {"steps": 3})
-    here = bench.api.evaluate_step(smoothed, step, x, y, torch.arange(12), seed=4, eot_draws=2)
+    (step,) = bench.evaluation.attack_steps(["pgd-l2"], [0.5], {"steps": 3})
+    here = bench.evaluation.evaluate_step(smoothed, step, x, y, torch.arange(12), seed=4, eot_draws=2)
     step_copy, defense_copy = pickle.loads(pickle.dumps((step, smoothed)))
-    there = bench.api.evaluate_step(defense_copy, step_copy, x, y, torch.arange(12), seed=4, eot_draws=2)
+    there = bench.evaluation.evaluate_step(defense_copy, step_copy, x, y, torch.arange(12), seed=4, eot_draws=2)
     assert there == here and len(here.records) == 12
 
 
 def test_evaluate_and_train_use_the_threads_asked_for_and_restore_the_callers(monkeypatch):
-    from bench import api
+    from bench import evaluation
 
     seen = []
-    evaluate_step = api.evaluate_step
+    evaluate_step = evaluation.evaluate_step
 
     def recording(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return evaluate_step(*args, **kwargs)
 
-    monkeypatch.setattr(api, "evaluate_step", recording)
+    monkeypatch.setattr(evaluation, "evaluate_step", recording)
     before = torch.get_num_threads()
     bench.evaluate(mlp(), "digits", test_size=10, threads=2)
     assert seen == [2] and torch.get_num_threads() == before

@@ -13,7 +13,7 @@ from torch import nn
 
 from bench.attacks import EOT, perturbation_norm
 from bench.attacks.cw import CarliniWagnerL2, CarliniWagnerLinf, CWL2Params, CWLinfParams
-from bench.api import seed_everything
+from bench.provenance import seed_everything
 from bench.attacks.pgd import L2PGD, LinfPGD, PGDParams
 from bench.errors import BenchError
 from bench.metrics import sanity_warnings

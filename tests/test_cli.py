@@ -248,16 +248,16 @@ def test_a_run_whose_steps_are_all_stored_is_completed_by_the_next_command(bench
 
 
 def test_ctrl_c_says_what_this_command_stored_and_what_was_kept(bench, tmp_path, monkeypatch):
-    from bench import api
+    from bench import jobs
 
-    evaluate_step = api.evaluate_step
+    evaluate_step = jobs.evaluate_step
 
     def interrupted_at_clean(defense, step, *args, **kwargs):
         if step.name == "clean":  # the last job: training and the attack come first
             raise KeyboardInterrupt
         return evaluate_step(defense, step, *args, **kwargs)
 
-    monkeypatch.setattr(api, "evaluate_step", interrupted_at_clean)
+    monkeypatch.setattr(jobs, "evaluate_step", interrupted_at_clean)
     args = ["run", *FAST, "--no-audit", "--attack", "pgd-linf", "--attack-param", "steps=2", "--attack-param",
             "restarts=1", "--out", str(tmp_path)]
     code, _, stderr = bench(*args)
@@ -270,7 +270,7 @@ def test_ctrl_c_says_what_this_command_stored_and_what_was_kept(bench, tmp_path,
     assert stderr == ("bench: interrupted; nothing was stored by this command; whatever earlier commands stored is "
                       "kept, and the same command resumes from it\n")
     assert set(Store(tmp_path).records().attack) == {"pgd-linf"}
-    monkeypatch.setattr(api, "evaluate_step", evaluate_step)
+    monkeypatch.setattr(jobs, "evaluate_step", evaluate_step)
     assert bench(*args)[0] == 0
     (run,) = Store(tmp_path).runs()
     assert run.info["resumed"] and set(Store(tmp_path).records().attack) == {"pgd-linf", "clean"}
@@ -341,7 +341,7 @@ def test_bench_eval_works_on_a_cifar10_folder_holding_only_the_test_split(bench,
 def test_run_chooses_torch_threads_from_idle_cores(bench, tmp_path, monkeypatch, cores, load, extra, expected):
     import torch
 
-    from bench import api
+    from bench import jobs
     from conftest import TEST_THREADS
 
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -350,13 +350,13 @@ def test_run_chooses_torch_threads_from_idle_cores(bench, tmp_path, monkeypatch,
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     seen = []
-    evaluate_step = api.evaluate_step
+    evaluate_step = jobs.evaluate_step
 
     def recording(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return evaluate_step(*args, **kwargs)
 
-    monkeypatch.setattr(api, "evaluate_step", recording)
+    monkeypatch.setattr(jobs, "evaluate_step", recording)
     try:
         code, _, stderr = bench("run", *FAST, *extra, "--out", str(tmp_path))
         assert code == 0, stderr
@@ -389,12 +389,12 @@ def test_run_respects_omp_num_threads_and_shares_cores_among_jobs(bench, tmp_pat
 
 
 def test_eval_says_how_many_images_and_which_attacks_before_any_work(bench, tmp_path, monkeypatch):
-    from bench import api
+    from bench import evaluation
 
     def no_work(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "evaluate_step", no_work)
+    monkeypatch.setattr(evaluation, "evaluate_step", no_work)
     (tmp_path / "tiny.py").write_text("from torch import nn\n\ndef net():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n")
     code, _, stderr = bench("eval", "--model", f"{tmp_path / 'tiny.py'}:net", "--attack", "pgd-linf", "--attack", "cw-l2",
                             "--epsilons", "linf=0.05,0.1")

@@ -17,6 +17,7 @@ MIDDLE = ("bench.defenses", "bench.attacks", "bench.reports")
 # The top floor: the public API and the shells over it. A new module that runs or schedules
 # whole evaluations belongs here; everything else in bench/ is ground floor.
 TOP = ("bench", "bench.__main__", "bench.api", "bench.cli", "bench.runner", "bench.jobs", "bench.executors", "bench.perf",
+       "bench.evaluation", "bench.lifecycle",
        "bench.overhead", "bench.reproduce")
 
 

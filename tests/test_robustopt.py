@@ -104,7 +104,7 @@ def test_cli_end_to_end(bench, tmp_path):
 def test_an_attacks_repeated_inputs_are_certified_once_with_the_same_verdicts(plain_model, digits):
     """evaluate_each: a point carried unchanged to the next budget keeps its verdict and its
     certificate, without a second dual bound; a changed point gets its own."""
-    from bench.api import evaluate_each
+    from bench.evaluation import evaluate_each
 
     defense = RobustOpt(plain_model, RobustOpt.Params(epsilon=0.02, bisection_steps=2))
     certified = []
