@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from bench.attacks.autoattack import run_square
-from bench.attacks.base import DEFAULT_EPSILONS, Attack, Predict
+from bench.attacks.base import Attack, Predict
 from bench.attacks.pgd import PGD, PGDParams, L2PGD, LinfPGD
 from bench.errors import BenchError
 from bench.registry import ATTACKS
+from bench.types import Norm
 
 @dataclass
 class SquareParams:
@@ -74,18 +75,14 @@ class Square(Attack):
 class LinfSquare(Square):
     """L-inf Square attack (gradient-free; Croce & Hein's implementation)."""
 
-    name = "square-linf"
-    norm = "linf"
-    default_epsilons = DEFAULT_EPSILONS["linf"]
+    norm = Norm.LINF
 
 
 @ATTACKS.register("square-l2")
 class L2Square(Square):
     """L2 Square attack (gradient-free; Croce & Hein's implementation)."""
 
-    name = "square-l2"
-    norm = "l2"
-    default_epsilons = DEFAULT_EPSILONS["l2"]
+    norm = Norm.L2
 
 
 @dataclass
@@ -130,20 +127,16 @@ class Transfer(SurrogatePGD):
 class LinfTransfer(Transfer):
     """L-inf PGD on an undefended surrogate, replayed against the defense."""
 
-    name = "transfer-linf"
-    norm = "linf"
+    norm = Norm.LINF
     pgd = LinfPGD
-    default_epsilons = DEFAULT_EPSILONS["linf"]
 
 
 @ATTACKS.register("transfer-l2")
 class L2Transfer(Transfer):
     """L2 PGD on an undefended surrogate, replayed against the defense."""
 
-    name = "transfer-l2"
-    norm = "l2"
+    norm = Norm.L2
     pgd = L2PGD
-    default_epsilons = DEFAULT_EPSILONS["l2"]
 
 
 class BPDA(SurrogatePGD):
@@ -163,20 +156,16 @@ class BPDA(SurrogatePGD):
 class LinfBPDA(BPDA):
     """L-inf PGD through the differentiable approximation the defense offers (its bpda_model())."""
 
-    name = "bpda-linf"
-    norm = "linf"
+    norm = Norm.LINF
     pgd = LinfPGD
-    default_epsilons = DEFAULT_EPSILONS["linf"]
 
 
 @ATTACKS.register("bpda-l2")
 class L2BPDA(BPDA):
     """L2 PGD through the differentiable approximation the defense offers (its bpda_model())."""
 
-    name = "bpda-l2"
-    norm = "l2"
+    norm = Norm.L2
     pgd = L2PGD
-    default_epsilons = DEFAULT_EPSILONS["l2"]
 
 
 class StraightThrough(nn.Module):

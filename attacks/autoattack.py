@@ -22,13 +22,12 @@ import torch
 from torch import nn
 
 from bench.attacks.adapters import foolbox_model
-from bench.attacks.base import Attack, DEFAULT_EPSILONS, Predict, project
+from bench.attacks.base import Attack, Predict, project
 from bench.attacks.eot import is_randomized
 from bench.errors import BenchError
 from bench.progress import Progress
 from bench.registry import ATTACKS
-
-REFERENCE_NORMS = {"linf": "Linf", "l2": "L2"}
+from bench.types import Norm
 
 
 @dataclass
@@ -68,7 +67,7 @@ def _apgd(loss: str) -> Component:
     def attack(model, x, y, eps, norm, p, classes):
         from pyautoattack.autopgd_base import APGDAttack
 
-        apgd = APGDAttack(model, n_iter=p.steps, norm=REFERENCE_NORMS[norm], n_restarts=1, eps=eps, seed=p.seed,
+        apgd = APGDAttack(model, n_iter=p.steps, norm=Norm(norm).threat_model, n_restarts=1, eps=eps, seed=p.seed,
                           loss=loss, eot_iter=1, rho=0.75, device=x.device)
         if not is_randomized(model):
             return [apgd.perturb(x, y)]
@@ -87,7 +86,7 @@ def _apgd(loss: str) -> Component:
 def apgd_targeted(model, x, y, eps, norm, p, classes):
     from pyautoattack.autopgd_base import APGDAttack_targeted
 
-    apgd = APGDAttack_targeted(model, n_iter=p.steps, norm=REFERENCE_NORMS[norm], n_restarts=1, eps=eps, seed=p.seed,
+    apgd = APGDAttack_targeted(model, n_iter=p.steps, norm=Norm(norm).threat_model, n_restarts=1, eps=eps, seed=p.seed,
                                eot_iter=1, rho=0.75, n_target_classes=min(p.target_classes, classes - 1), device=x.device)
     return [apgd.perturb(x, y)]
 
@@ -95,17 +94,17 @@ def apgd_targeted(model, x, y, eps, norm, p, classes):
 def fab_targeted(model, x, y, eps, norm, p, classes):
     from pyautoattack.fab_pt import FABAttack_PT
 
-    fab = FABAttack_PT(model, norm=REFERENCE_NORMS[norm], n_restarts=1, n_iter=p.steps, eps=eps, seed=p.seed,
+    fab = FABAttack_PT(model, norm=Norm(norm).threat_model, n_restarts=1, n_iter=p.steps, eps=eps, seed=p.seed,
                        targeted=True, n_target_classes=min(p.target_classes, classes - 1), device=x.device)
     return [fab.perturb(x, y)]
 
 
-def run_square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, queries: int, seed: int,
+def run_square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: Norm, queries: int, seed: int,
                p_init: float = 0.8) -> torch.Tensor:
     """Croce & Hein's Square, as AutoAttack's standard version runs it (one restart, no rescaled schedule)."""
     from pyautoattack.square import SquareAttack
 
-    attack = SquareAttack(model, norm=REFERENCE_NORMS[norm], n_queries=queries, eps=eps, p_init=p_init,
+    attack = SquareAttack(model, norm=Norm(norm).threat_model, n_queries=queries, eps=eps, p_init=p_init,
                           n_restarts=1, seed=seed, resc_schedule=False, device=x.device)
     return attack.perturb(x, y)
 
@@ -228,15 +227,11 @@ class AutoAttack(Attack):
 class LinfAutoAttack(AutoAttack):
     """AutoAttack in L-inf (standard: APGD-CE, APGD-T, FAB-T, Square; rand: APGD-CE, APGD-DLR, a margin PGD walk, with EOT)."""
 
-    name = "autoattack-linf"
-    norm = "linf"
-    default_epsilons = DEFAULT_EPSILONS["linf"]
+    norm = Norm.LINF
 
 
 @ATTACKS.register("autoattack-l2")
 class L2AutoAttack(AutoAttack):
     """AutoAttack in L2 (standard: APGD-CE, APGD-T, FAB-T, Square; rand: APGD-CE, APGD-DLR, a margin PGD walk, with EOT)."""
 
-    name = "autoattack-l2"
-    norm = "l2"
-    default_epsilons = DEFAULT_EPSILONS["l2"]
+    norm = Norm.L2

@@ -18,44 +18,25 @@ from torch import nn
 from bench.attacks.eot import is_randomized
 from bench.errors import BenchError
 from bench.progress import progress
+from bench.types import Norm
 
 BACKENDS = ("foolbox", "art")
-
-# Default attack sizes per norm, in [0,1] pixel units; every attack of a norm shares its grid so
-# their curves line up in one plot.
-DEFAULT_EPSILONS: dict[str, tuple[float, ...]] = {
-    "linf": (0.01, 0.02, 0.05, 0.1, 0.2, 0.3),
-    "l2": (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0),
-    "l1": (0.5, 1.0, 2.0, 4.0, 8.0),
-}
 
 # 64 images per batch: faster on 2 CPU cores than larger batches.
 DEFAULT_CHUNK = 64
 
 
-def perturbation_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-sample norm of a perturbation batch, in pixel units."""
-    flat = delta.flatten(1)
-    if norm == "linf":
-        return flat.abs().amax(1)
-    if norm == "l2":
-        return flat.norm(dim=1)
-    if norm == "l1":
-        return flat.abs().sum(1)
-    raise ValueError(f"unknown norm {norm!r}")
-
-
-def project(x: torch.Tensor, x_adv: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
+def project(x: torch.Tensor, x_adv: torch.Tensor, epsilon: float, norm: Norm) -> torch.Tensor:
     """``x_adv`` moved into [0,1] and into the ``norm`` ball of radius ``epsilon`` around ``x``.
 
     The libraries already do both; this only removes float round-off (e.g. a linf step landing at
     eps + 1e-7), so that every stored adversarial provably respects its budget.
     """
     delta = x_adv - x
-    if norm == "linf":
+    if norm == Norm.LINF:
         delta = delta.clamp(-epsilon, epsilon)
-    elif norm == "l2":
-        norms = perturbation_norm(delta, "l2").clamp_min(1e-12)
+    elif norm == Norm.L2:
+        norms = Norm.L2.size(delta).clamp_min(1e-12)
         factor = (epsilon / norms).clamp(max=1.0)
         delta = delta * factor.view((-1,) + (1,) * (x.dim() - 1))
     else:
@@ -125,10 +106,11 @@ class Attack:
     model's argmax judges. ``run`` is the template every caller uses; subclasses never override it.
     """
 
-    name: ClassVar[str] = ""
-    norm: ClassVar[str] = "linf"
+    name: ClassVar[str] = ""  # the registry key, set when it registers (``ATTACKS.register``)
+    norm: ClassVar[Norm] = Norm.LINF
     minimization: ClassVar[bool] = False
-    default_epsilons: ClassVar[tuple[float, ...]] = ()
+    # The norm's (``Norm.default_epsilons``) unless a subclass sets its own.
+    default_epsilons: ClassVar[tuple[float, ...]] = Norm.LINF.default_epsilons
     backends: ClassVar[tuple[str, ...]] = BACKENDS
     default_chunk: ClassVar[int] = DEFAULT_CHUNK
     # What the attack uses of the defense: "gradient" (its attack model's gradients),
@@ -145,6 +127,14 @@ class Attack:
     @dataclass
     class Params:
         pass
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.norm not in tuple(Norm):  # a plug-in may declare its norm as text
+            raise BenchError(f"attack {cls.__name__}: norm {cls.norm!r} is not one of {', '.join(Norm)}")
+        cls.norm = Norm(cls.norm)
+        if "default_epsilons" not in vars(cls):
+            cls.default_epsilons = cls.norm.default_epsilons
 
     def __init__(self, params: object = None, backend: str = "foolbox", chunk_size: int | None = None):
         self.params = params if params is not None else self.Params()
@@ -209,7 +199,7 @@ class Attack:
         """Points the defense's rule does not confirm: the first of ``x + s * (x_adv - x)`` over
         ``OUTWARD_SCALES`` that it does (kept only if the attack moved the point at all)."""
         x_adv, success = x_adv.clone(), success.clone()
-        moved = perturbation_norm(x_adv - x, "linf") > 0
+        moved = Norm.LINF.size(x_adv - x) > 0
         for scale in self.OUTWARD_SCALES:
             index = (~success & moved).nonzero().flatten()
             if len(index) == 0:
@@ -222,7 +212,7 @@ class Attack:
 
     def threshold(self, x: torch.Tensor, smallest: torch.Tensor, epsilons: Sequence[float]) -> list[torch.Tensor]:
         """Per epsilon: ``smallest`` where its perturbation has norm <= epsilon, else ``x``."""
-        distance = perturbation_norm(smallest - x, self.norm)
+        distance = self.norm.size(smallest - x)
         view = (-1,) + (1,) * (x.dim() - 1)
         return [torch.where((distance <= eps).view(view), smallest, x) for eps in epsilons]
 

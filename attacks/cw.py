@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from bench.attacks.adapters import art_classifier, foolbox_model, num_classes, to_numpy
-from bench.attacks.base import Attack, DEFAULT_EPSILONS
+from bench.attacks.base import Attack
 from bench.attacks.eot import is_randomized
 from bench.errors import BenchError
 from bench.registry import ATTACKS
+from bench.types import Norm
 
 
 # The margin CW asks for on a randomized defense by default, in log-probability units of the EOT
@@ -83,11 +84,9 @@ class CarliniWagnerL2(Attack):
         adversarials = CarliniWagnerL2().run(model, x, y, [0.5, 1.0, 2.0])
     """
 
-    name = "cw-l2"
-    norm = "l2"
+    norm = Norm.L2
     minimization = True
     Params = CWL2Params
-    default_epsilons = DEFAULT_EPSILONS["l2"]
 
     def minimize_chunk(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         p = self.params
@@ -125,7 +124,6 @@ class CarliniWagnerL2(Attack):
 class PixelDPCarliniWagnerL2(CarliniWagnerL2):
     """cw-l2 with the PixelDP reference's settings, to reproduce the paper's CW figures."""
 
-    name = "cw-l2-pixeldp"
     Params = PixelDPCWL2Params
 
 
@@ -153,12 +151,10 @@ class CWLinfParams:
 class CarliniWagnerLinf(Attack):
     """Carlini-Wagner L-inf, minimal perturbation thresholded per epsilon (ART only; slow: one image at a time)."""
 
-    name = "cw-linf"
-    norm = "linf"
+    norm = Norm.LINF
     minimization = True
     Params = CWLinfParams
     backends = ("art",)  # foolbox 3.3.4 has no Carlini-Wagner L-inf
-    default_epsilons = DEFAULT_EPSILONS["linf"]
 
     def __init__(self, params: object = None, backend: str = "art", chunk_size: int | None = None):
         # The runner passes the run's backend (foolbox unless --attack-backend art); cw-linf has

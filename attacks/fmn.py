@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from bench.attacks.adapters import foolbox_model
-from bench.attacks.base import Attack, DEFAULT_EPSILONS
+from bench.attacks.base import Attack
 from bench.errors import BenchError
 from bench.registry import ATTACKS
+from bench.types import Norm
 
 
 @dataclass
@@ -66,28 +67,21 @@ class FMN(Attack):
 class LinfFMN(FMN):
     """FMN in L-inf (foolbox LInfFMNAttack)."""
 
-    name = "fmn-linf"
-    norm = "linf"
+    norm = Norm.LINF
     foolbox_class = "LInfFMNAttack"
-    default_epsilons = DEFAULT_EPSILONS["linf"]
 
 
 @ATTACKS.register("fmn-l2")
 class L2FMN(FMN):
     """FMN in L2 (foolbox L2FMNAttack)."""
 
-    name = "fmn-l2"
-    norm = "l2"
+    norm = Norm.L2
     foolbox_class = "L2FMNAttack"
-    default_epsilons = DEFAULT_EPSILONS["l2"]
 
 
 @ATTACKS.register("fmn-l1")
 class L1FMN(FMN):
     """FMN in L1 (foolbox L1FMNAttack)."""
 
-    name = "fmn-l1"
-    norm = "l1"
+    norm = Norm.L1
     foolbox_class = "L1FMNAttack"
-    # Pixel-space L1 on digits (64 values): a few pixels moved fully is about 1-4.
-    default_epsilons = DEFAULT_EPSILONS["l1"]

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from bench.attacks.adapters import art_classifier, foolbox_model, num_classes, to_numpy
-from bench.attacks.base import Attack, DEFAULT_EPSILONS, Predict, project
+from bench.attacks.base import Attack, Predict, project
 from bench.errors import BenchError
 from bench.registry import ATTACKS
+from bench.types import Norm
 
 # One PGD walk from a fresh random start: (images, labels, epsilon) -> adversarials.
 Walk = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -143,21 +144,15 @@ class PGD(Attack):
 class LinfPGD(PGD):
     """L-inf projected gradient descent (foolbox LinfPGD / ART ProjectedGradientDescentPyTorch)."""
 
-    name = "pgd-linf"
-    norm = "linf"
+    norm = Norm.LINF
     foolbox_class = "LinfPGD"
     art_norm = np.inf
-    # 0.3 is the MNIST standard; digits 8x8 break between 0.02 and 0.1.
-    default_epsilons = DEFAULT_EPSILONS["linf"]
 
 
 @ATTACKS.register("pgd-l2")
 class L2PGD(PGD):
     """L2 projected gradient descent (foolbox L2PGD / ART ProjectedGradientDescentPyTorch)."""
 
-    name = "pgd-l2"
-    norm = "l2"
+    norm = Norm.L2
     foolbox_class = "L2PGD"
     art_norm = 2
-    # Pixel-space L2: digits (64 values) break around 0.5-1, MNIST (784 values) around 1-2.
-    default_epsilons = DEFAULT_EPSILONS["l2"]

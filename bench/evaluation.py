@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from bench.attacks import EOT, Attack, perturbation_norm
+from bench.attacks import EOT, Attack
 from bench.attacks.base import Connected, frozen_parameters
 from bench.defenses.base import Certificate, Defense
 from bench.diagnostics import Diagnostic, probe_clean, randomized_points, verdict_flips
@@ -23,7 +23,7 @@ from bench.errors import BenchError
 from bench.provenance import seed_everything
 from bench.registry import ATTACKS, build_params, defense_name
 from bench.spec import Epsilons, check_epsilon_keys, epsilons_for, scoped, unclaimed
-from bench.types import CLEAN, Record
+from bench.types import CLEAN, Norm, Record
 from bench.validation import check_epsilons
 
 Log = Callable[[str], None]
@@ -98,7 +98,7 @@ def _epsilons_for(name: str, attack: Attack, epsilons: Epsilons | None) -> list[
 # -- the evaluation loop -----------------------------------------------------------------------------
 def records_for(
     indices: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, certificate: Certificate | None,
-    attack: str, norm: str | None, epsilon: float, distance: torch.Tensor | None,
+    attack: str, norm: Norm | None, epsilon: float, distance: torch.Tensor | None,
 ) -> list[Record]:
     return [
         Record(
@@ -175,7 +175,7 @@ def evaluate_step(
     judged = evaluate_each(defense, adversarials, distinct=not randomized)
     records, diagnostics = [], []
     for epsilon, x_adv, (predictions, certificate) in zip(step.epsilons, adversarials, judged):
-        distance = perturbation_norm(x_adv - x, step.attack.norm)
+        distance = Norm(step.attack.norm).size(x_adv - x)
         records += records_for(index, y, predictions, certificate, step.name, step.attack.norm, epsilon, distance)
         if randomized:
             flips = int(verdict_flips(defense.predict, x_adv, y, predictions).sum())

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from bench.confidence import at_chance, chance_level
-from bench.types import ABSTAIN, CLEAN, RECORD_COLUMNS, Record, certified_at, has_certificate
+from bench.types import ABSTAIN, CLEAN, RECORD_COLUMNS, Norm, Record, certified_at, has_certificate
 
 RUN_KEYS = ["run_id", "dataset", "defense", "label", "params"]
 WORST_CASE = "worst-case"  # the per-sample worst case over the attacks of one norm
@@ -182,18 +182,11 @@ def median_perturbation(records: pd.DataFrame) -> pd.DataFrame:
 VERY_LARGE_MARGIN = 0.1  # accuracy points above the largest class share that trigger the warning
 
 
-def very_large_epsilon(norm: str, input_dim: int | None) -> float | None:
+def very_large_epsilon(norm: Norm, input_dim: int | None) -> float | None:
     """The smallest attack size in ``norm`` that reaches the mid-gray image from any input in
-    [0,1]^input_dim; ``None`` when it needs the input dimension and that is unknown."""
-    if norm == "linf":
-        return 0.5
-    if input_dim is None:
-        return None
-    if norm == "l2":
-        return 0.5 * float(np.sqrt(input_dim))
-    if norm == "l1":
-        return 0.5 * input_dim
-    return None
+    [0,1]^input_dim: half the diameter (``Norm.diameter``); ``None`` when that is unknown."""
+    diameter = Norm(norm).diameter(input_dim)
+    return None if diameter is None else 0.5 * diameter
 
 
 STRENGTH_MARGIN = 0.01  # per-sample disagreement between two attacks of one norm that triggers a warning

@@ -52,6 +52,7 @@ from torch import nn
 
 from bench.log import LOGGER
 from bench.spec import DEFAULT_ATTACK_BATCH_SIZE
+from bench.types import Norm
 
 PGD_STEPS = 20
 PGD_RESTARTS = 10
@@ -192,7 +193,7 @@ def pixeldp_floor(net, x: torch.Tensor, draws: int, rows: int) -> tuple[torch.Te
     return sums / draws, squares / draws, votes
 
 
-def autoattack_stage_reference(stage: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str,
+def autoattack_stage_reference(stage: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: Norm,
                                params, chunk: int) -> torch.Tensor:
     """One AutoAttack stage with the least protocol around the reference's class (``COMPONENTS``
     only constructs it): per chunk, the stage on the points right unattacked, then one forward

@@ -32,10 +32,17 @@ class Registry(Generic[T]):
         def decorate(obj: T) -> T:
             if name in self._items and self._items[name] is not obj:
                 raise BenchError(f"{self.kind} {name!r} is registered twice")
-            self._items[name] = obj
+            self._add(name, obj)
             return obj
 
         return decorate
+
+    def _add(self, name: str, obj: T) -> None:
+        """Register ``obj`` as ``name``: for a class with a ``name`` attribute (defenses, attacks),
+        the key becomes its name, so that it has one name in stored runs, defaults and reports."""
+        if isinstance(obj, type) and hasattr(obj, "name"):
+            obj.name = name
+        self._items[name] = obj
 
     def _load(self) -> None:
         if self._loaded:
@@ -46,7 +53,7 @@ class Registry(Generic[T]):
             if entry.name in self._items:
                 continue  # a built-in name wins over a plug-in of the same name
             try:
-                self._items[entry.name] = entry.load()
+                self._add(entry.name, entry.load())
             except Exception as error:  # a broken plug-in must not take the harness down
                 raise BenchError(
                     f"{self.kind} plug-in {entry.name!r} ({entry.value}) failed to load: {error}"

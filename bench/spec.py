@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 from bench.errors import BenchError
-from bench.types import NORMS
+from bench.types import NORMS, Norm
 
 # Attack sizes: one list for every attack, or lists keyed by norm (``linf``, ``l2``, ``l1``) or by
 # attack name (``pgd-l2``); an attack that no key names uses its own default epsilons.
@@ -68,7 +68,7 @@ class RunSpec:
         return stable_hash(fields)
 
 
-def epsilons_for(epsilons: Epsilons | None, attack: str, norm: str, default: Sequence[float]) -> list[float]:
+def epsilons_for(epsilons: Epsilons | None, attack: str, norm: Norm, default: Sequence[float]) -> list[float]:
     """The attack sizes one attack runs at: its own key, else its norm's, else the one list for
     every attack, else the attack's ``default``."""
     if epsilons is None:

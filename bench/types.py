@@ -1,17 +1,61 @@
 """The vocabulary every layer shares: norms, the per-sample record and the certificate."""
 from __future__ import annotations
 
+import enum
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # torch stays out of the imports of light modules (option checks, the CLI)
     import torch
 
-Norm = Literal["linf", "l2", "l1"]
-NORMS: tuple[Norm, ...] = ("linf", "l2", "l1")
-# A threat model is a norm and a budget; RobustBench names its threat models by norm like this.
-ThreatModel = Literal["Linf", "L2", "L1"]
-THREAT_MODELS: dict[Norm, ThreatModel] = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+
+class Norm(enum.StrEnum):
+    """The norm of a threat model, and everything that depends on it: the size of a perturbation,
+    the largest distance between two images, its default attack sizes and its names. A member
+    equals its string (``Norm.LINF == "linf"``), so stored records and user input compare as they
+    are; ``Norm(text)`` parses one."""
+
+    LINF = "linf"
+    L2 = "l2"
+    L1 = "l1"
+
+    def size(self, delta: torch.Tensor) -> torch.Tensor:
+        """Per-sample norm of a perturbation batch, in pixel units."""
+        flat = delta.flatten(1)
+        if self is Norm.LINF:
+            return flat.abs().amax(1)
+        return flat.norm(dim=1) if self is Norm.L2 else flat.abs().sum(1)
+
+    def diameter(self, input_dim: int | None) -> float | None:
+        """The largest distance between two images in [0, 1]^d (d = C*H*W values): 1 in L-inf,
+        sqrt(d) in L2, d in L1 (all-black to all-white); ``None`` where it needs d and d is unknown."""
+        if self is Norm.LINF:
+            return 1.0
+        if input_dim is None:
+            return None
+        return math.sqrt(input_dim) if self is Norm.L2 else float(input_dim)
+
+    @property
+    def default_epsilons(self) -> tuple[float, ...]:
+        """Attack sizes in [0,1] pixel units; every attack of a norm shares them, so that their
+        curves line up in one plot (0.3 is MNIST's L-inf standard; 8x8 digits break between 0.02
+        and 0.1 in L-inf and around 0.5-1 in L2, MNIST around 1-2 in L2)."""
+        return {"linf": (0.01, 0.02, 0.05, 0.1, 0.2, 0.3), "l2": (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0),
+                "l1": (0.5, 1.0, 2.0, 4.0, 8.0)}[self.value]
+
+    @property
+    def threat_model(self) -> str:
+        """The name RobustBench and AutoAttack give the norm: ``Linf``, ``L2``, ``L1``."""
+        return {"linf": "Linf", "l2": "L2", "l1": "L1"}[self.value]
+
+    @property
+    def symbol(self) -> str:
+        """The name in tables and plots: ``L∞``, ``L2``, ``L1``."""
+        return {"linf": "L∞", "l2": "L2", "l1": "L1"}[self.value]
+
+
+NORMS: tuple[Norm, ...] = tuple(Norm)
 
 ABSTAIN = -1
 """The label of a point on which a defense declines to predict or certify."""

@@ -24,14 +24,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 from bench.errors import BenchError
 from bench.spec import RunSpec, check_epsilon_keys, epsilons_for, scoped
+from bench.types import Norm
 
 # Seeds are stored in an SQLite INTEGER (signed 64 bits); torch.manual_seed takes up to 2**64 - 1
 # and the runner reduces the numpy seed modulo 2**32, so the store is the binding limit.
 SEED_MAX = 2**63 - 1
 ATTACK_BACKENDS = ("foolbox", "art")
 DEVICES = "cpu, cuda, cuda:N (N = GPU index) or mps"
-# The largest meaningful attack size per norm for images in [0, 1] (L2/L1 depend on the image size).
-LINF_MAX = 1.0
 # Image shapes (C, H, W) of the built-in datasets, known before any file is read: the bounds of
 # L2 and L1 epsilons. imagenet's size is --image-size; a plug-in dataset's is known once loaded.
 DATASET_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "svhn": (3, 32, 32),
@@ -101,22 +100,12 @@ def check_epsilons(value: Any, key: str = "epsilons") -> None:
             raise BenchError(f"{key} must be finite numbers >= 0 ({example}); got {eps!r}")
 
 
-def epsilon_bound(norm: str, input_dim: int | None) -> float | None:
-    """The largest distance between two images in [0, 1]^d (d = C*H*W values) in ``norm``: 1 in
-    L-inf, sqrt(d) in L2, d in L1 (all-black to all-white). A larger epsilon constrains nothing
-    (every image is within reach), so it is a mistake. ``None`` where d is not known."""
-    if norm == "linf":
-        return LINF_MAX
-    if input_dim is None:
-        return None
-    return {"l2": math.sqrt(input_dim), "l1": float(input_dim)}.get(norm)
-
-
-def check_epsilon_bounds(attack: str, norm: str, epsilons: Sequence[float], input_dim: int | None,
+def check_epsilon_bounds(attack: str, norm: Norm, epsilons: Sequence[float], input_dim: int | None,
                          dataset: str = "the images") -> None:
-    """Every epsilon of ``attack`` is at most ``epsilon_bound(norm, input_dim)``; one rule for
+    """Every epsilon of ``attack`` is at most ``Norm.diameter(input_dim)``, the largest distance
+    between two images (a larger one constrains nothing, so it is a mistake); one rule for
     ``bench run``, ``bench eval`` and ``bench.evaluate``."""
-    bound = epsilon_bound(norm, input_dim)
+    bound = Norm(norm).diameter(input_dim)
     too_large = [eps for eps in epsilons if bound is not None and eps > bound]
     if too_large:
         reach = "1" if norm == "linf" else f"{'sqrt(d)' if norm == 'l2' else 'd'} = {bound:.6g} for d = {input_dim} values"

@@ -7,4 +7,3 @@ from bench.registry import DEFENSES
 class Baseline(Defense):
     """No defense: the reference every other defense is compared with."""
 
-    name = "baseline"

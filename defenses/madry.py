@@ -18,7 +18,6 @@ class Madry(Defense):
     (L-inf 8/255, 7 steps of 2/255, random start, every example adversarial); runs on digits,
     MNIST and Fashion-MNIST train at epsilon 0.1 (bench.training.TRAINING_DEFAULTS, bench list)."""
 
-    name = "madry"
 
     @dataclass
     class Params:

@@ -320,7 +320,6 @@ class _Decoded(nn.Module):
 class PixelDP(Defense):
     """PixelDP: DP noise layer + certified radius from the expected softmax (Lecuyer et al. 2019)."""
 
-    name = "pixeldp"
     randomized = True
     certifies = True
     images_per_group = 32  # pre-noise activations computed once per image, for this many at a time

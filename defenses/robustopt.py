@@ -15,6 +15,7 @@ from bench.errors import BenchError
 from bench.registry import DEFENSES
 from bench.progress import progress
 from bench.training import TrainConfig, batches
+from bench.types import Norm
 from bench.defenses.base import Certificate, Defense
 
 # The library's dual layers for exactly these modules; anything else (BatchNorm, residual blocks,
@@ -108,7 +109,7 @@ def dual_sequential(model: nn.Module, shape: tuple[int, ...]) -> nn.Sequential:
 
 
 def upper_margins(
-    net: nn.Sequential, x: torch.Tensor, labels: torch.Tensor, epsilon: float | torch.Tensor, norm: str, proj: int = 0
+    net: nn.Sequential, x: torch.Tensor, labels: torch.Tensor, epsilon: float | torch.Tensor, norm: Norm, proj: int = 0
 ) -> torch.Tensor:
     """Upper bounds on ``z_j - z_label`` over the epsilon ball for every class j (column ``label`` is 0).
 
@@ -139,7 +140,6 @@ def upper_margins(
 class RobustOpt(Defense):
     """Wong & Kolter's provable defense: robust training on the dual bound, exact certificates."""
 
-    name = "robustopt"
     certifies = True
     # Exact dual bounds cost grows with the hidden units of each ReLU layer: Wong & Kolter's small
     # net (256 units after the first conv on 8x8 digits) trains in minutes, digits-cnn (2,048) does not.

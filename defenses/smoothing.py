@@ -42,7 +42,6 @@ def smoothing_radius(count: int, draws: int, sigma: float, alpha: float) -> floa
 class Smoothing(Defense):
     """Gaussian randomized smoothing: certified L2 radius sigma * Phi^-1(p_A lower bound)."""
 
-    name = "smoothing"
     randomized = True
     certifies = True
 

@@ -31,7 +31,7 @@ import pandas as pd
 from bench.errors import BenchError
 from bench.metrics import WORST_CASE
 from bench.reports.load import select_runs
-from bench.types import CLEAN
+from bench.types import CLEAN, Norm
 
 HOLDS, CONTRADICTED, INCONCLUSIVE = "holds", "contradicted", "inconclusive"
 VERDICTS = (HOLDS, CONTRADICTED, INCONCLUSIVE)
@@ -72,7 +72,7 @@ class Check:
     value: float | None = None
     band: tuple[float, float] | None = None
     quantifier: str = "all"
-    norm: str | None = None  # accuracy under attack: the attack's norm
+    norm: Norm | None = None  # accuracy under attack: the attack's norm
     attack: str = WORST_CASE  # accuracy: an attack name or worst-case; robust precision: worst over attacks
     threshold: float | None = None  # robust precision: certified at this T
     right_metric: str | None = None  # right's metric, where it differs (e.g. Madry's accuracy)

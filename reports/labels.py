@@ -7,8 +7,9 @@ from typing import Any
 import pandas as pd
 
 from bench.spec import flatten
+from bench.types import Norm
 
-NORM_NAMES = {"l2": "L2", "linf": "L∞", "l1": "L1"}
+NORM_NAMES = {norm: norm.symbol for norm in Norm}
 # Appended to the label of a run whose diagnostics fired (bench.diagnostics): it then shows in
 # every table and plot legend; the HTML report and the plots draw it in red.
 FLAG = "⚠ FLAGGED"

@@ -18,7 +18,7 @@ import pandas as pd
 
 from bench.metrics import WORST_CASE
 from bench.reports.labels import verdict
-from bench.types import THREAT_MODELS
+from bench.types import Norm
 
 
 def _percent(value: float) -> str:
@@ -44,7 +44,7 @@ def robustbench_cards(tables: dict[str, pd.DataFrame], runs: pd.DataFrame) -> li
         card = {
             "name": row.config,
             "dataset": row.dataset,
-            "threat_model": THREAT_MODELS.get(row.norm, row.norm),
+            "threat_model": Norm(row.norm).threat_model,
             "architecture": (run["params"] or {}).get("model"),
             "eps": f"{row.epsilon:g}",
             "clean_acc": _percent(clean.loc[row.run_id, "accuracy"]),

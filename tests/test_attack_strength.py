@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from bench.attacks import EOT, perturbation_norm
+from bench.attacks import EOT
+from bench.types import Norm
 from bench.attacks import autoattack
 from bench.attacks.autoattack import AutoAttackParams, L2AutoAttack, LinfAutoAttack
 from bench.attacks.cw import CarliniWagnerL2, CWL2Params
@@ -63,7 +64,7 @@ def test_autoattack_is_at_most_pgd_and_stays_in_budget(model, digits, attack_cla
     pgd_class = LinfPGD if attack_class.norm == "linf" else L2PGD
     x_pgd = pgd_class(PGDParams(steps=5, restarts=1)).run(model, x, y, [eps])[0]
     assert torch.equal(x_aa[0], x)
-    assert perturbation_norm(x_aa[1] - x, attack_class.norm).max() <= eps + perturbation_tolerance(
+    assert Norm(attack_class.norm).size(x_aa[1] - x).max() <= eps + perturbation_tolerance(
         eps, attack_class.norm, x[0].numel())
     assert x_aa[1].min() >= 0 and x_aa[1].max() <= 1
     aa, pgd = correct(model, x_aa[1], y), correct(model, x_pgd, y)
@@ -161,7 +162,7 @@ def test_rand_versions_margin_walk_breaks_points_within_budget(model, digits, at
     with torch.no_grad():
         clean, attacked = (float((model(inputs).argmax(1) == y).float().mean()) for inputs in (x, x_adv))
     assert attacked <= clean - 0.2
-    assert float(perturbation_norm(x_adv - x, attack_class.norm).max()) <= eps + perturbation_tolerance(
+    assert float(Norm(attack_class.norm).size(x_adv - x).max()) <= eps + perturbation_tolerance(
         eps, attack_class.norm, x[0].numel())
     assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
 
@@ -171,7 +172,7 @@ def test_fmn_distances_match_thresholded_accuracy(model, digits, attack_class, e
     x, y = digits.x_test[:24], digits.y_test[:24]
     attack = attack_class(FMNParams(steps=20))
     smallest = attack.smallest_adversarials(model, x, y)
-    norms = perturbation_norm(smallest - x, attack.norm)
+    norms = Norm(attack.norm).size(smallest - x)
     clean = correct(model, x, y)
     broken = clean & ~correct(model, smallest, y)
     assert broken.float().mean() >= 0.5

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from bench.attacks import EOT, perturbation_norm
+from bench.attacks import EOT
+from bench.types import Norm
 from bench.attacks.cw import CarliniWagnerL2, CarliniWagnerLinf, CWL2Params, CWLinfParams
 from bench.provenance import seed_everything
 from bench.attacks.pgd import L2PGD, LinfPGD, PGDParams
@@ -55,7 +56,7 @@ def test_adversarials_stay_in_the_box_and_the_budget(model, digits, attack_class
     for eps, x_adv in zip(epsilons, adversarials):
         assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
         assert x_adv.min() >= 0 and x_adv.max() <= 1
-        assert perturbation_norm(x_adv - x, attack.norm).max() <= eps + perturbation_tolerance(eps, attack.norm, x[0].numel())
+        assert Norm(attack.norm).size(x_adv - x).max() <= eps + perturbation_tolerance(eps, attack.norm, x[0].numel())
     assert torch.equal(adversarials[0], x)
     assert accuracy(model, adversarials[-1], y) < accuracy(model, x, y)
 
@@ -157,7 +158,7 @@ def test_cw_minimal_norms_match_thresholded_accuracy(model, digits):
     x, y = digits.x_test[:48], digits.y_test[:48]
     attack = CarliniWagnerL2(CWL2Params(binary_search_steps=3, steps=20, learning_rate=0.05, initial_const=0.001))
     smallest = attack.smallest_adversarials(model, x, y)
-    norms = perturbation_norm(smallest - x, "l2")
+    norms = Norm("l2").size(smallest - x)
     with torch.no_grad():
         clean_correct = model(x).argmax(1) == y
         broken = (model(smallest).argmax(1) != y) & clean_correct
