@@ -22,7 +22,7 @@ from bench.spec import (
 from bench.validation import (
     check_epsilons, check_scheduler, check_subset_size, check_writable_dir, validate_options, validate_request,
 )
-from bench.types import CLEAN
+from bench.types import CLEAN, TABLE_NAMES
 
 # TOML keys accepted by --config: the long options, with "_" for "-".
 CONFIG_KEYS = {
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--format", choices=["md", "csv", "latex", "html", "json", "robustbench"], default="md",
                         help="what to print when --out is not given (default md; robustbench: RobustBench-style "
                              "model cards as JSON)")
-    report.add_argument("--table", choices=["clean", "accuracy_under_attack", "certified", "cost", "diagnostics", "ranking"],
+    report.add_argument("--table", choices=TABLE_NAMES,
                         default="accuracy_under_attack",
                         help="the table --format csv prints (one tidy table; default accuracy_under_attack); "
                              "--out DIR writes one CSV per table")

@@ -20,7 +20,9 @@ Rows that compare two implementations of different work say so and set no target
   bare SGD loop, the others against the baseline's;
 - a 4-run digits grid, ``bench run --jobs 2`` against ``--jobs 1``, each a new process.
 
-Verdicts that a busy machine cannot flip: the two sides alternate within each round (ABBA), and
+Verdicts that a busy machine cannot flip: with torch on one thread (``--threads 1``) each side is
+timed by its thread's CPU time, which excludes the time other jobs hold the cores
+(``work_clock``); the two sides alternate within each round (ABBA), and
 rounds go on until the 95% interval of the median per-round ratio (order statistics of the
 rounds, no assumption on the noise) lies on one side of the target, or the row's time budget
 ends; a row whose interval still straddles its target says "noisy", never "ok". Each row prints
@@ -323,6 +325,7 @@ class Row:
     target: float | None  # the largest acceptable ratio, None where there is no target
     load: float | None = None  # the 1-minute load average when the row ended
     note: str = ""
+    clock: str = "wall"  # what timed it (``work_clock``): this thread's "cpu" time, or "wall"
 
     @property
     def seconds(self) -> float:
@@ -367,12 +370,26 @@ class Budget:
     seconds: float = 120.0
 
 
+def work_clock(in_process: bool = True) -> tuple[str, Callable[[], float]]:
+    """The clock a row is timed by, and its name. Work in this process on one torch thread runs
+    entirely on the calling thread, so that thread's CPU time measures it, and time the process
+    waits for a core that other jobs hold does not count: on a busy machine wall-time ratios
+    spread by tens of percent (docs/speed.md), CPU-time ratios much less. Work on several
+    threads or in other processes (the grid) is timed by the wall clock."""
+    if in_process and torch.get_num_threads() == 1:
+        return "cpu", time.thread_time
+    return "wall", time.perf_counter
+
+
 def measure(what: str, ours: tuple[str, Callable[[], object]], reference: tuple[str, Callable[[], object]],
-            target: float | None, budget: Budget, *, warm_up: bool = True, memory: bool = True, note: str = "") -> Row:
+            target: float | None, budget: Budget, *, warm_up: bool = True, in_process: bool = True,
+            note: str = "") -> Row:
     """Both sides of a row in interleaved rounds (ABBA: neither always goes first), each call from
     the same torch seed, until the row's verdict is decided or its budget ends (``Budget``).
     ``warm_up``: one untimed call of each first, for costs a process pays once (imports, torch's
-    first-call set-up). ``memory=False``: peak memory not sampled (work in other processes)."""
+    first-call set-up). ``in_process=False``: the work runs in other processes, so peak memory is
+    not sampled and the wall clock times it (``work_clock``)."""
+    clock_name, clock = work_clock(in_process)
     functions = dict([ours, reference])
     if warm_up:
         for function in functions.values():
@@ -381,15 +398,16 @@ def measure(what: str, ours: tuple[str, Callable[[], object]], reference: tuple[
     times: dict[str, list[float]] = {name: [] for name in functions}
     peaks: dict[str, float | None] = {}
     started = time.monotonic()
-    row = Row(what, ours[0], reference[0], times[ours[0]], times[reference[0]], None, None, target, note=note)
+    row = Row(what, ours[0], reference[0], times[ours[0]], times[reference[0]], None, None, target, note=note,
+              clock=clock_name)
     while True:
         order = list(functions) if len(row.times) % 2 == 0 else list(functions)[::-1]
         for name in order:
             torch.manual_seed(0)
-            with PeakMemory(memory and name not in peaks) as peak:
-                begun = time.perf_counter()
+            with PeakMemory(in_process and name not in peaks) as peak:
+                begun = clock()
                 functions[name]()
-                elapsed = time.perf_counter() - begun
+                elapsed = clock() - begun
             times[name].append(elapsed)
             peaks.setdefault(name, peak.megabytes)
         rounds = len(row.times)
@@ -615,7 +633,7 @@ def grid_rows(budget: Budget) -> list[Row]:
     with tempfile.TemporaryDirectory() as scratch:
         row = measure("bench run: 4-run digits grid (baseline, pixeldp draws=100 x seeds 0, 1; clean, pgd-linf 0.1 one walk; "
                       "default epochs and sizes)", ("--jobs 2", lambda: run(scratch, 2)), ("--jobs 1", lambda: run(scratch, 1)),
-                      TARGETS["grid"], budget, warm_up=False, memory=False)  # the work is in other processes
+                      TARGETS["grid"], budget, warm_up=False, in_process=False)
     row.what += f"; CPU s: --jobs 2 {statistics.median(cpu[2]):.1f}, --jobs 1 {statistics.median(cpu[1]):.1f}"
     return [row]
 
@@ -638,15 +656,15 @@ def render(rows: list[Row]) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     lines = [
-        "| what | ours | reference | ours s | reference s | ratio | 95% interval | rounds | target | load | ours peak MB | reference peak MB | verdict |",
-        "|:--|:--|:--|--:|--:|--:|:--|--:|--:|--:|--:|--:|:--|",
+        "| what | ours | reference | ours s | reference s | clock | ratio | 95% interval | rounds | target | load | ours peak MB | reference peak MB | verdict |",
+        "|:--|:--|:--|--:|--:|:--|--:|:--|--:|--:|--:|--:|--:|:--|",
     ]
     for row in rows:
         target = "" if row.target is None else (f"<= {row.target:.2f}" if row.target >= 1 else f"<= {row.target:.3f}")
         low, high = row.interval
         interval = "too few rounds" if math.isinf(high) else f"{low:.3f}-{high:.3f}"
         lines.append(
-            f"| {row.what} | {row.ours} | {row.reference} | {row.seconds:.3f} | {row.reference_seconds:.3f} | "
+            f"| {row.what} | {row.ours} | {row.reference} | {row.seconds:.3f} | {row.reference_seconds:.3f} | {row.clock} | "
             f"{row.ratio:.3f} | {interval} | {len(row.times)} | {target} | {number(row.load, 1)} | {number(row.memory)} | "
             f"{number(row.reference_memory)} | {row.verdict or row.note} |"
         )

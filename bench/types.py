@@ -60,6 +60,10 @@ NORMS: tuple[Norm, ...] = tuple(Norm)
 ABSTAIN = -1
 """The label of a point on which a defense declines to predict or certify."""
 
+# The tables of the JSON contract (``bench.reports.tables``), named once: ``bench report --table``
+# takes them before any heavy import.
+TABLE_NAMES = ("clean", "accuracy_under_attack", "certified", "cost", "diagnostics", "ranking")
+
 CLEAN = "clean"
 """The attack name of the unattacked step: the clean inputs' records and diagnostics carry it."""
 

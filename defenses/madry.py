@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from bench.errors import BenchError
 from bench.registry import ATTACKS, DEFENSES
@@ -34,7 +35,9 @@ class Madry(Defense):
             if not (self.epsilon > 0 and self.steps >= 1 and self.step_size >= 0 and 0 <= self.adversarial_fraction <= 1):
                 raise BenchError(f"madry parameters need epsilon > 0, steps >= 1, step_size >= 0, 0 <= adversarial_fraction <= 1; got {self}")
 
-    def __init__(self, model, params=None, device: str = "cpu"):
+    params: Params  # this defense's parameters (``Defense.params``)
+
+    def __init__(self, model: nn.Module, params: Params | None = None, device: str = "cpu"):
         super().__init__(model, params, device)
         p = self.params
         p.check()
@@ -45,7 +48,7 @@ class Madry(Defense):
         )
 
     @classmethod
-    def training_cost(cls, params: Any) -> float:
+    def training_cost(cls, params: Params) -> float:
         return 1.0 + params.adversarial_fraction * params.steps  # each PGD step: a forward and backward pass
 
     def adversarial_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

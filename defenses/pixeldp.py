@@ -353,12 +353,14 @@ class PixelDP(Defense):
             if self.classifier_checkpoint and not self.autoencoder:
                 raise BenchError("pixeldp parameter classifier_checkpoint needs autoencoder=true")
 
+    params: Params  # this defense's parameters (``Defense.params``)
+
     @classmethod
-    def training_cost(cls, params: Any) -> float:
+    def training_cost(cls, params: Params) -> float:
         return 2.0 if params.autoencoder else 1.0  # the classifier first, then the auto-encoder
 
     @classmethod
-    def check_model(cls, model: nn.Module, params: Any) -> None:
+    def check_model(cls, model: nn.Module, params: Params) -> None:
         # Noise after conv1 needs the model split at its first layer, whose sensitivity is bounded
         # (Parseval step, measured operator norm): only the zoo's normalize -> stem -> body has that.
         if not params.autoencoder and params.noise_at == "conv1" and not isinstance(model, ZooModel):
@@ -368,7 +370,7 @@ class PixelDP(Defense):
                 "autoencoder=true (noise in an auto-encoder before your frozen classifier) or noise_at=input"
             )
 
-    def __init__(self, model: nn.Module, params: Any = None, device: str = "cpu"):
+    def __init__(self, model: nn.Module, params: Params | None = None, device: str = "cpu"):
         super().__init__(model, params, device)
         p = self.params
         self.scale = noise_scale(p.mechanism, p.L, p.epsilon, p.delta)

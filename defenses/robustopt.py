@@ -169,8 +169,10 @@ class RobustOpt(Defense):
                 raise BenchError("robustopt parameters need epsilon > 0, start_epsilon >= 0, ramp_epochs >= 0, proj >= 0, "
                                  f"max_radius >= 0, bisection_steps >= 1, certify_batch_size >= 1; got {self}")
 
+    params: Params  # this defense's parameters (``Defense.params``)
+
     @classmethod
-    def check_model(cls, model: nn.Module, params) -> None:
+    def check_model(cls, model: nn.Module, params: Params) -> None:
         _bounded_layers(model)
 
     @classmethod

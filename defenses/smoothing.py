@@ -57,7 +57,9 @@ class Smoothing(Defense):
             if not (self.sigma > 0 and self.n0 >= 1 and self.n >= 1 and 0 < self.alpha < 1 and self.draw_batch >= 1):
                 raise BenchError(f"smoothing parameters need sigma > 0, n0 >= 1, n >= 1, 0 < alpha < 1, draw_batch >= 1; got {self}")
 
-    def __init__(self, model, params=None, device: str = "cpu"):
+    params: Params  # this defense's parameters (``Defense.params``)
+
+    def __init__(self, model: nn.Module, params: Params | None = None, device: str = "cpu"):
         super().__init__(model, params, device)
         self.params.check()
 

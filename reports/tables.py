@@ -59,10 +59,9 @@ from bench.reports.cost import cost_table
 from bench.reports.labels import FLAG, verdict
 from bench.reports.load import Results, load_results
 from bench.store import Store
-from bench.types import CLEAN
+from bench.types import CLEAN, TABLE_NAMES
 
 CONFIDENCE = 0.95  # of every interval in tables and plots
-TABLE_NAMES = ("clean", "accuracy_under_attack", "certified", "cost", "diagnostics", "ranking")
 
 
 def with_interval(table: pd.DataFrame, successes: str, trials: str, prefix: str = "") -> pd.DataFrame:

@@ -2,6 +2,8 @@
 an honest interval of the per-round ratios (no timing is asserted here)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -86,6 +88,7 @@ def test_rounds_go_on_until_the_verdict_is_decided_or_the_budget_ends(monkeypatc
     """A fake clock: each call advances it by a fixed time, so the ratios are known exactly."""
     clock = [0.0]
     monkeypatch.setattr(perf.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(perf.time, "thread_time", lambda: clock[0])
     monkeypatch.setattr(perf.time, "monotonic", lambda: clock[0])
 
     def taking(seconds):
@@ -110,3 +113,21 @@ def test_rounds_go_on_until_the_verdict_is_decided_or_the_budget_ends(monkeypatc
 def test_bad_perf_options_are_one_line_errors(bench, flag, value):
     code, out, err = bench("perf", flag, value)
     assert code == 2 and flag in err and len(err.strip().splitlines()) <= 2
+
+
+def test_work_in_this_process_on_one_thread_is_timed_by_cpu_time_not_by_waiting():
+    """A side that waits for a core (modelled by a sleep) is charged only for its work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        name, clock = perf.work_clock(in_process=True)
+        begun = clock()
+        time.sleep(0.2)
+        waited = clock() - begun
+        assert name == "cpu" and waited < 0.05
+        assert perf.work_clock(in_process=False)[0] == "wall"
+        torch.set_num_threads(2)
+        assert perf.work_clock(in_process=True)[0] == "wall"  # several threads: their CPU times would add up
+    finally:
+        torch.set_num_threads(threads)
+
