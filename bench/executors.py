@@ -97,17 +97,17 @@ class LocalProcesses:
         self._starting: Iterator | None = None
         self.started: list[int] = []  # process ids of the workers that ran a start-up (loky's method)
 
-    def _parallel(self):
+    def _parallel(self, workers: int):
         import joblib
 
         return joblib.parallel_config(backend="loky", inner_max_num_threads=self.threads), joblib.Parallel(
-            n_jobs=self.workers, return_as="generator_unordered", pre_dispatch="all")
+            n_jobs=workers, return_as="generator_unordered", pre_dispatch="all")
 
-    def _call(self, calls: Iterable) -> Iterator:
-        """joblib's delayed ``calls`` on the pool (started here with the chosen method)."""
+    def _call(self, calls: Iterable, workers: int) -> Iterator:
+        """joblib's delayed ``calls`` on a pool of ``workers`` (started here with the chosen method)."""
         from joblib.externals.loky.backend import context
 
-        config, parallel = self._parallel()
+        config, parallel = self._parallel(workers)
         previous = context.get_start_method()
         if self.fork_server:
             # loky reads its start method when it creates the pool: set it for this pool only
@@ -142,7 +142,8 @@ class LocalProcesses:
         else:
             import joblib
 
-            self._starting = self._call(joblib.delayed(start_worker)(os.getpid()) for _ in range(self.workers))
+            self._starting = self._call((joblib.delayed(start_worker)(os.getpid()) for _ in range(self.workers)),
+                                        self.workers)
 
     def run(self, jobs: list, work: Callable[[Any], Any]) -> Iterator[Any]:
         import joblib
@@ -153,7 +154,8 @@ class LocalProcesses:
             LOGGER.debug(f"workers started: process ids {self.started}")
         for job in jobs:
             job.driver_pid = os.getpid()
-        yield from self._call(joblib.delayed(work)(job) for job in jobs)
+        # No more workers than jobs: a wave of 3 jobs under --jobs 16 forks 3 processes, not 16.
+        yield from self._call((joblib.delayed(work)(job) for job in jobs), max(1, min(self.workers, len(jobs))))
 
     def close(self) -> None:
         """Stop the workers: all results are in (or the grid was interrupted), and idle workers

@@ -214,3 +214,21 @@ def test_two_identical_commands_on_one_folder_do_the_work_once(tmp_path):
     records = store.records()
     assert len(records) == 40 * 3 and not records.duplicated(["run_id", "attack", "epsilon", "sample_index"]).any()
     assert second.stdout == out  # the same tables
+
+
+def test_a_wave_starts_no_more_workers_than_it_has_jobs():
+    """--jobs is an upper bound: two jobs under 8 workers start 2 processes, not 8."""
+    from types import SimpleNamespace
+
+    from joblib.externals.loky import reusable_executor
+
+    from bench.executors import LocalProcesses
+
+    executor = LocalProcesses(8, threads=1)
+    try:
+        pids = set(executor.run([SimpleNamespace(), SimpleNamespace()], lambda job: os.getpid()))
+        assert len(pids) <= 2 and os.getpid() not in pids
+        pool = reusable_executor._executor
+        assert pool._max_workers == 2 and len(pool._processes) <= 2
+    finally:
+        executor.close()
