@@ -13,8 +13,12 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from bench.reports.labels import FLAG
-from bench.reports.plots import Plot
+from bench.metrics import STRENGTH_PREFIX
+from bench.reports.display import FLAG_NOTE, RANKING_PREFIX, RANKING_RULE, display_tables, table_notes
+from bench.reports.labels import FLAG, NORM_NAMES, verdict
+from bench.reports.plots import Plot, make_plots
+from bench.reports.render import render, to_csv
+from bench.reports.robustbench import render_robustbench
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 2rem auto;
@@ -57,8 +61,6 @@ def _table(frame: pd.DataFrame, table_id: str) -> str:
 
 def _notes(title: str, frame: pd.DataFrame) -> str:
     """``display.table_notes`` under a table: the flag note as an alarm, the others as one line each."""
-    from bench.reports.display import FLAG_NOTE, table_notes
-
     return "".join(f'<div class="alarm">{_badged(html.escape(note))}</div>' if note == FLAG_NOTE
                    else f'<p class="note">{html.escape(note)}</p>' for note in table_notes(title, frame))
 
@@ -108,9 +110,6 @@ def _run_section(run: pd.Series) -> str:
 def _strength_notes(name: str, runs: pd.DataFrame) -> str:
     """The attack-strength warnings that concern one accuracy-under-attack table (its dataset and
     norm), shown right under it: a reader must not quote a weak attack's figure by mistake."""
-    from bench.metrics import STRENGTH_PREFIX
-    from bench.reports.labels import NORM_NAMES
-
     prefix = "Accuracy under attack: "
     if not name.startswith(prefix) or runs.empty:
         return ""
@@ -128,8 +127,6 @@ def _verdicts(runs: pd.DataFrame) -> str:
     """The report's first section: flagged runs in red with every diagnostic that fired, then the
     runs whose diagnostics did not all run, then attack-strength notes; green only when every run
     was fully checked and none was flagged (``bench.diagnostics``)."""
-    from bench.reports.labels import verdict
-
     if runs.empty:
         return "<p>No runs.</p>"
     alarms, unchecked, notes = [], [], []
@@ -165,8 +162,6 @@ def build_html(
     reproduction's verdicts); ``shown`` are the tables of ``bench.reports.display.display_tables``:
     the rankings (titles starting with ``RANKING_PREFIX``) get their own section after the
     diagnostics, the other tables follow under *Tables*."""
-    from bench.reports.display import RANKING_PREFIX, RANKING_RULE
-
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     selection = ", ".join(f"{k}={v}" for k, v in where) or "all runs (latest of each spec)"
     warning_items = _verdicts(runs)
@@ -219,11 +214,6 @@ def write_report(
     ``accuracy_under_attack.csv``, ``certified.csv``, ``cost.csv``), ``robustbench.json`` (model
     cards) and ``figures/NAME.png|svg``;
     returns the paths."""
-    from bench.reports.display import display_tables
-    from bench.reports.plots import make_plots
-    from bench.reports.render import render, to_csv
-    from bench.reports.robustbench import render_robustbench
-
     out.mkdir(parents=True, exist_ok=True)
     plots = make_plots(tables, out / "figures", dpi)
     shown = display_tables(tables, thresholds, precision_thresholds)
