@@ -39,7 +39,7 @@ from bench.defenses.base import Certificate, Defense
 from bench.diagnostics import Assessment, Diagnostic, assess, probe_clean, randomized_points, verdict_flips
 from bench.checkpoint import load_into
 from bench.errors import BenchError, one_line
-from bench.metrics import THRESHOLD_GRID
+from bench.metrics import THRESHOLD_GRID, Records
 from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
 from bench.spec import (
     Epsilons, RunSpec, check_epsilon_keys, epsilons_for, parse_assignments, scoped, unclaimed, with_audit,
@@ -47,7 +47,7 @@ from bench.spec import (
 from bench.store import MODEL_STEPS, RUN_FIELDS, Run, Store
 from bench.training import TrainConfig, check_learned, training_defaults
 from bench.threads import using_threads
-from bench.types import CLEAN, RECORD_COLUMNS, Record
+from bench.types import CLEAN, Record
 from bench.validation import (
     check_epsilon_bounds, check_epsilons, check_subset_size, check_writable_dir, validate_options,
 )
@@ -671,9 +671,9 @@ class Results:
     - ``runs``: one row per run: spec, seed, library versions, timings, sanity ``warnings``.
     """
 
-    def __init__(self, runs: pd.DataFrame, records: pd.DataFrame, thresholds: Sequence[float] = THRESHOLD_GRID):
+    def __init__(self, runs: pd.DataFrame, records: Records, thresholds: Sequence[float] = THRESHOLD_GRID):
         self.runs = runs
-        self._records = records  # the metrics' form: true_label, dataset, defense, label, params (JSON)
+        self._records = records  # where the records are (a store, or in memory): tables aggregate them there
         self.thresholds = tuple(thresholds)
 
     @cached_property
@@ -685,7 +685,9 @@ class Results:
 
     @cached_property
     def records(self) -> pd.DataFrame:
-        frame = self._records.copy()
+        from bench.reports.load import with_run_keys
+
+        frame = with_run_keys(self._records.frame(), self.runs)  # all of them in memory: asked for
         if frame.empty:
             return frame.assign(config=[])
         frame["config"] = frame.run_id.map(self.runs.set_index("run_id").config)
@@ -747,18 +749,7 @@ class Results:
             run.info.get("train_seconds") if run.info.get("reused_checkpoint") is False else None for run in runs
         ]
         frame["config"] = configuration_labels(frame) if not frame.empty else []
-        table = pd.DataFrame([(run_id,) + tuple(r) for run_id, r in records], columns=list(RECORD_COLUMNS))
-        return cls(frame, _joined(table, frame))
-
-
-def _joined(records: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """Store records joined with their run's keys, as the metrics take them."""
-    import json
-
-    records = records.rename(columns={"label": "true_label"})
-    keys = runs[["run_id", "dataset", "defense", "label"]].assign(
-        params=runs.params.map(lambda p: json.dumps(p, sort_keys=True)))
-    return records.merge(keys, on="run_id")
+        return cls(frame, Records.of((run_id, *Record(*r)) for run_id, r in records))
 
 
 def result_stores(directories: Sequence[Path | str] | Path | str | None) -> list[Store]:

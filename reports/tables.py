@@ -57,7 +57,7 @@ from bench import metrics
 from bench.confidence import clopper_pearson_interval
 from bench.reports.cost import cost_table
 from bench.reports.labels import FLAG, verdict
-from bench.reports.load import Results, load_results
+from bench.reports.load import Results, load_results, run_keys
 from bench.store import Store
 from bench.types import CLEAN
 
@@ -77,17 +77,20 @@ def with_interval(table: pd.DataFrame, successes: str, trials: str, prefix: str 
 
 def tables_from(results: Results, thresholds: Sequence[float] = metrics.THRESHOLD_GRID) -> dict[str, pd.DataFrame]:
     """The tables of the JSON contract (plus ``cost``) for the given runs and records, in the
-    order of the configurations (see ``order_by_configuration``)."""
+    order of the configurations (see ``order_by_configuration``). The records stay where they
+    are: every metric is an aggregation in SQLite (``bench.metrics``)."""
     if results.runs.empty:
         return {name: pd.DataFrame() for name in TABLE_NAMES}
-    records = results.records
-    clean = with_interval(metrics.clean_accuracy(records), "correct", "n")
-    under_attack = with_median_perturbation(with_interval(metrics.accuracy_under_attack(records), "correct", "n"), records)
-    certified = metrics.certified(records, tuple(thresholds))
+    records = results.records.only(results.runs.run_id)
+    clean = with_interval(with_keys(metrics.clean_accuracy(records), results.runs), "correct", "n")
+    under_attack = with_keys(metrics.accuracy_under_attack(records), results.runs)
+    under_attack = with_median_perturbation(with_interval(under_attack, "correct", "n"), records)
+    certified = with_keys(metrics.certified(records, tuple(thresholds)), results.runs)
     certified = with_interval(certified, "certified_correct", "n", "certified_accuracy_")
     certified = with_interval(certified, "robust_n", "n", "robust_recall_")
     certified = with_interval(certified, "certified_correct", "robust_n", "robust_precision_")
-    attack_norms = records[["run_id", "attack", "norm"]].drop_duplicates(["run_id", "attack"])
+    attacks = under_attack[under_attack.attack != metrics.WORST_CASE]
+    attack_norms = attacks[["run_id", "attack", "norm"]].drop_duplicates(["run_id", "attack"])
     certified = certified.merge(attack_norms.rename(columns={"norm": "attack_norm"}), on=["run_id", "attack"], how="left")
     certified = certified.sort_values(["attack", "epsilon", "threshold"], key=_clean_first, kind="stable")
     under_attack = with_verdict_flips(under_attack, results.runs)
@@ -99,6 +102,13 @@ def tables_from(results: Results, thresholds: Sequence[float] = metrics.THRESHOL
     tables["ranking"] = ranking_table(tables["accuracy_under_attack"])
     return {name: table.assign(params=table.params.map(_params)) if "params" in table else table
             for name, table in tables.items()}
+
+
+def with_keys(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """``table`` (a metric per ``run_id``) with its run's keys (``run_keys``) after ``run_id``,
+    rows in their order."""
+    joined = table.merge(run_keys(runs), on="run_id", how="left")
+    return joined[metrics.RUN_KEYS + [c for c in table.columns if c != "run_id"]]
 
 
 RANKING_COLUMNS = ["dataset", "norm", "epsilon", "config", "run_id", "attack", "accuracy", "ci_low", "ci_high", "n",
@@ -181,13 +191,13 @@ def with_verdict_flips(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     return merged.drop(columns="clean_flips")
 
 
-def with_median_perturbation(table: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
+def with_median_perturbation(table: pd.DataFrame, records: metrics.Records) -> pd.DataFrame:
     """``table`` with each attack's median minimal perturbation (``metrics.median_perturbation``)
     on its rows; empty for the worst-case rows."""
     if table.empty:
         return table
     medians = metrics.median_perturbation(records).drop(columns=["n"])
-    return table.merge(medians, on=[c for c in medians.columns if c != "median_perturbation"], how="left")
+    return table.merge(medians, on=["run_id", "attack", "norm"], how="left")
 
 
 def _clean_first(column: pd.Series) -> pd.Series:
