@@ -40,6 +40,7 @@ from bench.diagnostics import Assessment, Diagnostic, assess, probe_clean, rando
 from bench.checkpoint import load_into
 from bench.errors import BenchError, one_line
 from bench.metrics import THRESHOLD_GRID, Records
+from bench.reports.load import result_stores
 from bench.registry import ATTACKS, DATASETS, DEFENSES, build_params
 from bench.spec import (
     Epsilons, RunSpec, check_epsilon_keys, epsilons_for, parse_assignments, scoped, unclaimed, with_audit,
@@ -750,22 +751,6 @@ class Results:
         ]
         frame["config"] = configuration_labels(frame) if not frame.empty else []
         return cls(frame, Records.of((run_id, *Record(*r)) for run_id, r in records))
-
-
-def result_stores(directories: Sequence[Path | str] | Path | str | None) -> list[Store]:
-    """The stores of results folders: a folder with ``results.sqlite``, or else every immediate
-    subfolder that has one (e.g. ``runs/`` holding ``runs/mnist-pixeldp/results.sqlite``)."""
-    if isinstance(directories, (str, Path)):
-        directories = [directories]
-    stores = []
-    for directory in directories or [Path("results")]:
-        directory = Path(directory)
-        nested = sorted(p.parent for p in directory.glob("*/results.sqlite")) if directory.is_dir() else []
-        if (directory / "results.sqlite").is_file() or not nested:
-            stores.append(Store(directory))
-        else:
-            stores.extend(Store(p) for p in nested)
-    return stores
 
 
 def load_results(

@@ -730,7 +730,7 @@ def command_report(args: argparse.Namespace) -> int:
     from bench.reports.load import load_results
     from bench.reports.render import render, to_csv
     from bench.reports.tables import tables_from
-    from bench.api import result_stores
+    from bench.reports.load import result_stores
 
     stores = result_stores(args.results)
     shown = tuple(args.thresholds) if args.thresholds else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -122,6 +123,22 @@ def load_results(stores: Store | Sequence[Store], where: Sequence[tuple[str, str
         if ids:
             parts.append((store.reading, ids))
     return Results(runs, Records(tuple(parts)))
+
+
+def result_stores(directories: Sequence[Path | str] | Path | str | None) -> list[Store]:
+    """The stores of results folders: a folder with ``results.sqlite``, or else every immediate
+    subfolder that has one (e.g. ``runs/`` holding ``runs/mnist-pixeldp/results.sqlite``)."""
+    if isinstance(directories, (str, Path)):
+        directories = [directories]
+    stores = []
+    for directory in directories or [Path("results")]:
+        directory = Path(directory)
+        nested = sorted(p.parent for p in directory.glob("*/results.sqlite")) if directory.is_dir() else []
+        if (directory / "results.sqlite").is_file() or not nested:
+            stores.append(Store(directory))
+        else:
+            stores.extend(Store(p) for p in nested)
+    return stores
 
 
 def _training_seconds(runs: pd.DataFrame) -> pd.Series:
