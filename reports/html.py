@@ -221,17 +221,20 @@ def write_report(
     returns the paths."""
     from bench.reports.display import display_tables
     from bench.reports.plots import make_plots
-    from bench.reports.render import render, to_csv
+    from bench.reports.render import render, to_csv, write_json
     from bench.reports.robustbench import render_robustbench
 
     out.mkdir(parents=True, exist_ok=True)
     plots = make_plots(tables, out / "figures", dpi)
     shown = display_tables(tables, thresholds, precision_thresholds)
     written = []
-    for name, fmt in (("tables.md", "md"), ("tables.tex", "latex"), ("tables.json", "json")):
+    for name, fmt in (("tables.md", "md"), ("tables.tex", "latex")):
         path = out / name
         path.write_text(render(tables, fmt, thresholds, precision_thresholds), encoding="utf-8")
         written.append(path)
+    with open(out / "tables.json", "w", encoding="utf-8") as handle:
+        write_json(tables, handle)
+    written.append(out / "tables.json")
     for name, table in tables.items():
         if not table.empty:
             path = out / f"{name}.csv"
