@@ -131,7 +131,7 @@ def main() -> None:
         total = build_store(directory, args.records, args.runs)
         print(f"built {total:,} records in {args.runs} runs in {time.perf_counter() - started:.0f} s "
               f"({(directory / 'results.sqlite').stat().st_size / 2**30:.2f} GiB)")
-    print(f"\n| format | wall s | peak RSS MiB | bound |\n|:--|--:|--:|:--|")
+    print("\n| format | wall s | peak RSS MiB | bound |\n|:--|--:|--:|:--|")
     for fmt in FORMATS:
         command = [sys.executable, "-m", "bench.cli", "report", "--results", str(directory), "--format", fmt]
         seconds, peak, status = measure(command)
