@@ -491,9 +491,13 @@ class Store:
 
     @contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:
-        """A connection for queries (the reports' aggregations over the records), closed after."""
+        """A connection for queries (the reports' aggregations over the records), closed after; a
+        failed query is one BenchError line, as ``records`` gives."""
         with closing(self._connect(create=False)) as connection:
-            yield connection
+            try:
+                yield connection
+            except sqlite3.Error as error:
+                raise self._error(error, "reading its records") from None
 
     def records(self, run_ids: list[str] | None = None) -> pd.DataFrame:
         with closing(self._connect(create=False)) as connection:
