@@ -31,14 +31,15 @@ from bench.defenses.base import Defense
 from bench.errors import BenchError, one_line
 from bench.evaluation import Log, Step, attack_steps, describe, evaluate_steps, quiet as _quiet
 from bench.lifecycle import RunFacts, RunRecorder
-from bench.metrics import THRESHOLD_GRID
+from bench.metrics import THRESHOLD_GRID, Records
 from bench.provenance import fingerprint, seed_everything
 from bench.registry import DATASETS, DEFENSES, build_params, defense_name
+from bench.reports.load import result_stores
 from bench.spec import Epsilons, RunSpec, parse_assignments, with_audit
 from bench.store import RUN_FIELDS, Run, Store
 from bench.training import TrainConfig, fit_and_check, training_defaults
 from bench.threads import using_threads
-from bench.types import RECORD_COLUMNS, Record
+from bench.types import Record
 from bench.validation import check_epsilon_bounds, check_subset_size, check_writable_dir, validate_options
 
 Data = str | Dataset | tuple[Any, Any]
@@ -330,9 +331,9 @@ class Results:
     - ``runs``: one row per run: spec, seed, library versions, timings, sanity ``warnings``.
     """
 
-    def __init__(self, runs: pd.DataFrame, records: pd.DataFrame, thresholds: Sequence[float] = THRESHOLD_GRID):
+    def __init__(self, runs: pd.DataFrame, records: Records, thresholds: Sequence[float] = THRESHOLD_GRID):
         self.runs = runs
-        self._records = records  # the metrics' form: true_label, dataset, defense, label, params (JSON)
+        self._records = records  # where the records are (a store, or in memory): tables aggregate them there
         self.thresholds = tuple(thresholds)
 
     @cached_property
@@ -344,7 +345,9 @@ class Results:
 
     @cached_property
     def records(self) -> pd.DataFrame:
-        frame = self._records.copy()
+        from bench.reports.load import with_run_keys
+
+        frame = with_run_keys(self._records.frame(), self.runs)  # all of them in memory: asked for
         if frame.empty:
             return frame.assign(config=[])
         frame["config"] = frame.run_id.map(self.runs.set_index("run_id").config)
@@ -406,34 +409,7 @@ class Results:
             run.info.get("train_seconds") if run.info.get("reused_checkpoint") is False else None for run in runs
         ]
         frame["config"] = configuration_labels(frame) if not frame.empty else []
-        table = pd.DataFrame([(run_id,) + tuple(r) for run_id, r in records], columns=list(RECORD_COLUMNS))
-        return cls(frame, _joined(table, frame))
-
-
-def _joined(records: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """Store records joined with their run's keys, as the metrics take them."""
-    import json
-
-    records = records.rename(columns={"label": "true_label"})
-    keys = runs[["run_id", "dataset", "defense", "label"]].assign(
-        params=runs.params.map(lambda p: json.dumps(p, sort_keys=True)))
-    return records.merge(keys, on="run_id")
-
-
-def result_stores(directories: Sequence[Path | str] | Path | str | None) -> list[Store]:
-    """The stores of results folders: a folder with ``results.sqlite``, or else every immediate
-    subfolder that has one (e.g. ``runs/`` holding ``runs/mnist-pixeldp/results.sqlite``)."""
-    if isinstance(directories, (str, Path)):
-        directories = [directories]
-    stores = []
-    for directory in directories or [Path("results")]:
-        directory = Path(directory)
-        nested = sorted(p.parent for p in directory.glob("*/results.sqlite")) if directory.is_dir() else []
-        if (directory / "results.sqlite").is_file() or not nested:
-            stores.append(Store(directory))
-        else:
-            stores.extend(Store(p) for p in nested)
-    return stores
+        return cls(frame, Records.of((run_id, *Record(*r)) for run_id, r in records))
 
 
 def load_results(

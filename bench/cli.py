@@ -727,10 +727,9 @@ def command_report(args: argparse.Namespace) -> int:
         check_writable_dir(args.out, "report --out")
     from bench.metrics import TABLE_THRESHOLDS, THRESHOLD_GRID
     from bench.reports.compare import compare, render_comparison
-    from bench.reports.load import load_results
-    from bench.reports.render import render, to_csv
+    from bench.reports.load import load_results, result_stores
+    from bench.reports.render import render, to_csv, write_json
     from bench.reports.tables import tables_from
-    from bench.api import result_stores
 
     stores = result_stores(args.results)
     shown = tuple(args.thresholds) if args.thresholds else None
@@ -777,6 +776,10 @@ def command_report(args: argparse.Namespace) -> int:
         from bench.reports.robustbench import render_robustbench
 
         sys.stdout.write(render_robustbench(tables, results.runs) + "\n")
+        return 0
+    if args.format == "json":
+        write_json(tables, sys.stdout)  # row chunk by row chunk: the document can be hundreds of MB
+        sys.stdout.write("\n")
         return 0
     sys.stdout.write(render(tables, args.format, shown, shown) + "\n")
     return 0

@@ -12,16 +12,25 @@
 Every metric comes with its counts (``correct``, ``certified_correct``, ``robust_n`` and ``n``),
 so intervals are computed from integers, not from rounded proportions. Epsilon 0 is the clean
 input for every attack (``clean_at_epsilon_zero``), whatever an attack stored at epsilon 0.
+
+Each metric is one SQL aggregation over the ``records`` table (``bench.store.RECORDS_TABLE``) of a
+store, or of an in-memory SQLite copy for records that are not stored (``Records.of``): the one
+implementation, whatever holds the records. It runs once per run, so a report holds one run's
+intermediate rows and the aggregated tables, never every record (ten million records are
+gigabytes as a DataFrame; ``benchmarks/bench_report_scale.py``).
 """
 from __future__ import annotations
 
-from typing import Callable
+import sqlite3
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from bench.confidence import at_chance, chance_level
-from bench.types import ABSTAIN, CLEAN, RECORD_COLUMNS, Norm, Record, certified_at, has_certificate
+from bench.types import ABSTAIN, CLEAN, HAS_CERTIFICATE_SQL, RECORD_COLUMNS, Norm, Record
 
 RUN_KEYS = ["run_id", "dataset", "defense", "label", "params"]
 WORST_CASE = "worst-case"  # the per-sample worst case over the attacks of one norm
@@ -42,14 +51,64 @@ def records_frame(records: list[Record], run_id: str = "run") -> pd.DataFrame:
     return frame.assign(dataset="", defense="", label="", params="")
 
 
-def certified_mask(records: pd.DataFrame) -> np.ndarray:
-    """Which records carry a certificate: the stored ``certified`` flag, else (records without
-    it) the rule ``bench.types.has_certificate``: not abstained and a radius above 0."""
-    derived = has_certificate(records.certified_label, records.certified_radius)
-    if "certified" not in records:
-        return derived.to_numpy(dtype=bool)
-    stored = records.certified
-    return stored.where(stored.notna(), derived).astype(bool).to_numpy() & derived.to_numpy(dtype=bool)
+Opener = Callable[[], AbstractContextManager[sqlite3.Connection]]
+
+
+@dataclass(frozen=True)
+class Records:
+    """Where the per-sample records of some runs are: per part, a database with a ``records``
+    table (``opener`` gives a connection: ``Store.reading``, or an in-memory one) and the runs
+    chosen in it, in the runs' order."""
+
+    parts: tuple[tuple[Opener, tuple[str, ...]], ...] = ()
+
+    @classmethod
+    def of(cls, rows: Iterable[Sequence[Any]]) -> "Records":
+        """Records held in memory (tuples in ``RECORD_COLUMNS`` order, ``run_id`` first) copied into
+        an in-memory SQLite database, so the metrics run the same SQL on them as on a store."""
+        from bench.store import RECORDS_TABLE
+
+        # check_same_thread: Results may be read from another thread; nothing writes after this.
+        connection = sqlite3.connect(":memory:", check_same_thread=False)
+        connection.executescript(RECORDS_TABLE)
+        connection.executemany(f"INSERT INTO records VALUES ({','.join('?' * len(RECORD_COLUMNS))})",
+                               (tuple(row) for row in rows))
+        connection.commit()
+        run_ids = tuple(r for (r,) in connection.execute("SELECT run_id FROM records GROUP BY run_id ORDER BY MIN(rowid)"))
+        return cls((((lambda: nullcontext(connection)), run_ids),))
+
+    def only(self, run_ids: Iterable[str]) -> "Records":
+        """These records restricted to ``run_ids``."""
+        keep = set(run_ids)
+        return Records(tuple((opener, tuple(r for r in ids if r in keep)) for opener, ids in self.parts))
+
+    def query(self, sql: str, columns: Sequence[str], params: Mapping[str, Any] | None = None) -> pd.DataFrame:
+        """``sql`` run once per run (it names the run ``:run_id``; ``:clean`` and ``:worst_case`` are
+        the step names), its rows for every run in one frame: ``run_id``, then ``columns``."""
+        params = {"clean": CLEAN, "worst_case": WORST_CASE, **(params or {})}
+        rows = []
+        for opener, run_ids in self.parts:
+            with opener() as connection:
+                for run_id in run_ids:
+                    rows += [(run_id, *row) for row in connection.execute(sql, {**params, "run_id": run_id})]
+        return pd.DataFrame(rows, columns=["run_id", *columns])
+
+    def frame(self) -> pd.DataFrame:
+        """Every record as one DataFrame (its size grows with the records: for notebooks, not reports)."""
+        columns = RECORD_COLUMNS[1:]
+        return self.query(f"SELECT {', '.join(columns)} FROM records WHERE run_id = :run_id ORDER BY rowid", columns)
+
+    def __len__(self) -> int:
+        counts = self.query("SELECT COUNT(*) FROM records WHERE run_id = :run_id", ["n"])
+        return int(counts.n.sum())
+
+
+def _as_records(records: Records | pd.DataFrame) -> Records:
+    """``records`` as ``Records``: a frame of records (``records_frame``'s columns) is copied into SQLite."""
+    if isinstance(records, Records):
+        return records
+    frame = records.reindex(columns=["true_label" if c == "label" else c for c in RECORD_COLUMNS])
+    return Records.of(frame.astype(object).where(frame.notna(), None).itertuples(index=False, name=None))
 
 
 def clean_at_epsilon_zero(attacked: pd.DataFrame, clean: pd.DataFrame, per: list[str]) -> pd.DataFrame:
@@ -57,17 +116,18 @@ def clean_at_epsilon_zero(attacked: pd.DataFrame, clean: pd.DataFrame, per: list
     for each distinct ``per`` (e.g. attack and norm) of the run: epsilon 0 is the clean input.
 
     The one place that decides it, so every table and plot starts its curves at the clean value."""
-    pairs = attacked[RUN_KEYS + per].drop_duplicates()
-    zero = pairs.merge(clean.drop(columns=[c for c in per if c in clean], errors="ignore"), on=RUN_KEYS)
+    pairs = attacked[["run_id"] + per].drop_duplicates()
+    zero = pairs.merge(clean.drop(columns=[c for c in per if c in clean], errors="ignore"), on="run_id")
     zero["epsilon"] = 0.0
     return pd.concat([zero, attacked[attacked.epsilon > 0]], ignore_index=True)
 
 
-def clean_accuracy(records: pd.DataFrame) -> pd.DataFrame:
+CLEAN_SQL = "SELECT SUM(correct), COUNT(*) FROM records WHERE run_id = :run_id AND attack = :clean GROUP BY run_id"
+
+
+def clean_accuracy(records: Records | pd.DataFrame) -> pd.DataFrame:
     """One row per run: ``accuracy`` = ``correct`` / ``n`` on the clean inputs."""
-    clean = records[records.attack == CLEAN]
-    table = clean.groupby(RUN_KEYS, sort=False).agg(correct=("correct", "sum"), n=("correct", "size")).reset_index()
-    return _with_accuracy(table)
+    return _with_accuracy(_as_records(records).query(CLEAN_SQL, ["correct", "n"]))
 
 
 def _with_accuracy(table: pd.DataFrame) -> pd.DataFrame:
@@ -76,78 +136,94 @@ def _with_accuracy(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(accuracy=accuracy)
 
 
-def robust_verdicts(attacked: pd.DataFrame, clean: pd.DataFrame) -> pd.DataFrame:
-    """``attacked`` with ``correct`` = right on the attacked input *and* on the clean one.
+# A point's verdict under attack is right on the attacked input *and* on the clean one: the
+# attacker may leave a point as it is (a perturbation of size 0 is within every budget), so a point
+# the defense gets wrong unperturbed is not robust at any epsilon. For deterministic defenses this
+# changes nothing; for randomized ones it makes each point's verdict one event: a point is not
+# counted robust because a fresh call of a noisy rule got lucky on the attacked input after a call
+# got it wrong on the clean one. A point without a clean record keeps its attacked verdict.
+# The worst case of a norm with several attacks: per point and epsilon, the lowest verdict; since
+# verdicts are 0/1, that is the lowest attacked ``correct`` times the clean one (the sample is
+# joined to its clean record after the grouping: fewer rows).
+ATTACKED_SQL = """
+WITH clean AS (
+    SELECT sample_index, MIN(correct) AS correct FROM records
+    WHERE run_id = :run_id AND attack = :clean GROUP BY sample_index),
+per_attack AS (
+    SELECT attack, norm, epsilon, SUM(attacked.correct * COALESCE(clean.correct, 1)) AS correct, COUNT(*) AS n
+    FROM records AS attacked LEFT JOIN clean USING (sample_index)
+    WHERE attacked.run_id = :run_id AND attacked.attack != :clean GROUP BY attack, norm, epsilon),
+worst AS (
+    SELECT point.norm, point.epsilon, point.correct * COALESCE(clean.correct, 1) AS correct
+    FROM (SELECT norm, epsilon, sample_index, MIN(correct) AS correct FROM records
+          WHERE run_id = :run_id AND attack != :clean
+                AND norm IN (SELECT norm FROM per_attack GROUP BY norm HAVING COUNT(DISTINCT attack) > 1)
+          GROUP BY norm, epsilon, sample_index) AS point
+    LEFT JOIN clean USING (sample_index))
+SELECT attack, norm, epsilon, correct, n FROM per_attack
+UNION ALL
+SELECT :worst_case, norm, epsilon, SUM(correct), COUNT(*) FROM worst GROUP BY norm, epsilon
+"""
 
-    The attacker may leave a point as it is (a perturbation of size 0 is within every budget), so a
-    point the defense gets wrong unperturbed is not robust at any epsilon. For deterministic
-    defenses this changes nothing; for randomized ones it makes each point's verdict one event:
-    a point is not counted robust because a fresh call of a noisy rule got lucky on the attacked
-    input after a call got it wrong on the clean one."""
-    if clean.empty:
-        return attacked
-    right = clean.groupby(["run_id", "sample_index"], sort=False).correct.min().rename("clean_correct")
-    merged = attacked.join(right, on=["run_id", "sample_index"])
-    both = merged.correct.where(merged.clean_correct.isna(), merged.correct * merged.clean_correct.fillna(1))
-    return attacked.assign(correct=both.astype(attacked.correct.dtype))
 
-
-def accuracy_under_attack(records: pd.DataFrame) -> pd.DataFrame:
+def accuracy_under_attack(records: Records | pd.DataFrame) -> pd.DataFrame:
     """One row per run, attack, norm and epsilon: ``accuracy`` = ``correct`` / ``n`` where a point is
-    correct when the defense is right on its clean and its attacked input (``robust_verdicts``);
+    correct when the defense is right on its clean and its attacked input (``ATTACKED_SQL``);
     epsilon 0 is the clean accuracy of every attack."""
-    columns = RUN_KEYS + ["attack", "norm", "epsilon", "correct", "n", "accuracy"]
-    attacked = records[records.attack != CLEAN]
-    if attacked.empty:
+    records = _as_records(records)
+    columns = ["run_id", "attack", "norm", "epsilon", "correct", "n", "accuracy"]
+    table = records.query(ATTACKED_SQL, ["attack", "norm", "epsilon", "correct", "n"])
+    if table.empty:
         return pd.DataFrame(columns=columns)
-    attacked = robust_verdicts(attacked, records[records.attack == CLEAN])
-    worst = (
-        attacked.groupby(RUN_KEYS + ["norm", "epsilon", "sample_index"], sort=False)["correct"].min().reset_index()
-    )
-    worst["attack"] = WORST_CASE
-    attacks_per_norm = attacked.groupby(RUN_KEYS + ["norm"], sort=False)["attack"].nunique().reset_index()
-    multi = attacks_per_norm[attacks_per_norm.attack > 1][RUN_KEYS + ["norm"]]
-    worst = worst.merge(multi, on=RUN_KEYS + ["norm"])
-    combined = pd.concat([attacked, worst], ignore_index=True)
-    table = (
-        combined.groupby(RUN_KEYS + ["attack", "norm", "epsilon"], sort=False)
-        .agg(correct=("correct", "sum"), n=("correct", "size"))
-        .reset_index()
-    )
     table = clean_at_epsilon_zero(_with_accuracy(table), clean_accuracy(records), ["attack", "norm"])
-    return table[columns].sort_values(RUN_KEYS + ["attack", "norm", "epsilon"], kind="stable").reset_index(drop=True)
+    return table[columns].sort_values(["run_id", "attack", "norm", "epsilon"], kind="stable").reset_index(drop=True)
 
 
-def certified(records: pd.DataFrame, thresholds: tuple[float, ...] = THRESHOLD_GRID) -> pd.DataFrame:
+def certified(records: Records | pd.DataFrame, thresholds: Sequence[float] = THRESHOLD_GRID) -> pd.DataFrame:
     """Certified accuracy (clean inputs, ``attack = "clean"``) and robust precision/recall
     (attacked inputs; epsilon 0 is the clean input) at each threshold T, with their counts:
-    ``robust_n`` inputs certified at T, ``certified_correct`` of them with the true label, of ``n``."""
-    keys = RUN_KEYS + ["attack", "epsilon"]
+    ``robust_n`` inputs certified at T, ``certified_correct`` of them with the true label, of ``n``.
+
+    Certified at T (``bench.types.certified_at``): the point carries a certificate (its stored
+    ``certified`` flag where there is one, and always the rule ``HAS_CERTIFICATE_SQL``) and its
+    radius is at least T. SQL counts the points per largest T their radius reaches (``bucket``:
+    one comparison chain per record, where a sum per T was six times slower); the counts at each
+    T are then the sums over the buckets at or above it."""
+    keys = ["run_id", "attack", "epsilon"]
     columns = keys + ["norm", "threshold", "certified_correct", "robust_n", "n", "certified_accuracy",
                       "robust_precision", "robust_recall"]
-    with_certificates = records[records.certified_radius.notna()]
-    mask = certified_mask(with_certificates)
-    rows = []
-    for key, index in with_certificates.groupby(keys, sort=False).indices.items():
-        group = with_certificates.iloc[index]
-        radius = group.certified_radius.to_numpy(dtype=float)
-        with_certificate = mask[index]
-        correct = (group.certified_label == group.true_label).to_numpy()
-        for threshold in thresholds:
-            robust = certified_at(with_certificate, radius, threshold)
-            robust_n, robust_correct = int(robust.sum()), int((robust & correct).sum())
-            rows.append({
-                **dict(zip(keys, key)),
-                "norm": group.certified_norm.iloc[0],
-                "threshold": float(threshold),
-                "certified_correct": robust_correct,
-                "robust_n": robust_n,
-                "n": len(group),
-                "certified_accuracy": robust_correct / len(group),
-                "robust_precision": robust_correct / robust_n if robust_n else None,
-                "robust_recall": robust_n / len(group),
-            })
-    table = pd.DataFrame(rows, columns=columns)
+    grid = sorted(set(float(t) for t in thresholds))
+    reached = " ".join(f"WHEN certified_radius >= :t{i} THEN {i}" for i in reversed(range(len(grid))))
+    sql = f"""
+    SELECT attack, epsilon, bucket, MIN(certified_norm), COUNT(*), SUM(certified_label = label)
+    FROM (SELECT attack, epsilon, certified_norm, certified_label, label,
+                 COALESCE(CASE WHEN COALESCE(certified, 1) AND {HAS_CERTIFICATE_SQL} THEN CASE {reached} END END, -1)
+                     AS bucket
+          FROM records WHERE run_id = :run_id AND certified_radius IS NOT NULL)
+    GROUP BY attack, epsilon, bucket"""
+    buckets = _as_records(records).query(sql, ["attack", "epsilon", "bucket", "norm", "count", "right"],
+                                         {f"t{i}": t for i, t in enumerate(grid)})
+    groups = buckets.groupby(keys, sort=False)
+    group, column = groups.ngroup().to_numpy(), buckets.bucket.to_numpy(dtype=int) + 1  # column 0: certified at no T
+    counts, right = (np.zeros((groups.ngroups, len(grid) + 1), dtype=int) for _ in range(2))
+    np.add.at(counts, (group, column), buckets["count"].to_numpy(dtype=int))
+    np.add.at(right, (group, column), buckets.right.fillna(0).to_numpy(dtype=int))
+    at_least = [np.cumsum(c[:, ::-1], axis=1)[:, ::-1][:, 1:] for c in (counts, right)]  # [g, i]: buckets >= i
+    chosen = [grid.index(float(t)) for t in thresholds]
+    first = groups.first()
+    table = pd.DataFrame({
+        **{key: np.repeat(first.index.get_level_values(key).to_numpy(dtype=object), len(chosen)) for key in keys},
+        "norm": np.repeat(groups.norm.min().to_numpy(dtype=object), len(chosen)),
+        "threshold": np.tile(np.asarray(thresholds, dtype=float), groups.ngroups),
+        "certified_correct": at_least[1][:, chosen].reshape(-1),
+        "robust_n": at_least[0][:, chosen].reshape(-1),
+        "n": np.repeat(counts.sum(axis=1), len(chosen)),
+    })
+    table["epsilon"] = table.epsilon.astype(float)
+    robust = table.robust_n.where(table.robust_n > 0)
+    table = table.assign(certified_accuracy=table.certified_correct / table.n,
+                         robust_precision=table.certified_correct / robust, robust_recall=table.robust_n / table.n)
+    table = table[columns]
     attacked = table[table.attack != CLEAN]
     if attacked.empty:
         return table
@@ -156,22 +232,31 @@ def certified(records: pd.DataFrame, thresholds: tuple[float, ...] = THRESHOLD_G
     return pd.concat([table[table.attack == CLEAN], attacked], ignore_index=True)[columns]
 
 
-def median_perturbation(records: pd.DataFrame) -> pd.DataFrame:
+# Per point, its smallest stored perturbation that the defense misclassifies (NULL: none, an
+# infinite one; grouped by sample first, the order of the store's unique index, so without a sort;
+# an attack has one norm); then the median over the points of an attack: the middle one, or the mean of the
+# two middle ones (NULLs sort last, so a median that reaches them is infinite).
+MEDIAN_SQL = """
+WITH point AS (
+    SELECT attack, MIN(norm) AS norm, MIN(CASE WHEN correct = 0 THEN distance END) AS distance FROM records
+    WHERE run_id = :run_id AND attack != :clean AND distance IS NOT NULL
+    GROUP BY sample_index, attack),
+ranked AS (
+    SELECT attack, norm, distance, ROW_NUMBER() OVER by_distance AS position,
+           COUNT(*) OVER (by_distance ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING) AS n
+    FROM point WINDOW by_distance AS (PARTITION BY attack, norm ORDER BY distance NULLS LAST))
+SELECT attack, norm, CASE WHEN COUNT(distance) < COUNT(*) THEN 9e999 ELSE AVG(distance) END, MAX(n) FROM ranked
+WHERE position IN ((n + 1) / 2, (n + 2) / 2) GROUP BY attack, norm
+"""
+
+
+def median_perturbation(records: Records | pd.DataFrame) -> pd.DataFrame:
     """Per run, attack and norm: the median over all test points of the smallest perturbation
     (norm of ``distance``) among the point's stored adversarials that the defense misclassifies;
     infinite for a point no epsilon broke, so the median is finite only when the attack broke at
     least half the points. For minimisation attacks (CW, FMN) this is the median minimal
     perturbation; for fixed-budget attacks it is resolved only to the epsilon grid."""
-    columns = RUN_KEYS + ["attack", "norm", "median_perturbation", "n"]
-    attacked = records[(records.attack != CLEAN) & records.distance.notna()]
-    if attacked.empty:
-        return pd.DataFrame(columns=columns)
-    keys = RUN_KEYS + ["attack", "norm"]
-    broken = attacked[attacked.correct == 0].groupby(keys + ["sample_index"], sort=False).distance.min()
-    points = attacked.groupby(keys + ["sample_index"], sort=False).size().rename("count").to_frame()
-    points["distance"] = broken.reindex(points.index).fillna(np.inf)
-    table = points.groupby(level=keys, sort=False).distance.agg(median_perturbation="median", n="size").reset_index()
-    return table[columns]
+    return _as_records(records).query(MEDIAN_SQL, ["attack", "norm", "median_perturbation", "n"])
 
 
 # An attack size is "very large" when the uniform mid-gray image (every pixel 0.5) lies within it

@@ -37,9 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import pandas as pd
-import torch
 
-from bench.checkpoint import load_weights
 from bench.errors import BenchError
 from bench.provenance import library_versions, now
 from bench.types import HAS_CERTIFICATE_SQL, RECORD_COLUMNS, Record
@@ -50,24 +48,9 @@ from bench.types import HAS_CERTIFICATE_SQL, RECORD_COLUMNS, Record
 LEASE_SECONDS = 300.0
 HEARTBEAT_SECONDS = 60.0
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    created TEXT NOT NULL,
-    dataset TEXT NOT NULL,
-    defense TEXT NOT NULL,
-    label TEXT NOT NULL,
-    params TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    spec_hash TEXT NOT NULL,
-    training_hash TEXT NOT NULL,
-    seed INTEGER NOT NULL,
-    versions TEXT NOT NULL,
-    host TEXT NOT NULL,
-    info TEXT NOT NULL,
-    warnings TEXT NOT NULL,
-    status TEXT NOT NULL
-);
+# The per-sample records (``bench.types.Record`` with its run_id); the metrics query this table, in
+# a store or in an in-memory database (``bench.metrics.Records``).
+RECORDS_TABLE = """
 CREATE TABLE IF NOT EXISTS records (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
     sample_index INTEGER NOT NULL,
@@ -85,6 +68,25 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE INDEX IF NOT EXISTS records_by_run ON records(run_id);
 """
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    created TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    defense TEXT NOT NULL,
+    label TEXT NOT NULL,
+    params TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    spec_hash TEXT NOT NULL,
+    training_hash TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    versions TEXT NOT NULL,
+    host TEXT NOT NULL,
+    info TEXT NOT NULL,
+    warnings TEXT NOT NULL,
+    status TEXT NOT NULL
+);
+{RECORDS_TABLE}"""
 # Added to stores written before them (see Store._migrate).
 OWNER_COLUMNS = {"owner_host": "TEXT", "owner_pid": "INTEGER", "lease_until": "REAL"}
 WORK_TABLE = """
@@ -512,6 +514,16 @@ class Store:
         frame = self.records([run_id])
         return [Record(**{name: getattr(row, name) for name in Record._fields}) for row in frame.itertuples(index=False)]
 
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """A connection for queries (the reports' aggregations over the records), closed after; a
+        failed query is one BenchError line, as ``records`` gives."""
+        with closing(self._connect(create=False)) as connection:
+            try:
+                yield connection
+            except sqlite3.Error as error:
+                raise self._error(error, "reading its records") from None
+
     def records(self, run_ids: list[str] | None = None) -> pd.DataFrame:
         with closing(self._connect(create=False)) as connection:
             query = "SELECT * FROM records"
@@ -532,9 +544,13 @@ class Store:
         path = self.checkpoint_path(training_hash)
         if not path.is_file():
             return None
+        from bench.checkpoint import load_weights  # torch: imported only where a checkpoint is read
+
         return load_weights(path, "cpu", "checkpoint", "; delete it to retrain")
 
     def save_checkpoint(self, training_hash: str, state: dict[str, Any]) -> Path:
+        import torch  # here, not at the top: reports open stores and need no torch (a second of imports)
+
         path = self.checkpoint_path(training_hash)
         temporary = None
         try:

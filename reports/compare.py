@@ -37,7 +37,7 @@ def compare(
     everything = load_results(stores, latest=False)
     a, b = resolve_run(everything.runs, run_a), resolve_run(everything.runs, run_b)
     chosen = everything.runs[everything.runs.run_id.isin([a.run_id, b.run_id])]
-    results = Results(chosen.reset_index(drop=True), everything.records[everything.records.run_id.isin(chosen.run_id)])
+    results = Results(chosen.reset_index(drop=True), everything.records)
     tables = tables_from(results, tuple(sorted(set(thresholds) | set(PRECISION_THRESHOLDS))))
     return {"setup": _setup_diff(a, b), "metrics": _metric_diff(tables, a.run_id, b.run_id, thresholds)}
 

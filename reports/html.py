@@ -17,7 +17,7 @@ from bench.metrics import STRENGTH_PREFIX
 from bench.reports.display import FLAG_NOTE, RANKING_PREFIX, RANKING_RULE, display_tables, table_notes
 from bench.reports.labels import FLAG, NORM_NAMES, verdict
 from bench.reports.plots import Plot, make_plots
-from bench.reports.render import render, to_csv
+from bench.reports.render import render, to_csv, write_json
 from bench.reports.robustbench import render_robustbench
 
 STYLE = """
@@ -218,10 +218,13 @@ def write_report(
     plots = make_plots(tables, out / "figures", dpi)
     shown = display_tables(tables, thresholds, precision_thresholds)
     written = []
-    for name, fmt in (("tables.md", "md"), ("tables.tex", "latex"), ("tables.json", "json")):
+    for name, fmt in (("tables.md", "md"), ("tables.tex", "latex")):
         path = out / name
         path.write_text(render(tables, fmt, thresholds, precision_thresholds), encoding="utf-8")
         written.append(path)
+    with open(out / "tables.json", "w", encoding="utf-8") as handle:
+        write_json(tables, handle)
+    written.append(out / "tables.json")
     for name, table in tables.items():
         if not table.empty:
             path = out / f"{name}.csv"

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
 from bench.errors import BenchError
+from bench.metrics import Records
 from bench.reports.labels import configuration_labels
 from bench.store import RUN_FIELDS, Store
 
@@ -19,11 +21,23 @@ from bench.store import RUN_FIELDS, Store
 @dataclass
 class Results:
     """The selected runs (one row each, ``params``/``spec``/... as Python objects, plus
-    ``config`` and ``store``) and their per-sample records (``true_label`` is the class;
-    ``dataset``, ``defense``, ``label``, ``params`` (JSON text) come from the run)."""
+    ``config`` and ``store``) and where their per-sample records are (``bench.metrics.Records``:
+    the tables aggregate them there; ``with_run_keys(records.frame(), runs)`` loads them all)."""
 
     runs: pd.DataFrame
-    records: pd.DataFrame
+    records: Records
+
+
+def run_keys(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per run the keys that tables and records carry: ``run_id``, ``dataset``, ``defense``,
+    ``label`` and ``params`` (JSON text, keys sorted)."""
+    return runs[["run_id", "dataset", "defense", "label"]].assign(
+        params=runs.params.map(lambda p: json.dumps(p, sort_keys=True)))
+
+
+def with_run_keys(records: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Records as one frame with their run's keys (``run_keys``); ``true_label`` is the class."""
+    return records.rename(columns={"label": "true_label"}).merge(run_keys(runs), on="run_id")
 
 
 def _same(stored: Any, wanted: str) -> bool:
@@ -105,14 +119,26 @@ def load_results(stores: Store | Sequence[Store], where: Sequence[tuple[str, str
     runs["config"] = configuration_labels(runs)
     parts = []
     for store in _as_stores(stores):
-        ids = list(runs.run_id[runs.store == str(store.directory)])
+        ids = tuple(runs.run_id[runs.store == str(store.directory)])
         if ids:
-            parts.append(store.records(ids))
-    records = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["run_id", "label"])
-    records = records.rename(columns={"label": "true_label"})
-    keys = runs[["run_id", "dataset", "defense", "label"]].assign(
-        params=runs.params.map(lambda p: json.dumps(p, sort_keys=True)))
-    return Results(runs, records.merge(keys, on="run_id"))
+            parts.append((store.reading, ids))
+    return Results(runs, Records(tuple(parts)))
+
+
+def result_stores(directories: Sequence[Path | str] | Path | str | None) -> list[Store]:
+    """The stores of results folders: a folder with ``results.sqlite``, or else every immediate
+    subfolder that has one (e.g. ``runs/`` holding ``runs/mnist-pixeldp/results.sqlite``)."""
+    if isinstance(directories, (str, Path)):
+        directories = [directories]
+    stores = []
+    for directory in directories or [Path("results")]:
+        directory = Path(directory)
+        nested = sorted(p.parent for p in directory.glob("*/results.sqlite")) if directory.is_dir() else []
+        if (directory / "results.sqlite").is_file() or not nested:
+            stores.append(Store(directory))
+        else:
+            stores.extend(Store(p) for p in nested)
+    return stores
 
 
 def _training_seconds(runs: pd.DataFrame) -> pd.Series:

@@ -1,8 +1,9 @@
 """Tables as text: the JSON contract, tidy CSV, Markdown and LaTeX."""
 from __future__ import annotations
 
+import io
 import json
-from typing import Any, Sequence
+from typing import Any, Sequence, TextIO
 
 import pandas as pd
 
@@ -15,6 +16,29 @@ TEXT_FORMATS = ("md", "latex", "csv", "json")
 
 def rows(table: pd.DataFrame) -> list[dict[str, Any]]:
     return json.loads(table.to_json(orient="records")) if not table.empty else []
+
+
+JSON_CHUNK = 5000  # rows held as Python objects at a time while writing JSON
+
+
+def write_json(tables: dict[str, pd.DataFrame], out: TextIO) -> None:
+    """The JSON contract into ``out``, the text of ``json.dumps({name: rows(table)}, indent=2)``,
+    written JSON_CHUNK rows at a time: for a thousand runs the document is hundreds of MB, and its
+    rows as Python objects took gigabytes."""
+    out.write("{")
+    for position, (name, table) in enumerate(tables.items()):
+        out.write(f"{',' if position else ''}\n  {json.dumps(name)}: ")
+        if table.empty:
+            out.write("[]")
+            continue
+        out.write("[")
+        for start in range(0, len(table), JSON_CHUNK):
+            chunk = rows(table.iloc[start:start + JSON_CHUNK])
+            # json.dumps' layout at this depth: each row 4 spaces in, its fields 6
+            out.write(("," if start else "") + ",".join("\n    " + json.dumps(row, indent=2).replace("\n", "\n    ")
+                                                       for row in chunk))
+        out.write("\n  ]")
+    out.write("\n}" if tables else "}")
 
 
 def latex_escape(text: Any) -> str:
@@ -44,7 +68,9 @@ def render(
     """``json`` (the contract of ``bench.reports.tables``), ``md`` or ``latex`` (the tables of
     :func:`display_tables`); CSV is one file per table, see :func:`to_csv`."""
     if fmt == "json":
-        return json.dumps({name: rows(table) for name, table in tables.items()}, indent=2)
+        text = io.StringIO()
+        write_json(tables, text)
+        return text.getvalue()
     if fmt == "csv":
         raise BenchError("csv is one file per table: use to_csv(table) for one table, or "
                          "'bench report --format csv --table NAME', or --out DIR for all of them")

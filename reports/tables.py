@@ -51,13 +51,14 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 
 from bench import metrics
 from bench.confidence import clopper_pearson_interval
 from bench.reports.cost import cost_table
 from bench.reports.labels import FLAG, verdict
-from bench.reports.load import Results, load_results
+from bench.reports.load import Results, load_results, run_keys
 from bench.store import Store
 from bench.types import CLEAN, TABLE_NAMES
 
@@ -76,17 +77,20 @@ def with_interval(table: pd.DataFrame, successes: str, trials: str, prefix: str 
 
 def tables_from(results: Results, thresholds: Sequence[float] = metrics.THRESHOLD_GRID) -> dict[str, pd.DataFrame]:
     """The tables of the JSON contract (plus ``cost``) for the given runs and records, in the
-    order of the configurations (see ``order_by_configuration``)."""
+    order of the configurations (see ``order_by_configuration``). The records stay where they
+    are: every metric is an aggregation in SQLite (``bench.metrics``)."""
     if results.runs.empty:
         return {name: pd.DataFrame() for name in TABLE_NAMES}
-    records = results.records
-    clean = with_interval(metrics.clean_accuracy(records), "correct", "n")
-    under_attack = with_median_perturbation(with_interval(metrics.accuracy_under_attack(records), "correct", "n"), records)
-    certified = metrics.certified(records, tuple(thresholds))
+    records = results.records.only(results.runs.run_id)
+    clean = with_interval(with_keys(metrics.clean_accuracy(records), results.runs), "correct", "n")
+    under_attack = with_keys(metrics.accuracy_under_attack(records), results.runs)
+    under_attack = with_median_perturbation(with_interval(under_attack, "correct", "n"), records)
+    certified = with_keys(metrics.certified(records, tuple(thresholds)), results.runs)
     certified = with_interval(certified, "certified_correct", "n", "certified_accuracy_")
     certified = with_interval(certified, "robust_n", "n", "robust_recall_")
     certified = with_interval(certified, "certified_correct", "robust_n", "robust_precision_")
-    attack_norms = records[["run_id", "attack", "norm"]].drop_duplicates(["run_id", "attack"])
+    attacks = under_attack[under_attack.attack != metrics.WORST_CASE]
+    attack_norms = attacks[["run_id", "attack", "norm"]].drop_duplicates(["run_id", "attack"])
     certified = certified.merge(attack_norms.rename(columns={"norm": "attack_norm"}), on=["run_id", "attack"], how="left")
     certified = certified.sort_values(["attack", "epsilon", "threshold"], key=_clean_first, kind="stable")
     under_attack = with_verdict_flips(under_attack, results.runs)
@@ -98,6 +102,13 @@ def tables_from(results: Results, thresholds: Sequence[float] = metrics.THRESHOL
     tables["ranking"] = ranking_table(tables["accuracy_under_attack"])
     return {name: table.assign(params=table.params.map(_params)) if "params" in table else table
             for name, table in tables.items()}
+
+
+def with_keys(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """``table`` (a metric per ``run_id``) with its run's keys (``run_keys``) after ``run_id``,
+    rows in their order."""
+    joined = table.merge(run_keys(runs), on="run_id", how="left")
+    return joined[metrics.RUN_KEYS + [c for c in table.columns if c != "run_id"]]
 
 
 RANKING_COLUMNS = ["dataset", "norm", "epsilon", "config", "run_id", "attack", "accuracy", "ci_low", "ci_high", "n",
@@ -118,7 +129,10 @@ def interval_rank(low: Sequence[float], high: Sequence[float]) -> list[int]:
     """Rank of each interval ``[low[i], high[i]]``: 1 + the number of intervals that lie entirely
     above it (``low[j] > high[i]``). Overlapping (or touching) intervals do not outrank each other,
     so they tie; a configuration is ranked below another only when the 95% intervals separate."""
-    return [1 + sum(other > top for other in low) for top in high]
+    lows = np.sort(np.asarray(low, dtype=float))
+    lows = lows[~np.isnan(lows)]  # an interval without bounds (n = 0) is above nothing
+    # 1 + how many lows exceed each high, by binary search (a thousand configurations: a million pairs)
+    return (1 + len(lows) - np.searchsorted(lows, np.asarray(high, dtype=float), side="right")).tolist()
 
 
 def ranking_table(under_attack: pd.DataFrame) -> pd.DataFrame:
@@ -180,13 +194,13 @@ def with_verdict_flips(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     return merged.drop(columns="clean_flips")
 
 
-def with_median_perturbation(table: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
+def with_median_perturbation(table: pd.DataFrame, records: metrics.Records) -> pd.DataFrame:
     """``table`` with each attack's median minimal perturbation (``metrics.median_perturbation``)
     on its rows; empty for the worst-case rows."""
     if table.empty:
         return table
     medians = metrics.median_perturbation(records).drop(columns=["n"])
-    return table.merge(medians, on=[c for c in medians.columns if c != "median_perturbation"], how="left")
+    return table.merge(medians, on=["run_id", "attack", "norm"], how="left")
 
 
 def _clean_first(column: pd.Series) -> pd.Series:
@@ -196,11 +210,10 @@ def _clean_first(column: pd.Series) -> pd.Series:
 def order_by_configuration(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """Rows of ``table`` grouped by configuration in the order its first run was asked for
     (``runs`` come in that order), then by run; a stable sort, so the order within a run stays."""
-    configs = list(dict.fromkeys(runs.config))
+    config_position = {config: i for i, config in enumerate(dict.fromkeys(runs.config))}
     run_position = {run_id: i for i, run_id in enumerate(runs.run_id)}
-    config_of = dict(zip(runs.run_id, runs.config))
-    keys = pd.DataFrame({"config": table.run_id.map(lambda r: configs.index(config_of[r])),
-                         "run": table.run_id.map(run_position)})
+    config_of = {run_id: config_position[config] for run_id, config in zip(runs.run_id, runs.config)}
+    keys = pd.DataFrame({"config": table.run_id.map(config_of), "run": table.run_id.map(run_position)})
     order = keys.sort_values(["config", "run"], kind="stable").index
     return table.loc[order].reset_index(drop=True)
 

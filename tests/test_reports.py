@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from bench.cli import build_parser, merged_options, specs_from
@@ -22,7 +23,7 @@ from bench.reports.labels import FLAG
 from bench.reports.load import load_results
 from bench.reports.render import render
 from bench.reports.tables import build_tables, interval_rank
-from bench.types import Record
+from bench.types import ABSTAIN, Record
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = {"python": "3.11", "torch": "2.13.0", "numpy": "2.4.0", "foolbox": "3.3.4"}
@@ -141,6 +142,109 @@ def test_certified_accuracy_and_robust_precision_recall_by_hand(store):
     # nothing certified at T=0.6 under attack: precision undefined, recall 0
     at_06 = rows(attacked, threshold=0.6)
     assert np.isnan(at_06.robust_precision.item()) and at_06.robust_recall.item() == 0.0
+
+
+def random_records(rng: np.random.Generator, n: int, certifies: bool) -> list[Record]:
+    """Records of one run drawn at random: two linf attacks (a worst case) and one l2 attack, each
+    at epsilon 0 (replaced by clean) and above; points missing from some steps; correctness drawn
+    independently per step (so points wrong clean and right attacked, as randomized defenses give);
+    distances on a 0.01 grid (ties) and some absent; certificates with abstentions, radius 0,
+    wrong certified labels and stored flags None, 0 or 1."""
+    records = []
+    steps = [("clean", None, 0.0)] + [(a, "linf", e) for a in ("pgd-linf", "fgsm-linf") for e in (0.0, 0.1, 0.3)]
+    steps += [("cw-l2", "l2", e) for e in (0.0, 0.5)]
+    for attack, norm, epsilon in steps:
+        for i in range(n):
+            if attack != "clean" and rng.random() < 0.15:
+                continue
+            label, right = i % 4, bool(rng.random() < (0.8 if attack == "clean" else 0.4))
+            distance = None if attack == "clean" or rng.random() < 0.1 else round(float(rng.uniform(0, 0.5)), 2)
+            cert_label = radius = cert_norm = flag = None
+            if certifies:
+                cert_label = int(rng.choice([label, label, label, ABSTAIN, (label + 1) % 4]))
+                radius, cert_norm = float(rng.choice([0.0, 0.05, 0.1, 0.1, 0.25, 0.6, 1.0])), "l2"
+                flag = [None, 0, 1, 1, 1][int(rng.integers(5))]
+            records.append(Record(i, attack, norm, epsilon, label if right else label + 1, label, int(right), distance,
+                                  cert_label, radius, cert_norm, flag))
+    return records
+
+
+def expected_tables(records: list[Record], thresholds) -> tuple[dict, dict, dict, dict]:
+    """The counts of one run computed directly from its records with plain Python and numpy:
+    clean (correct, n); per (attack, epsilon) robust (correct, n) with epsilon 0 = clean and the
+    linf worst case; per (attack, epsilon, T) certified (certified_correct, robust_n, n); per attack
+    the median perturbation."""
+    clean = {r.sample_index: r.correct for r in records if r.attack == "clean"}
+    clean_counts = (sum(clean.values()), len(clean))
+    verdicts: dict = {}  # (attack, epsilon) -> {sample: verdict}
+    for r in records:
+        if r.attack != "clean" and r.epsilon > 0:
+            verdicts.setdefault((r.attack, r.epsilon), {})[r.sample_index] = r.correct * clean.get(r.sample_index, 1)
+    for epsilon in (0.1, 0.3):
+        points: dict = {}
+        for attack in ("pgd-linf", "fgsm-linf"):
+            for i, v in verdicts.get((attack, epsilon), {}).items():
+                points[i] = min(points.get(i, 1), v)
+        verdicts[("worst-case", epsilon)] = points
+    attacked = {key: (sum(v.values()), len(v)) for key, v in verdicts.items()}
+    for attack in ("pgd-linf", "fgsm-linf", "cw-l2", "worst-case"):
+        attacked[(attack, 0.0)] = clean_counts
+    certified = {}
+    groups: dict = {}
+    for r in records:
+        if r.certified_radius is not None:
+            groups.setdefault((r.attack, r.epsilon), []).append(r)
+    for (attack, epsilon), group in groups.items():
+        for t in thresholds:
+            at = [r for r in group if r.certified is not False and r.certified != 0 and r.certified_label != ABSTAIN
+                  and r.certified_radius > 0 and r.certified_radius >= t]
+            certified[(attack, epsilon, t)] = (sum(r.certified_label == r.label for r in at), len(at), len(group))
+    for attack in ("pgd-linf", "fgsm-linf", "cw-l2"):
+        for t in thresholds:
+            if ("clean", 0.0, t) in certified:
+                certified[(attack, 0.0, t)] = certified[("clean", 0.0, t)]
+    medians = {}
+    for attack in ("pgd-linf", "fgsm-linf", "cw-l2"):
+        smallest: dict = {}
+        for r in records:
+            if r.attack == attack and r.distance is not None:
+                broken = r.distance if r.correct == 0 else np.inf
+                smallest[r.sample_index] = min(smallest.get(r.sample_index, np.inf), broken)
+        medians[attack] = float(np.median(list(smallest.values())))
+    return {"clean": clean_counts}, attacked, certified, medians
+
+
+def test_sql_tables_match_counts_computed_directly_from_random_records(tmp_path):
+    from bench.api import Results
+
+    rng = np.random.default_rng(7)
+    store = Store(tmp_path)
+    thresholds = (0.0, 0.05, 0.1, 0.3, 1.0)
+    runs, drawn = [], {}
+    for k, n in enumerate((23, 30, 41)):
+        run = make_run(f"rand{k}", "mnist", "pixeldp" if k != 1 else "baseline", f"config{k}", {"k": k}, {"num_test": n})
+        drawn[run.run_id] = random_records(rng, n, certifies=k != 1)
+        store.save_run(run, drawn[run.run_id])
+        runs.append(dataclasses.replace(run, status="complete"))
+    tables = build_tables(store, thresholds)
+    in_memory = Results.from_runs(runs, [(run_id, r) for run_id, rs in drawn.items() for r in rs])
+    in_memory.thresholds = thresholds
+    for name in ("clean", "accuracy_under_attack", "certified"):  # the same SQL on an in-memory copy
+        pd.testing.assert_frame_equal(in_memory.tables[name], tables[name])
+    for run_id, records in drawn.items():
+        clean, attacked, certified, medians = expected_tables(records, thresholds)
+        row = rows(tables["clean"], run_id=run_id)
+        assert (row.correct.item(), row.n.item()) == clean["clean"]
+        under = rows(tables["accuracy_under_attack"], run_id=run_id)
+        assert {(r.attack, r.epsilon): (r.correct, r.n) for r in under.itertuples()} == attacked
+        for r in under[under.attack != "worst-case"].itertuples():
+            assert r.median_perturbation == medians[r.attack]
+        table = rows(tables["certified"], run_id=run_id)
+        assert {(r.attack, r.epsilon, r.threshold): (r.certified_correct, r.robust_n, r.n)
+                for r in table.itertuples()} == certified
+        assert (table.attack_norm.dropna() == table.attack.map({"pgd-linf": "linf", "fgsm-linf": "linf", "cw-l2": "l2"})
+                .dropna()).all()
+    assert np.isfinite(tables["accuracy_under_attack"].median_perturbation).any()
 
 
 def test_cost_table_comes_from_run_info(store):
