@@ -11,13 +11,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib
+import importlib.util
+import os
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,15 +29,18 @@ from torch import nn
 
 from bench.attacks import Attack
 from bench.checkpoint import load_into
-from bench.datasets.base import Dataset, balanced_subset
+from bench.datasets.base import Dataset, balanced_subset, load_dataset
 from bench.defenses.base import Defense
 from bench.errors import BenchError, one_line
 from bench.evaluation import Log, Step, attack_steps, describe, evaluate_steps, quiet as _quiet
 from bench.lifecycle import RunFacts, RunRecorder
 from bench.metrics import THRESHOLD_GRID, Records
 from bench.provenance import fingerprint, seed_everything
-from bench.registry import DATASETS, DEFENSES, build_params, defense_name
-from bench.reports.load import result_stores
+from bench.registry import DEFENSES, build_params, defense_name
+from bench.reports.labels import configuration_labels
+from bench.reports.load import Selection, load_results as load_selection, result_stores, with_run_keys
+from bench.reports.render import render
+from bench.reports.tables import tables_from
 from bench.spec import Epsilons, RunSpec, parse_assignments, with_audit
 from bench.store import RUN_FIELDS, Run, Store
 from bench.training import TrainConfig, fit_and_check, training_defaults
@@ -93,9 +99,6 @@ def load_model(spec: str, checkpoint: Path | str | None = None) -> nn.Module:
     ``nn.Module`` instance is taken as it is). ``checkpoint`` is a state dict (also inside a
     ``{"model": ...}`` or ``{"state_dict": ...}`` dict) loaded with ``weights_only=True``, so
     nothing in the file can run code. The model's own code is the user's, and runs."""
-    import importlib
-    import importlib.util
-    import os
 
     if not isinstance(spec, str):
         raise BenchError(f"load_model: expected a string 'MODULE:CALLABLE' or 'path/to/file.py:CALLABLE', "
@@ -151,37 +154,6 @@ def _one_line(error: BaseException) -> str:
 
 
 # -- data ------------------------------------------------------------------------------------------
-def load_dataset(
-    name: str, data_dir: Path | str | None = None, download: bool = False, image_size: int = 224, *,
-    test_only: bool = False,
-) -> Dataset:
-    """A registered dataset (``digits`` ships with scikit-learn; others read ``data_dir``, default ./data).
-
-    ``test_only=True``: only the test split is needed (evaluation); a loader that can, reads no
-    training files and needs none (CIFAR-10/100: ``test_batch``/``test`` and the meta file), and
-    returns an empty training split. Other loaders read their files as usual.
-    """
-    loader = DATASETS.get(name)
-    if data_dir is None and name != "digits":
-        data_dir = Path("data")
-    options = {"test_only": True} if test_only and _accepts(loader, "test_only") else {}
-    try:
-        return loader(data_dir=Path(data_dir) if data_dir is not None else None, download=download,
-                      image_size=image_size, **options)
-    except OSError as error:  # a file that exists but cannot be read (permissions, a folder in its place, I/O)
-        where = f" {error.filename}" if error.filename else ""
-        raise BenchError(f"{name}: cannot read{where}: {error.strerror or _one_line(error)}; check its permissions "
-                         "(the dataset files must be readable by this user)") from None
-
-
-def _accepts(function: Callable[..., Any], keyword: str) -> bool:
-    """Whether ``function`` takes ``keyword`` (by name, or through ``**kwargs``): a plug-in's loader may not."""
-    import inspect
-
-    parameters = inspect.signature(function).parameters.values()
-    return any(p.name == keyword or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-
-
 @dataclass
 class EvalData:
     """The inputs one evaluation sees: images in [0,1] (NCHW), labels, and their sample indices."""
@@ -338,15 +310,10 @@ class Results:
 
     @cached_property
     def tables(self) -> dict[str, pd.DataFrame]:
-        from bench.reports.load import Results as Selection
-        from bench.reports.tables import tables_from
-
         return tables_from(Selection(self.runs, self._records), self.thresholds)
 
     @cached_property
     def records(self) -> pd.DataFrame:
-        from bench.reports.load import with_run_keys
-
         frame = with_run_keys(self._records.frame(), self.runs)  # all of them in memory: asked for
         if frame.empty:
             return frame.assign(config=[])
@@ -377,15 +344,13 @@ class Results:
 
     def to_json(self) -> str:
         """The JSON contract of ``bench report --format json`` for these runs."""
-        from bench.reports.render import render
-
         return render(self.tables, "json")
 
     def report(self, path: Path | str, title: str = "Robustness benchmark report") -> Path:
         """Write the HTML report: ``path`` ending in ``.html`` is that one self-contained file;
         any other path is a directory that gets ``report.html``, the tables in every format and
         the figures. Returns the HTML file's path."""
-        from bench.reports.html import write_report
+        from bench.reports.html import write_report  # draws figures: matplotlib loads only for a report
 
         path = Path(path)
         if path.suffix.lower() == ".html":
@@ -402,8 +367,6 @@ class Results:
     @classmethod
     def from_runs(cls, runs: Sequence[Run], records: Sequence[tuple[str, Record]], store: str = "") -> "Results":
         """Results of runs held in memory (``records`` pairs each record with its run id)."""
-        from bench.reports.labels import configuration_labels
-
         frame = pd.DataFrame([vars(run) for run in runs], columns=RUN_FIELDS).assign(store=store)
         frame["model_train_seconds"] = [
             run.info.get("train_seconds") if run.info.get("reused_checkpoint") is False else None for run in runs
@@ -423,7 +386,6 @@ def load_results(
     ``where`` keeps matching runs, as ``bench report --where``: ``{"defense": "pixeldp", "L": 0.1}``
     or ``["defense=pixeldp"]`` (run columns, spec fields, defense parameters).
     """
-    from bench.reports.load import load_results as load_selection
 
     if isinstance(where, Mapping):
         pairs = [(str(k), str(v)) for k, v in where.items()]

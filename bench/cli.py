@@ -519,14 +519,14 @@ def planned_request(args: argparse.Namespace, threads: int) -> tuple[dict[str, A
     for warning in validate_request(specs, device=options.get("device", "cpu"), out=options.get("out", Path("results"))):
         print(f"bench: warning: {warning}", file=sys.stderr)
     set_threads(threads)
-    from bench.runner import load_dataset
+    from bench.datasets.base import load_dataset
 
     data_dir = options.get("data_dir")
     datasets: dict[Any, Any] = {}
     for spec in specs:
         if (spec.dataset, spec.image_size) not in datasets:
             datasets[(spec.dataset, spec.image_size)] = load_dataset(
-                spec, Path(data_dir) if data_dir else None, bool(options.get("download")))
+                spec.dataset, Path(data_dir) if data_dir else None, bool(options.get("download")), spec.image_size)
     for spec in specs:
         dataset = datasets[(spec.dataset, spec.image_size)]
         check_subset_size(spec.test_size, len(dataset.y_test), "test_size", spec.dataset)

@@ -154,8 +154,9 @@ class LocalProcesses:
             LOGGER.debug(f"workers started: process ids {self.started}")
         for job in jobs:
             job.driver_pid = os.getpid()
-        # No more workers than jobs: a wave of 3 jobs under --jobs 16 forks 3 processes, not 16.
-        yield from self._call((joblib.delayed(work)(job) for job in jobs), max(1, min(self.workers, len(jobs))))
+        # No more workers than jobs: a wave of 3 jobs under --jobs 16 forks 3 processes, not 16. At
+        # least 2: joblib runs n_jobs=1 in this process, where a job would set the driver's threads.
+        yield from self._call((joblib.delayed(work)(job) for job in jobs), min(self.workers, max(2, len(jobs))))
 
     def close(self) -> None:
         """Stop the workers: all results are in (or the grid was interrupted), and idle workers

@@ -4,22 +4,15 @@ API's evaluation loop, committed job by job)."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from bench.evaluation import Step, attack_steps
 from bench.provenance import seed_everything
-from bench.api import load_dataset as api_load_dataset
 from bench.datasets.base import Dataset
 from bench.defenses.base import Defense
 from bench.models import build_model, default_model
 from bench.registry import DEFENSES, build_params
 from bench.spec import DEFAULT_ATTACK_BATCH_SIZE, DEFAULT_EVAL_BATCH_SIZE, RunSpec, scoped
 from bench.training import training_defaults
-
-
-def load_dataset(spec: RunSpec, data_dir: Path | None, download: bool) -> Dataset:
-    """The dataset of ``spec``, both splits (``bench.api.load_dataset``: the same errors)."""
-    return api_load_dataset(spec.dataset, data_dir, download, spec.image_size)
 
 
 def build_defense(spec: RunSpec, dataset: Dataset, device: str) -> tuple[Defense, str]:

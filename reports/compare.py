@@ -9,7 +9,7 @@ import pandas as pd
 from bench.errors import BenchError
 from bench.metrics import PRECISION_THRESHOLDS, TABLE_THRESHOLDS
 from bench.reports.display import cell, thresholds_present
-from bench.reports.load import Results, load_results
+from bench.reports.load import Selection, load_results
 from bench.reports.render import rows, to_latex
 from bench.reports.tables import tables_from
 from bench.spec import flatten
@@ -37,7 +37,7 @@ def compare(
     everything = load_results(stores, latest=False)
     a, b = resolve_run(everything.runs, run_a), resolve_run(everything.runs, run_b)
     chosen = everything.runs[everything.runs.run_id.isin([a.run_id, b.run_id])]
-    results = Results(chosen.reset_index(drop=True), everything.records)
+    results = Selection(chosen.reset_index(drop=True), everything.records)
     tables = tables_from(results, tuple(sorted(set(thresholds) | set(PRECISION_THRESHOLDS))))
     return {"setup": _setup_diff(a, b), "metrics": _metric_diff(tables, a.run_id, b.run_id, thresholds)}
 

@@ -19,7 +19,7 @@ from bench.store import RUN_FIELDS, Store
 
 
 @dataclass
-class Results:
+class Selection:
     """The selected runs (one row each, ``params``/``spec``/... as Python objects, plus
     ``config`` and ``store``) and where their per-sample records are (``bench.metrics.Records``:
     the tables aggregate them there; ``with_run_keys(records.frame(), runs)`` loads them all)."""
@@ -101,7 +101,7 @@ def _as_stores(stores: Store | Sequence[Store]) -> list[Store]:
     return [stores] if isinstance(stores, Store) else list(stores)
 
 
-def load_results(stores: Store | Sequence[Store], where: Sequence[tuple[str, str]] = (), latest: bool = True) -> Results:
+def load_results(stores: Store | Sequence[Store], where: Sequence[tuple[str, str]] = (), latest: bool = True) -> Selection:
     """Runs and records of one or several stores, filtered by ``where``.
 
     With ``latest``, a re-run of the same spec replaces the earlier one (across stores too).
@@ -122,7 +122,7 @@ def load_results(stores: Store | Sequence[Store], where: Sequence[tuple[str, str
         ids = tuple(runs.run_id[runs.store == str(store.directory)])
         if ids:
             parts.append((store.reading, ids))
-    return Results(runs, Records(tuple(parts)))
+    return Selection(runs, Records(tuple(parts)))
 
 
 def result_stores(directories: Sequence[Path | str] | Path | str | None) -> list[Store]:

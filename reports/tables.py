@@ -58,7 +58,7 @@ from bench import metrics
 from bench.confidence import clopper_pearson_interval
 from bench.reports.cost import cost_table
 from bench.reports.labels import FLAG, verdict
-from bench.reports.load import Results, load_results, run_keys
+from bench.reports.load import Selection, load_results, run_keys
 from bench.store import Store
 from bench.types import CLEAN, TABLE_NAMES
 
@@ -75,7 +75,7 @@ def with_interval(table: pd.DataFrame, successes: str, trials: str, prefix: str 
     return table.assign(**{f"{prefix}ci_low": low, f"{prefix}ci_high": high})
 
 
-def tables_from(results: Results, thresholds: Sequence[float] = metrics.THRESHOLD_GRID) -> dict[str, pd.DataFrame]:
+def tables_from(results: Selection, thresholds: Sequence[float] = metrics.THRESHOLD_GRID) -> dict[str, pd.DataFrame]:
     """The tables of the JSON contract (plus ``cost``) for the given runs and records, in the
     order of the configurations (see ``order_by_configuration``). The records stay where they
     are: every metric is an aggregation in SQLite (``bench.metrics``)."""

@@ -358,12 +358,12 @@ def test_epsilons_without_an_attack_in_a_config_entry_warn():
 
 
 def test_an_unexpected_error_before_any_step_does_not_claim_stored_steps(tmp_path, capsys, monkeypatch):
-    import bench.runner
+    import bench.datasets.base
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated bug while loading")
 
-    monkeypatch.setattr(bench.runner, "load_dataset", broken)
+    monkeypatch.setattr(bench.datasets.base, "load_dataset", broken)
     with pytest.raises(RuntimeError):
         main(["run", "--out", str(tmp_path)])
     err = capsys.readouterr().err

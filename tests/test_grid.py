@@ -230,5 +230,7 @@ def test_a_wave_starts_no_more_workers_than_it_has_jobs():
         assert len(pids) <= 2 and os.getpid() not in pids
         pool = reusable_executor._executor
         assert pool._max_workers == 2 and len(pool._processes) <= 2
+        (alone,) = executor.run([SimpleNamespace()], lambda job: os.getpid())
+        assert alone != os.getpid()  # one job still runs in a worker, never in the driver
     finally:
         executor.close()

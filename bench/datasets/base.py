@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from bench.errors import BenchError
+from bench.errors import BenchError, one_line
+from bench.registry import DATASETS
 
 
 @dataclass
@@ -130,3 +133,32 @@ def corrupt(name: str, path: Path, why: str) -> BenchError:
     return BenchError(
         f"{name}: {path} is corrupt ({why}); delete it and fetch it again with --download"
     )
+
+
+def load_dataset(
+    name: str, data_dir: Path | str | None = None, download: bool = False, image_size: int = 224, *,
+    test_only: bool = False,
+) -> Dataset:
+    """A registered dataset (``digits`` ships with scikit-learn; others read ``data_dir``, default ./data).
+
+    ``test_only=True``: only the test split is needed (evaluation); a loader that can, reads no
+    training files and needs none (CIFAR-10/100: ``test_batch``/``test`` and the meta file), and
+    returns an empty training split. Other loaders read their files as usual.
+    """
+    loader = DATASETS.get(name)
+    if data_dir is None and name != "digits":
+        data_dir = Path("data")
+    options = {"test_only": True} if test_only and _accepts(loader, "test_only") else {}
+    try:
+        return loader(data_dir=Path(data_dir) if data_dir is not None else None, download=download,
+                      image_size=image_size, **options)
+    except OSError as error:  # a file that exists but cannot be read (permissions, a folder in its place, I/O)
+        where = f" {error.filename}" if error.filename else ""
+        raise BenchError(f"{name}: cannot read{where}: {error.strerror or one_line(error)}; check its permissions "
+                         "(the dataset files must be readable by this user)") from None
+
+
+def _accepts(function: Callable[..., Any], keyword: str) -> bool:
+    """Whether ``function`` takes ``keyword`` (by name, or through ``**kwargs``): a plug-in's loader may not."""
+    parameters = inspect.signature(function).parameters.values()
+    return any(p.name == keyword or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
