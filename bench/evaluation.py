@@ -103,7 +103,7 @@ def records_for(
     return [
         Record(
             sample_index=int(indices[i]), attack=attack, norm=norm, epsilon=float(epsilon),
-            prediction=int(predictions[i]), label=int(labels[i]), correct=int(predictions[i] == labels[i]),
+            prediction=int(predictions[i]), label=int(labels[i]), correct=bool(predictions[i] == labels[i]),
             distance=None if distance is None else float(distance[i]),
             certified_label=None if certificate is None else int(certificate.label[i]),
             certified_radius=None if certificate is None else float(certificate.radius[i]),

@@ -512,7 +512,8 @@ class Store:
     def run_records(self, run_id: str) -> list[Record]:
         """A run's records (``Record``s, built by field name)."""
         frame = self.records([run_id])
-        return [Record(**{name: getattr(row, name) for name in Record._fields}) for row in frame.itertuples(index=False)]
+        return [Record(**{name: getattr(row, name) for name in Record._fields})._replace(correct=bool(row.correct))
+                for row in frame.itertuples(index=False)]
 
     @contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:

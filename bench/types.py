@@ -117,7 +117,7 @@ class Certificate:
 class Record(NamedTuple):
     """One test sample under one evaluation step (``attack = "clean"`` or an attack at ``epsilon``).
 
-    ``correct`` is 0/1; ``distance`` is the perturbation's size in ``norm`` (None on clean inputs);
+    ``correct``: the prediction equals the true label (stored as 0/1); ``distance`` is the perturbation's size in ``norm`` (None on clean inputs);
     the ``certified_*`` fields and ``certified`` (0/1, the point carries a certificate; see
     ``Certificate``) are None for defenses that do not certify.
     """
@@ -128,7 +128,7 @@ class Record(NamedTuple):
     epsilon: float
     prediction: int
     label: int
-    correct: int
+    correct: bool
     distance: float | None
     certified_label: int | None
     certified_radius: float | None
