@@ -8,8 +8,11 @@ resumed or parallel run writes exactly the records of a serial one.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -19,10 +22,13 @@ from bench.attacks import EOT, Attack
 from bench.attacks.base import Connected, frozen_parameters
 from bench.defenses.base import Certificate, Defense
 from bench.diagnostics import Diagnostic, probe_clean, randomized_points, verdict_flips
-from bench.errors import BenchError
-from bench.provenance import seed_everything
-from bench.registry import ATTACKS, build_params, defense_name
+from bench.datasets.base import Dataset
+from bench.errors import BenchError, one_line
+from bench.inputs import Data, EvalData, tensors_name, train_data
+from bench.provenance import fingerprint, seed_everything
+from bench.registry import ATTACKS, DEFENSES, build_params, defense_name
 from bench.spec import Epsilons, check_epsilon_keys, epsilons_for, scoped, unclaimed
+from bench.training import TrainConfig, fit_and_check, training_defaults
 from bench.types import CLEAN, Norm, Record
 from bench.validation import check_epsilons
 
@@ -244,3 +250,59 @@ def evaluate_steps(
             commit(step.name, part)
         results.append(part)
     return results
+
+
+def plan_line(label: str, test: EvalData, test_size: int | None, steps: Sequence[Step], defense: Defense,
+              eot_draws: int) -> str:
+    """One line saying, before any work, how many images and which attacks an evaluation runs
+    (with each attack's steps and restarts, the numbers its cost grows with)."""
+    attacks = []
+    for step in steps:
+        params = getattr(step.attack, "params", None)
+        cost = [f"{getattr(params, key)} {key}" for key in ("steps", "restarts") if isinstance(getattr(params, key, None), int)]
+        if defense.randomized:
+            cost.append(f"EOT over {eot_draws} draws")
+        attacks.append(f"{step.name} at {len(step.epsilons)} epsilon(s)" + (f" ({', '.join(cost)})" if cost else ""))
+    whole = " (the whole test split; --test-size N for a seeded subset)" if test_size is None else ""
+    return (f"[{label}] evaluating {len(test.y)} {test.name} test images{whole}: clean"
+            + "".join(f", {attack}" for attack in attacks))
+
+
+def surrogate_for(defense: Defense, data: Data, *, seed: int = 0, data_dir: Path | str | None = None,
+                  download: bool = False, device: str = "cpu", log: Log = quiet) -> nn.Module | None:
+    """An undefended surrogate for transfer attacks: a fresh copy of ``defense.model``'s
+    architecture (every layer re-initialised), trained by standard training on ``data``'s
+    training split with the baseline's defaults; ``None`` when ``data`` has no training split."""
+    if not isinstance(data, (str, Dataset)):
+        log("transfer attacks skipped: (x, y) tensors have no training split to train a surrogate on")
+        return None
+    try:
+        name, x, y = train_data(data, train_size=None, seed=seed, data_dir=data_dir, download=download)
+    except BenchError as error:
+        log(f"transfer attacks skipped: {error}")
+        return None
+    seed_everything(seed)
+    model = copy.deepcopy(defense.model).to(device)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    # The same architecture, initialisation, data and seed train the same surrogate: one per process.
+    key = f"{fingerprint(model)}/{name}/{tensors_name(x, y)}/{seed}/{device}"
+    if key not in _SURROGATES:
+        surrogate = DEFENSES.get("baseline").wrap(model, device=device)
+        defaults = training_defaults("baseline", name)
+        started = time.perf_counter()
+        try:
+            fit_and_check(surrogate, x, y, TrainConfig(epochs=defaults["epochs"], lr=defaults["lr"], seed=seed,
+                                                       device=device))
+        except Exception as error:  # noqa: BLE001 - the model's own code: a copy that cannot train is no surrogate
+            log(f"transfer attacks skipped: a copy of the model could not be trained as a surrogate ({one_line(error)})")
+            return None
+        log(f"trained the undefended surrogate for transfer attacks in {time.perf_counter() - started:.1f} s")
+        while len(_SURROGATES) >= 4:
+            _SURROGATES.pop(next(iter(_SURROGATES)))
+        _SURROGATES[key] = surrogate.attack_model().eval()
+    return _SURROGATES[key]
+
+
+_SURROGATES: dict[str, nn.Module] = {}
