@@ -47,7 +47,8 @@ def robustbench_cards(tables: dict[str, pd.DataFrame], runs: pd.DataFrame) -> li
             "threat_model": Norm(row.norm).threat_model,
             "architecture": (run["params"] or {}).get("model"),
             "eps": f"{row.epsilon:g}",
-            "clean_acc": _percent(clean.loc[row.run_id, "accuracy"]),
+            # None for a run without clean records (imported ones): no clean figure is invented
+            "clean_acc": _percent(clean.loc[row.run_id, "accuracy"]) if row.run_id in clean.index else None,
             "robust_acc": _percent(row.accuracy),
         }
         if all(name.startswith("autoattack") for name in names):
@@ -55,7 +56,7 @@ def robustbench_cards(tables: dict[str, pd.DataFrame], runs: pd.DataFrame) -> li
         card.update({
             "attack": names[0] if len(names) == 1 else f"worst case of {', '.join(names)}",
             "n": int(row.n),
-            "clean_n": int(clean.loc[row.run_id, "n"]),
+            "clean_n": int(clean.loc[row.run_id, "n"]) if row.run_id in clean.index else 0,
             "defense": row.defense,
             "params": run["params"],
             "seed": int(run["seed"]),

@@ -563,6 +563,17 @@ def test_robustbench_cards_carry_clean_and_robust_accuracy_per_threat_model_and_
     assert l2["robust_acc"] == "60.00" and l2["attack"] == "worst case of cw-l2, pgd-l2"
 
 
+def test_a_run_without_clean_records_gets_a_card_without_a_clean_accuracy(bench, tmp_path):
+    """An imported run may hold attack records only: its card says nothing of clean accuracy
+    rather than failing (or inventing one)."""
+    Store(tmp_path).save_run(make_run("cccc00000001", "mnist", "baseline", "baseline", {"model": "mnist-cnn"}, {}),
+                             correct_set("pgd-linf", "linf", 0.1, {0, 1, 2}))
+    code, stdout, stderr = bench("report", "--results", str(tmp_path), "--format", "robustbench")
+    assert code == 0, stderr
+    (card,) = json.loads(stdout)
+    assert (card["clean_acc"], card["clean_n"], card["robust_acc"], card["n"]) == (None, 0, "30.00", 10)
+
+
 def test_list_shows_parameters_with_defaults_and_attack_epsilons(bench):
     code, stdout, _ = bench("list")
     lines = stdout.splitlines()
