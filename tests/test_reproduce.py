@@ -105,7 +105,7 @@ def test_another_dataset_must_be_of_the_reproductions_kind():
 def test_the_whole_mnist_reproduction_runs_on_digits_through_the_cli(bench, tmp_path):
     out, docs = tmp_path / "out", tmp_path / "docs"
     code, stdout, stderr = bench("reproduce", "pixeldp-mnist", "--profile", "tiny", "--dataset", "digits",
-                                 "--out", str(out), "--docs", str(docs), "--jobs", "2", "--quiet")
+                                 "--out", str(out), "--docs", str(docs), "--quiet")
     assert code == 0, stderr
     reproduction = __import__("bench.reproduce", fromlist=["load"]).load("pixeldp-mnist")
     ids = [c.id for c in reproduction.claims]
@@ -120,11 +120,10 @@ def test_the_whole_mnist_reproduction_runs_on_digits_through_the_cli(bench, tmp_
     assert "bench reproduce pixeldp-mnist --profile tiny" in markdown and str(tmp_path) not in markdown
     (session,) = json.loads((out / "reproduction.json").read_text())["sessions"]
     assert session["status"] == "complete"
-    # the session's clock covers every step it ran (it starts before the grid, not after): two
-    # workers do at most twice its wall time of work
+    # the session's clock covers every step it ran (it starts before the grid, not after)
     work = sum(float(store_work.seconds.sum()) for store_work in
                (Store(out).work(run.run_id) for run in Store(out).runs()))
-    assert 2 * session["wall_seconds"] >= work > 0
+    assert session["wall_seconds"] >= work > 0
 
 
 def test_the_cost_model_prints_every_step_of_every_run_and_their_sum(bench):

@@ -62,7 +62,7 @@ def test_the_reproduction_runs_on_official_format_files_through_the_cli(bench, t
     data, out = tmp_path / "data", tmp_path / "out"
     write(data)
     code, stdout, stderr = bench("reproduce", name, "--profile", "tiny", "--data-dir", str(data), "--out", str(out),
-                                 "--jobs", "2", "--quiet")
+                                 "--quiet")
     assert code == 0, stderr
     ids = [claim.id for claim in reproduce.load(name).claims]
     for claim_id in ids:  # every claim printed with a verdict
