@@ -227,11 +227,11 @@ class Planned:
 
     @property
     def run_id(self) -> str:
-        return self.recorder.run.run_id if self.recorder is not None else ""
+        return self.recorder.run.run_id
 
     @property
     def done(self) -> dict[str, set[int]]:
-        return self.recorder.done if self.recorder is not None else {}
+        return self.recorder.done
 
     def finish(self) -> None:
         self.recorder.finish(self.errors)

@@ -95,7 +95,7 @@ class RunRecorder:
                  skip_complete: bool = False):
         self.store, self.run, self.facts, self.log = store, run, facts, log
         self.done: dict[str, set[int]] = {}
-        self.resumed = self.complete = False
+        self.resumed = False
         self._records: list[Record] = []
         self._diagnostics: list[Diagnostic] = []
         self._work: list[tuple[str, float]] = []
@@ -107,18 +107,24 @@ class RunRecorder:
             store.wait_for_writer(run.spec_hash, self.say)
         finished = store.complete_run(run.spec_hash) if skip_complete else None
         if finished is not None:
-            self.run, self.complete = finished, True
+            self.run = finished
             self.say(f"already complete: run {finished.run_id}; --force starts a new one")
             return
         previous = store.resumable(run.spec_hash) if resume else None
         if previous is not None:
-            self.run = dataclasses.replace(run, run_id=previous[0].run_id, created=previous[0].created)
-            self.resumed, self.done = True, store.stored_samples(self.run.run_id)
+            stored_run, self.done = previous
+            self.run = dataclasses.replace(run, run_id=stored_run.run_id, created=stored_run.created)
+            self.resumed = True
             stored = ", ".join(f"{step} ({len(samples)} samples)" for step, samples in sorted(self.done.items()))
             self.say(f"resuming unfinished run {self.run.run_id}: {stored or 'nothing'} already stored")
         else:
             store.begin_run(run)
         self._lease = store.hold(self.run.run_id)  # a heartbeat: other processes see the run is worked on
+
+    @property
+    def complete(self) -> bool:
+        """The run is complete: found so (``skip_complete``), or finished here."""
+        return self.run.status == RunStatus.COMPLETE
 
     def say(self, text: str) -> None:
         self.log(f"[{self.run.label}] {text}")
@@ -197,7 +203,7 @@ class RunRecorder:
     def interrupt(self) -> None:
         """Hand the unfinished run back: its stored steps stay, and the same command resumes it.
         Nothing happens to a run that has finished (or that was found complete)."""
-        if self.complete or self.run.status in (RunStatus.COMPLETE, RunStatus.FAILED):
+        if self.run.status in (RunStatus.COMPLETE, RunStatus.FAILED):
             return
         self.run = dataclasses.replace(self.run, status=RunStatus.INTERRUPTED)
         if self.store is not None:

@@ -392,9 +392,9 @@ class Store:
         """This process's hold on a run it owns (``begin_run`` or ``resumable``), until ``stop``."""
         return RunLease(self, run_id, every)
 
-    def resumable(self, spec_hash: str) -> tuple[Run, set[str]] | None:
+    def resumable(self, spec_hash: str) -> tuple[Run, dict[str, set[int]]] | None:
         """The latest unfinished run of this spec whose owner is gone, claimed for this process
-        in the same transaction that checked it, and the evaluation steps it already stored."""
+        in the same transaction that checked it, and the sample indices it already stored per step."""
         if not self.path.is_file():
             return None
         with self._write("claiming an unfinished run") as connection:
@@ -409,18 +409,12 @@ class Store:
                 if not _owner_alive(*row[len(RUN_FIELDS):]):
                     _set_owner(connection, run.run_id)
                     connection.execute("UPDATE runs SET status = ? WHERE run_id = ?", (RunStatus.RUNNING.value, run.run_id))
-                    steps = {r[0] for r in connection.execute("SELECT DISTINCT attack FROM records WHERE run_id = ?", (run.run_id,))}
-                    return run, steps
+                    stored: dict[str, set[int]] = {}
+                    for step, index in connection.execute("SELECT attack, sample_index FROM records WHERE run_id = ?",
+                                                          (run.run_id,)):
+                        stored.setdefault(step, set()).add(int(index))
+                    return run, stored
         return None
-
-    def stored_samples(self, run_id: str) -> dict[str, set[int]]:
-        """The sample indices a run has stored, per step."""
-        with closing(self._connect(create=False)) as connection:
-            rows = connection.execute("SELECT DISTINCT attack, sample_index FROM records WHERE run_id = ?", (run_id,))
-            samples: dict[str, set[int]] = {}
-            for step, index in rows:
-                samples.setdefault(step, set()).add(int(index))
-        return samples
 
     def writer(self, spec_hash: str) -> tuple[str, str, int] | None:
         """(run id, host, pid) of another live process writing an unfinished run of this spec."""

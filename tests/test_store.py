@@ -67,7 +67,7 @@ def test_two_claims_racing_for_one_unfinished_run_give_it_to_exactly_one(tmp_pat
     results["first"] = Store(tmp_path).resumable("spec")
     second.join(30)
     assert waited == [True], "the second claim did not wait for the first one's transaction"
-    assert results["first"] is not None and results["first"][1] == {"clean"}
+    assert results["first"] is not None and results["first"][1] == {"clean": {0, 1, 2}}
     assert results["second"] is None
 
 
@@ -77,7 +77,7 @@ def test_a_foreign_host_owner_keeps_its_run_while_its_lease_is_fresh(tmp_path):
     assert store.resumable("spec") is None
     set_owner(store, "another-host", 4242, time.time() - 1)
     run, steps = store.resumable("spec")
-    assert run.run_id == "run000000001" and steps == {"clean"}
+    assert run.run_id == "run000000001" and steps == {"clean": {0, 1, 2}}
     with sqlite3.connect(store.path) as connection:
         owner = connection.execute("SELECT owner_host, owner_pid, lease_until FROM runs").fetchone()
     assert owner[:2] == (socket.gethostname(), os.getpid()) and owner[2] > time.time() + LEASE_SECONDS / 2
